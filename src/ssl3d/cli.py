@@ -1,0 +1,145 @@
+"""The ``ssl3d`` command. Every Snakemake rule calls one of its subcommands; each is a thin wrapper over one
+library function, so what the workflow does can also be done by hand, one step at a time."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+import torch
+
+
+def _json(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {text!r} ({err})") from err
+
+
+def cmd_phantoms(args):
+    from ssl3d.data.phantom import write_phantom_dataset
+
+    write_phantom_dataset(args.out, n_labelled=args.labelled, n_unlabelled=args.unlabelled, seed=args.seed,
+                          shape=tuple(args.shape), spacing=tuple(args.spacing))
+
+
+def cmd_preprocess(args):
+    from ssl3d.data.cache import preprocess_dataset
+    from ssl3d.data.recipes import get_recipe
+
+    label_map = {int(k): int(v) for k, v in args.label_map.items()} if args.label_map else None
+    classes = {int(k): v for k, v in args.classes.items()} if args.classes else None
+    preprocess_dataset(args.dataset, get_recipe(args.recipe), args.out, label_map=label_map, classes=classes)
+
+
+def cmd_splits(args):
+    from ssl3d.data.cache import read_index
+    from ssl3d.data.splits import make_splits
+    from ssl3d.io import write_json
+
+    index = read_index(args.index)
+    labelled = [case_id for case_id, case in index["cases"].items() if case["labelled"]]
+    write_json(args.out, make_splits(labelled, seed=args.seed, n_validation=args.validation, n_test=args.test,
+                                     label_fractions=args.fractions, n_subsets=args.subsets))
+
+
+def cmd_finetune(args):
+    from ssl3d.finetune.train import finetune
+
+    finetune(args.run_config, args.out, device=args.device, log_every=args.log_every)
+
+
+def cmd_evaluate(args):
+    from ssl3d.evaluate.metrics import EmptyPolicy
+    from ssl3d.evaluate.run import evaluate_run
+
+    evaluate_run(args.run_config, args.model, args.out, nsd_tolerance_mm=args.nsd_tolerance,
+                 policy=EmptyPolicy(**args.empty_policy), device=args.device)
+
+
+def cmd_collect(args):
+    from ssl3d.analysis.aggregate import collect
+
+    collect(args.inputs, args.out)
+
+
+def cmd_summarise(args):
+    from ssl3d.analysis.aggregate import write_summary
+
+    write_summary(args.per_case, args.out_csv, args.out_md)
+
+
+def parser() -> argparse.ArgumentParser:
+    main = argparse.ArgumentParser(prog="ssl3d", description=__doc__)
+    main.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    sub = main.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("phantoms", help="generate the CT phantom dataset (MSD layout)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--labelled", type=int, required=True)
+    p.add_argument("--unlabelled", type=int, required=True)
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--shape", type=int, nargs=3, required=True)
+    p.add_argument("--spacing", type=float, nargs=3, required=True)
+    p.set_defaults(func=cmd_phantoms)
+
+    p = sub.add_parser("preprocess", help="run a named recipe on every case of a dataset into the per-case cache")
+    p.add_argument("--dataset", required=True, help="folder holding dataset.json")
+    p.add_argument("--recipe", required=True, help="recipe name (see recipes.yaml)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--label-map", type=_json, default=None, help='JSON {"source": target}')
+    p.add_argument("--classes", type=_json, default=None, help='JSON {"index": "name"} after the label map')
+    p.set_defaults(func=cmd_preprocess)
+
+    p = sub.add_parser("splits", help="write train/validation/test and nested label-fraction subsets")
+    p.add_argument("--index", required=True, help="index.json of the preprocessed dataset")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--validation", type=int, required=True)
+    p.add_argument("--test", type=int, required=True)
+    p.add_argument("--fractions", type=float, nargs="+", required=True)
+    p.add_argument("--subsets", type=int, required=True)
+    p.set_defaults(func=cmd_splits)
+
+    p = sub.add_parser("finetune", help="train one fine-tuning run (resumes from its last checkpoint)")
+    p.add_argument("--run-config", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--log-every", type=int, default=10)
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("evaluate", help="per-case metrics of a fine-tuned run on its test cases")
+    p.add_argument("--run-config", required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--nsd-tolerance", type=_json, required=True, help="mm: a number or JSON {target: mm}")
+    p.add_argument("--empty-policy", type=_json, default={}, help='JSON, e.g. {"both_empty": "nan"}')
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("collect", help="concatenate per-case tables")
+    p.add_argument("--out", required=True)
+    p.add_argument("inputs", nargs="+")
+    p.set_defaults(func=cmd_collect)
+
+    p = sub.add_parser("summarise", help="mean ± sd across seeds per init, label fraction and target")
+    p.add_argument("--per-case", required=True)
+    p.add_argument("--out-csv", required=True)
+    p.add_argument("--out-md", required=True)
+    p.set_defaults(func=cmd_summarise)
+    return main
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        args.func(args)
+    except (ValueError, KeyError, FileNotFoundError) as err:
+        logging.getLogger("ssl3d").error("%s", err)
+        return 1
+    return 0

@@ -1,0 +1,90 @@
+"""The per-case preprocessing cache: one ``.npz`` per case, an ``index.json`` written last.
+
+Preprocessing runs once per (recipe, dataset); training jobs only read these files. Each case file carries the
+hash of the recipe that made it, so an interrupted preprocessing job resumes where it stopped and a changed
+recipe never serves stale volumes. ``index.json`` marks the dataset complete for Snakemake.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ssl3d.data.dataset import Case, check_same_grid, load_nifti, read_dataset
+from ssl3d.data.recipes import Recipe, apply_recipe
+from ssl3d.io import atomic_path, read_json, write_json
+
+
+def _is_current(path: Path, recipe: Recipe) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        with np.load(path) as cached:
+            return str(cached["recipe_hash"]) == recipe.hash
+    except Exception:  # an unreadable cache file is simply rebuilt
+        return False
+
+
+def preprocess_case(case: Case, recipe: Recipe, label_map: dict[int, int] | None = None) -> dict[str, np.ndarray]:
+    image, affine = load_nifti(case.image)
+    label = None
+    if case.label is not None:
+        label, label_affine = load_nifti(case.label)
+        check_same_grid(case.image, image.shape, affine, case.label, label.shape, label_affine)
+    return apply_recipe(image, affine, recipe, label, label_map)
+
+
+def write_case(path: Path, arrays: dict[str, np.ndarray], recipe: Recipe) -> None:
+    with atomic_path(path) as tmp:
+        np.savez(tmp, recipe_hash=np.array(recipe.hash), **arrays)
+
+
+def load_cached_case(path: str | Path) -> dict[str, np.ndarray]:
+    """Image as (1, X, Y, Z) float32, label (if any) as (1, X, Y, Z) uint8, plus affine and spacing."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: cached case not found; re-run the preprocess rule")
+    with np.load(path) as cached:
+        case = {key: cached[key] for key in cached.files if key != "recipe_hash"}
+    case["image"] = case["image"][None]
+    if "label" in case:
+        case["label"] = case["label"][None]
+    return case
+
+
+def preprocess_dataset(dataset_root: str | Path, recipe: Recipe, out_dir: str | Path,
+                       label_map: dict[int, int] | None = None, classes: dict[int, str] | None = None) -> Path:
+    """Preprocess every case of a dataset into ``out_dir``; returns the path of ``index.json``.
+
+    ``classes`` names the benchmark's classes after ``label_map`` (default: the dataset's own labels).
+    """
+    dataset = read_dataset(dataset_root)
+    out_dir = Path(out_dir)
+    cases = {}
+    start = time.perf_counter()
+    for case in tqdm(dataset.labelled + dataset.unlabelled, desc=f"preprocess {dataset.name} ({recipe.name})"):
+        path = out_dir / f"{case.case_id}.npz"
+        if not _is_current(path, recipe):
+            write_case(path, preprocess_case(case, recipe, label_map), recipe)
+        with np.load(path) as cached:
+            cases[case.case_id] = {"file": path.name, "labelled": case.label is not None,
+                                   "shape": list(cached["image"].shape), "spacing": cached["spacing"].tolist()}
+    index = out_dir / "index.json"
+    write_json(index, {
+        "dataset": dataset.name,
+        "recipe": recipe.__dict__,
+        "recipe_hash": recipe.hash,
+        "classes": {str(k): v for k, v in (classes or dataset.labels).items() if int(k) != 0},
+        "seconds": round(time.perf_counter() - start, 3),
+        "cases": cases,
+    })
+    return index
+
+
+def read_index(index_path: str | Path) -> dict:
+    index = read_json(index_path)
+    index["dir"] = Path(index_path).parent
+    return index

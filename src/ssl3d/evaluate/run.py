@@ -1,0 +1,63 @@
+"""Evaluate a fine-tuned run on its test cases: the rows of the per-case results table.
+
+The per-case long table (one row per case x target x metric) is the suite's single source of truth: every
+summary, test and figure is computed from it. Metrics are computed on the preprocessed grid (the recipe's
+orientation, spacing and crop), so HD95 and NSD are in mm of that grid.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from ssl3d.data.cache import load_cached_case, read_index
+from ssl3d.evaluate.metrics import EmptyPolicy, case_metrics
+from ssl3d.io import atomic_path, read_json
+from ssl3d.nets import build_network, predict_volume
+
+log = logging.getLogger(__name__)
+
+PER_CASE_COLUMNS = ["dataset", "case_id", "target", "metric", "value", "init", "backbone", "protocol",
+                    "label_fraction", "subset", "seed", "run_id", "empty_reference", "empty_prediction",
+                    "empty_policy"]
+
+
+def load_model(model_path: str | Path, device: torch.device) -> tuple[torch.nn.Module, dict]:
+    checkpoint = torch.load(model_path, map_location=device, weights_only=False)
+    model = build_network(checkpoint["spec"]["backbone"], checkpoint["in_channels"], len(checkpoint["classes"]) + 1)
+    model.load_state_dict(checkpoint["weights"])
+    return model.to(device), checkpoint
+
+
+def evaluate_run(run_config: str | Path, model_path: str | Path, out_csv: str | Path,
+                 nsd_tolerance_mm: dict[str, float] | float, policy: EmptyPolicy, device: str = "cpu") -> Path:
+    config = read_json(run_config)
+    spec, inputs = config["spec"], config["inputs"]
+    device = torch.device(device)
+    model, checkpoint = load_model(model_path, device)
+    if checkpoint["run_id"] != config["run_id"]:
+        raise ValueError(f"{model_path}: model of run {checkpoint['run_id']}, but {run_config} is run "
+                         f"{config['run_id']}")
+    index = read_index(inputs["cache_index"])
+    test_ids = read_json(inputs["splits"])["test"]
+    inference = spec["inference"]
+    policy_text = ";".join(f"{key}={value}" for key, value in policy.as_dict().items())
+    rows = []
+    for number, case_id in enumerate(test_ids, start=1):
+        case = load_cached_case(index["dir"] / index["cases"][case_id]["file"])
+        pred = predict_volume(model, case["image"], inference["roi_size"], inference["overlap"],
+                              inference["sw_batch_size"], device)
+        for row in case_metrics(pred, case["label"][0], checkpoint["classes"], tuple(case["spacing"]),
+                                nsd_tolerance_mm, policy):
+            rows.append({"dataset": spec["dataset"], "case_id": case_id, **row, "init": spec["init"],
+                         "backbone": spec["backbone"]["name"], "protocol": spec["protocol"],
+                         "label_fraction": spec["label_fraction"], "subset": spec["subset"], "seed": spec["seed"],
+                         "run_id": config["run_id"], "empty_policy": policy_text})
+        log.info("evaluated %s (%d/%d)", case_id, number, len(test_ids))
+    table = pd.DataFrame(rows, columns=PER_CASE_COLUMNS)
+    with atomic_path(out_csv) as tmp:
+        table.to_csv(tmp, index=False)
+    return Path(out_csv)

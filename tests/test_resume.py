@@ -1,0 +1,66 @@
+"""A fine-tuning job killed midway resumes from its last checkpoint and ends where an uninterrupted run ends."""
+
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import torch
+
+from ssl3d.evaluate.metrics import EmptyPolicy
+from ssl3d.evaluate.run import evaluate_run
+
+from conftest import run_config
+
+STEPS = dict(steps=24, checkpoint_every=4, val_every=6)
+
+
+def finetune_cli(config, out):
+    return [sys.executable, "-m", "ssl3d", "--threads", "1", "finetune", "--run-config", str(config), "--out", str(out),
+            "--log-every", "1"]
+
+
+def kill_after_checkpoint(config, out, timeout=120):
+    process = subprocess.Popen(finetune_cli(config, out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    checkpoint = out / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + timeout
+    while not checkpoint.exists():
+        assert process.poll() is None, f"finished before it could be killed: {process.stderr.read()[-2000:]}"
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+
+def test_killed_run_resumes_and_matches_uninterrupted(tiny_index, tiny_splits, tmp_path):
+    config = run_config(tmp_path / "config.json", tiny_index, tiny_splits, **STEPS)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    subprocess.run(finetune_cli(config, straight), check=True, capture_output=True)
+
+    kill_after_checkpoint(config, resumed)
+    assert not (resumed / "model.pt").exists()  # nothing final was written by the killed job
+    saved_step = torch.load(resumed / "checkpoints" / "last.pt", weights_only=False)["state"]["step"]
+    assert 0 < saved_step < STEPS["steps"]
+    rerun = subprocess.run(finetune_cli(config, resumed), check=True, capture_output=True, text=True)
+    assert f"resuming test from step {saved_step}" in rerun.stderr
+
+    a = torch.load(straight / "model.pt", weights_only=False)
+    b = torch.load(resumed / "model.pt", weights_only=False)
+    assert a["selected_step"] == b["selected_step"] and a["validation_dice"] == b["validation_dice"]
+    for name, tensor in a["weights"].items():
+        assert torch.equal(tensor, b["weights"][name]), name
+    assert (straight / "train_log.csv").read_text() == (resumed / "train_log.csv").read_text()
+
+    tables = [pd.read_csv(evaluate_run(config, out / "model.pt", out / "per_case.csv", 2.0, EmptyPolicy()))
+              for out in (straight, resumed)]
+    pd.testing.assert_frame_equal(tables[0], tables[1])
+
+
+def test_checkpoint_of_another_run_is_refused(tiny_index, tiny_splits, tmp_path):
+    out = tmp_path / "run"
+    kill_after_checkpoint(run_config(tmp_path / "a.json", tiny_index, tiny_splits, run_id="a", **STEPS), out)
+    other = run_config(tmp_path / "b.json", tiny_index, tiny_splits, run_id="b", **STEPS)
+    result = subprocess.run(finetune_cli(other, out), capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "checkpoint of run a, not b; delete it to start over" in result.stderr

@@ -1,0 +1,106 @@
+"""The Snakemake workflow end to end on a micro config in a temporary directory, and its config validation."""
+
+import json
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from ssl3d.evaluate.run import PER_CASE_COLUMNS
+
+from conftest import REPO
+
+MICRO = {
+    "experiment": "micro",
+    "datasets": {"phantom": {"source": "phantom", "labelled": 5, "unlabelled": 0, "seed": 1,
+                             "shape": [64, 64, 32], "spacing": [2.4, 2.4, 4.5]}},
+    "preprocess": {"recipe": "demo_ct"},
+    "splits": {"seed": 0, "validation": 1, "test": 2, "label_fractions": [0.5, 1.0], "subsets": 1},
+    "finetune": {"dataset": "phantom", "inits": ["scratch"], "seeds": [0, 1],
+                 "backbone": {"name": "unet", "channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 0},
+                 "optimizer": {"name": "adamw", "lr": 0.003, "weight_decay": 0.0}, "steps": 6, "batch_size": 2,
+                 "patch_size": [32, 32, 16], "pos_neg_ratio": [1, 1], "val_every": 3, "checkpoint_every": 3},
+    "inference": {"roi_size": [32, 32, 16], "overlap": 0.25, "sw_batch_size": 2},
+    "evaluation": {"nsd_tolerance_mm": {"spleen": 2.0, "kidney_right": 2.0, "kidney_left": 2.0, "liver": 3.0,
+                                        "stomach": 3.0, "aorta": 1.5},
+                   "empty": {"both_empty": "nan", "one_empty_distance": "max"}},
+}
+
+
+def snakemake(workdir, config, *args):
+    path = workdir / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory",
+                           str(workdir), "--configfile", str(path), "--cores", "2", *args],
+                          capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def micro_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("micro")
+    result = snakemake(workdir, MICRO)
+    assert result.returncode == 0, result.stderr[-5000:]
+    return workdir
+
+
+@pytest.mark.slow
+def test_per_case_table(micro_run):
+    table = pd.read_csv(micro_run / "results" / "micro" / "per_case.csv")
+    assert list(table.columns) == PER_CASE_COLUMNS
+    # 2 fractions x 2 seeds = 4 runs, each: 2 test cases x 6 organs x 4 metrics
+    assert len(table) == 4 * 2 * 6 * 4
+    assert table["run_id"].nunique() == 4
+    assert set(table["label_fraction"]) == {0.5, 1.0} and set(table["seed"]) == {0, 1}
+    assert set(table["init"]) == {"scratch"} and set(table["protocol"]) == {"finetune"}
+    assert set(table["target"]) == {"spleen", "kidney_right", "kidney_left", "liver", "stomach", "aorta"}
+    dice = table[table["metric"] == "dice"]["value"]
+    assert dice.between(0, 1).all()
+    # a miss is scored, not dropped: with both_empty=nan no reference is empty, so no value is NaN
+    assert not table["empty_reference"].any() and table["value"].notna().all()
+    assert set(table["empty_policy"]) == {"both_empty=nan;one_empty_distance=max"}
+
+
+@pytest.mark.slow
+def test_summary_and_manifests(micro_run):
+    summary = pd.read_csv(micro_run / "results" / "micro" / "summary.csv")
+    cell = summary[(summary["target"] == "mean") & (summary["metric"] == "dice") & (summary["label_fraction"] == 1.0)]
+    assert len(cell) == 1 and int(cell["n_seeds"].iloc[0]) == 2 and np.isfinite(cell["sd"].iloc[0])
+    markdown = (micro_run / "results" / "micro" / "summary.md").read_text()
+    assert "### Dice" in markdown and " ± " in markdown and "both_empty=nan" in markdown
+    manifests = sorted((micro_run / "results" / "micro" / "runs").glob("*/manifest.json"))
+    assert len(manifests) == 4
+    manifest = json.loads(manifests[0].read_text())
+    for key in ("run_id", "config_hash", "config", "git_commit", "packages", "device", "seed", "wall_seconds",
+                "steps_per_second", "peak_memory_mb"):
+        assert key in manifest, key
+    assert manifest["run_id"] in manifests[0].parent.name
+    assert manifest["packages"]["torch"].startswith("2.13.0")
+
+
+@pytest.mark.slow
+def test_rerun_has_nothing_to_do_and_an_override_makes_new_runs(micro_run):
+    assert "Nothing to be done" in snakemake(micro_run, MICRO, "-n").stdout
+    changed = {**MICRO, "finetune": {**MICRO["finetune"], "steps": 7}}
+    dry = snakemake(micro_run, changed, "-n", "--rerun-triggers", "mtime")
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    assert "finetune" in dry.stdout and "prepare_phantoms" not in dry.stdout
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c["finetune"].update(stepz=3), "'stepz' was unexpected"),
+    (lambda c: c["splits"].update(label_fractions=[0.5, 1.5]), r"instance\['splits'\]\['label_fractions'\]"),
+    (lambda c: c["evaluation"]["empty"].update(both_empty="zero"), "'zero' is not one of"),
+])
+def test_bad_config_fails_before_any_job_and_names_the_key(tmp_path, edit, message):
+    config = json.loads(json.dumps(MICRO))
+    edit(config)
+    result = snakemake(tmp_path, config, "-n")
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "Error validating config file" in output
+    assert re.search(message, output), output[-2000:]
+    assert not (tmp_path / "data").exists()

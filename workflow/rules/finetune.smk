@@ -1,0 +1,58 @@
+rule run_config:
+    output:
+        f"{RESULTS}/runs/{{run}}/config.json",
+    params:
+        run=run_entry,
+        data=run_data,
+    log:
+        f"{RESULTS}/runs/{{run}}/run_config.log",
+    localrule: True
+    run:
+        write_run_config(output[0], params.run, params.data)
+        Path(log[0]).write_text(f"wrote {output[0]}\n")
+
+
+rule finetune:
+    input:
+        unpack(run_data),
+        config=f"{RESULTS}/runs/{{run}}/config.json",
+    output:
+        model=f"{RESULTS}/runs/{{run}}/model.pt",
+        train_log=f"{RESULTS}/runs/{{run}}/train_log.csv",
+        manifest=f"{RESULTS}/runs/{{run}}/manifest.json",
+    params:
+        out=output_dir,
+        device=device,
+    log:
+        f"{RESULTS}/runs/{{run}}/finetune.log",
+    benchmark:
+        f"{RESULTS}/runs/{{run}}/finetune.benchmark.tsv"
+    resources:
+        gpu=0,
+    conda:
+        "../../environment.yml"
+    shell:
+        "python -m ssl3d --threads {threads} finetune --run-config {input.config} --out {params.out}"
+        " --device {params.device} > {log} 2>&1"
+
+
+rule evaluate:
+    input:
+        config=f"{RESULTS}/runs/{{run}}/config.json",
+        model=f"{RESULTS}/runs/{{run}}/model.pt",
+    output:
+        f"{RESULTS}/runs/{{run}}/per_case.csv",
+    params:
+        tolerance=json.dumps(config["evaluation"]["nsd_tolerance_mm"]),
+        policy=json.dumps(config["evaluation"]["empty"]),
+        device=device,
+    log:
+        f"{RESULTS}/runs/{{run}}/evaluate.log",
+    resources:
+        gpu=0,
+    conda:
+        "../../environment.yml"
+    shell:
+        "python -m ssl3d --threads {threads} evaluate --run-config {input.config} --model {input.model} --out {output}"
+        " --nsd-tolerance {params.tolerance:q} --empty-policy {params.policy:q} --device {params.device}"
+        " > {log} 2>&1"

@@ -1,0 +1,25 @@
+rule collect:
+    input:
+        expand(f"{RESULTS}/runs/{{run}}/per_case.csv", run=RUNS),
+    output:
+        f"{RESULTS}/per_case.csv",
+    log:
+        f"{RESULTS}/logs/collect.log",
+    conda:
+        "../../environment.yml"
+    shell:
+        "python -m ssl3d collect --out {output} {input} > {log} 2>&1"
+
+
+rule summarise:
+    input:
+        f"{RESULTS}/per_case.csv",
+    output:
+        csv=f"{RESULTS}/summary.csv",
+        md=f"{RESULTS}/summary.md",
+    log:
+        f"{RESULTS}/logs/summarise.log",
+    conda:
+        "../../environment.yml"
+    shell:
+        "python -m ssl3d summarise --per-case {input} --out-csv {output.csv} --out-md {output.md} > {log} 2>&1"
