@@ -1,0 +1,84 @@
+"""Run identities, manifests and the aggregation of the per-case table."""
+
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from ssl3d.analysis.aggregate import summarise, summary_markdown
+from ssl3d.evaluate.run import PER_CASE_COLUMNS
+from ssl3d.manifest import run_manifest
+from ssl3d.plan import canonical_hash, finetune_runs
+
+from conftest import REPO
+
+
+@pytest.fixture
+def demo_config():
+    return yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+
+
+def test_canonical_hash_ignores_key_order_but_not_values():
+    assert canonical_hash({"a": 1, "b": [1, 2]}) == canonical_hash({"b": [1, 2], "a": 1})
+    assert canonical_hash({"a": 1}) != canonical_hash({"a": 2})
+
+
+def test_runs_cover_the_grid_with_unique_identities(demo_config):
+    runs = finetune_runs(demo_config)
+    n = (len(demo_config["finetune"]["inits"]) * len(demo_config["splits"]["label_fractions"])
+         * demo_config["splits"]["subsets"] * len(demo_config["finetune"]["seeds"]))
+    assert len(runs) == n and len({r["run_id"] for r in runs.values()}) == n
+    for name, run in runs.items():
+        assert name.endswith("_" + run["run_id"]) and run["run_id"] == canonical_hash(run["spec"])
+
+
+def test_training_settings_change_identity_and_evaluation_settings_do_not(demo_config):
+    before = set(finetune_runs(demo_config))
+    demo_config["evaluation"]["nsd_tolerance_mm"] = 5.0
+    assert set(finetune_runs(demo_config)) == before
+    demo_config["finetune"]["steps"] += 1
+    assert not set(finetune_runs(demo_config)) & before
+
+
+def test_manifest_records_provenance(demo_config):
+    run = next(iter(finetune_runs(demo_config).values()))
+    manifest = run_manifest(run["spec"], run["run_id"], torch.device("cpu"), wall_seconds=1.5)
+    assert manifest["config_hash"] == run["run_id"] and manifest["seed"] == run["spec"]["seed"]
+    assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?|unknown", manifest["git_commit"])
+    assert manifest["packages"]["torch"].startswith("2.13.0") and manifest["packages"]["monai"].startswith("1.6")
+    assert manifest["device"].startswith("cpu") and manifest["peak_memory_mb"] > 0
+    assert manifest["wall_seconds"] == 1.5
+
+
+def per_case_table():
+    """Two seeds x two cases x two targets for one fraction, with values chosen to make the means easy."""
+    rows = []
+    values = {(0, "c1", "liver"): 0.8, (0, "c2", "liver"): 0.6, (0, "c1", "aorta"): 0.4, (0, "c2", "aorta"): np.nan,
+              (1, "c1", "liver"): 0.9, (1, "c2", "liver"): 0.9, (1, "c1", "aorta"): 0.5, (1, "c2", "aorta"): 0.3}
+    for (seed, case, target), value in values.items():
+        rows.append({"dataset": "phantom", "case_id": case, "target": target, "metric": "dice", "value": value,
+                     "init": "scratch", "backbone": "unet", "protocol": "finetune", "label_fraction": 0.5,
+                     "subset": 0, "seed": seed, "run_id": f"r{seed}", "empty_reference": False,
+                     "empty_prediction": False, "empty_policy": "both_empty=nan;one_empty_distance=max"})
+    return pd.DataFrame(rows, columns=PER_CASE_COLUMNS)
+
+
+def test_summary_averages_cases_within_a_run_then_runs():
+    summary = summarise(per_case_table()).set_index("target")
+    # liver: run means 0.7 and 0.9 -> mean 0.8, sd (ddof=1) = sqrt(0.02) = 0.1414
+    assert summary.loc["liver", "mean"] == pytest.approx(0.8)
+    assert summary.loc["liver", "sd"] == pytest.approx(np.sqrt(0.02))
+    # aorta: seed 0 has one finite case (0.4; NaN = both empty does not count), seed 1 has 0.4 -> sd 0
+    assert summary.loc["aorta", "mean"] == pytest.approx(0.4) and summary.loc["aorta", "sd"] == pytest.approx(0.0)
+    # mean target: per run (0.7 + 0.4) / 2 = 0.55 and (0.9 + 0.4) / 2 = 0.65
+    assert summary.loc["mean", "mean"] == pytest.approx(0.6)
+    assert (summary["n_seeds"] == 2).all() and list(summary.index) == ["liver", "aorta", "mean"]
+
+
+def test_summary_markdown_shows_mean_and_sd_per_fraction():
+    text = summary_markdown(summarise(per_case_table()), "both_empty=nan;one_empty_distance=max")
+    assert "| scratch | liver    | 0.800 ± 0.141 |" in text
+    assert "both_empty=nan" in text and "2 seed(s)" in text
