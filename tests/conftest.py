@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,8 @@ from ssl3d.data.splits import make_splits
 from ssl3d.io import write_json
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_CT = REPO.parent / "shared" / "data" / "totalsegmentator-example"
+# The real CT fixture lives outside the repository (../shared/data beside the checkout, or $SSL3D_SHARED_DATA).
+SHARED_CT = Path(os.environ.get("SSL3D_SHARED_DATA", REPO.parent / "shared" / "data")) / "totalsegmentator-example"
 TINY_SHAPE = (64, 64, 32)
 TINY_RECIPE = {"name": "tiny_ct", "spacing": [4.0, 4.0, 4.0], "crop_foreground_above": -500, "window": [-175, 250]}
 
