@@ -9,13 +9,12 @@ thread count), which ``tests/test_resume.py`` checks.
 from __future__ import annotations
 
 import copy
-import csv
-import io
 import logging
 import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from monai.losses import DiceCELoss
 from monai.metrics import compute_dice
@@ -26,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ssl3d.data.cache import load_cached_case, read_index
 from ssl3d.data.splits import training_cases
-from ssl3d.io import atomic_path, read_json, write_json, write_text
+from ssl3d.io import atomic_path, read_json, write_json
 from ssl3d.manifest import run_manifest
 from ssl3d.nets import build_network, predict_volume
 
@@ -88,6 +87,20 @@ def save_checkpoint(path: Path, state: dict) -> None:
         torch.save(state, tmp)
 
 
+def resume(last: Path, run_id: str, modules: dict, device) -> dict:
+    """Load ``last`` into ``modules`` (model, optimizer, scheduler) and return the loop state; a fresh state if
+    there is no checkpoint."""
+    if not last.is_file():
+        return {"step": 0, "history": [], "best": {"score": -1.0, "step": 0, "weights": None}, "seconds": 0.0}
+    saved = torch.load(last, map_location=device, weights_only=False)
+    if saved["run_id"] != run_id:
+        raise ValueError(f"{last}: checkpoint of run {saved['run_id']}, not {run_id}; delete it to start over")
+    for name, module in modules.items():
+        module.load_state_dict(saved[name])
+    log.info("resuming %s from step %d", run_id, saved["state"]["step"])
+    return saved["state"]
+
+
 def finetune(run_config: str | Path, out_dir: str | Path, device: str = "cpu", log_every: int = 10) -> Path:
     """Train the run described by ``run_config`` (written by the workflow) into ``out_dir``; returns model.pt.
 
@@ -114,17 +127,8 @@ def finetune(run_config: str | Path, out_dir: str | Path, device: str = "cpu", l
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=spec["steps"])
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
 
-    state = {"step": 0, "history": [], "best": {"score": -1.0, "step": 0, "weights": None}, "seconds": 0.0}
     last = out_dir / "checkpoints" / "last.pt"
-    if last.is_file():
-        saved = torch.load(last, map_location=device, weights_only=False)
-        if saved["run_id"] != run_id:
-            raise ValueError(f"{last}: checkpoint of run {saved['run_id']}, not {run_id}; delete it to start over")
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        state = saved["state"]
-        log.info("resuming %s from step %d", run_id, state["step"])
+    state = resume(last, run_id, {"model": model, "optimizer": optimizer, "scheduler": scheduler}, device)
     resumed_from = state["step"]
 
     steps, batch_size = spec["steps"], spec["batch_size"]
@@ -164,11 +168,8 @@ def finetune(run_config: str | Path, out_dir: str | Path, device: str = "cpu", l
         "selected_step": state["best"]["step"], "validation_dice": state["best"]["score"],
         "weights": state["best"]["weights"],
     })
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["step", "loss", "lr", "val_dice"])
-    writer.writeheader()
-    writer.writerows(state["history"])
-    write_text(out_dir / "train_log.csv", buffer.getvalue())
+    with atomic_path(out_dir / "train_log.csv") as tmp:
+        pd.DataFrame(state["history"], columns=["step", "loss", "lr", "val_dice"]).to_csv(tmp, index=False)
     write_json(out_dir / "manifest.json", run_manifest(
         spec, run_id, device,
         wall_seconds=round(state["seconds"], 2),

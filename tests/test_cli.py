@@ -1,0 +1,30 @@
+"""The `ssl3d` command: every subcommand answers --help, and a bad input ends with a one-line error."""
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from ssl3d.cli import parser
+
+SUBCOMMANDS = ["phantoms", "preprocess", "splits", "finetune", "evaluate", "collect", "summarise"]
+
+
+def test_console_script_is_installed():
+    assert shutil.which("ssl3d") or (sys.prefix and shutil.which("ssl3d", path=f"{sys.prefix}/bin"))
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parser().parse_args([command, "--help"])
+    assert exit_info.value.code == 0 and command in capsys.readouterr().out
+
+
+def test_bad_input_is_a_clear_error_not_a_traceback(phantom_root, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "ssl3d", "preprocess", "--dataset", str(phantom_root),
+                             "--recipe", "nope", "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "unknown recipe 'nope'" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
