@@ -3,6 +3,7 @@
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -12,7 +13,10 @@ SUBCOMMANDS = ["phantoms", "preprocess", "splits", "finetune", "evaluate", "coll
 
 
 def test_console_script_is_installed():
-    assert shutil.which("ssl3d") or (sys.prefix and shutil.which("ssl3d", path=f"{sys.prefix}/bin"))
+    ssl3d = shutil.which("ssl3d", path=str(Path(sys.executable).parent))
+    assert ssl3d, "the ssl3d console script is not installed beside this Python"
+    result = subprocess.run([ssl3d, "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "finetune" in result.stdout
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)
