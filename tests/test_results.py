@@ -27,12 +27,21 @@ def test_canonical_hash_ignores_key_order_but_not_values():
 
 
 def test_runs_cover_the_grid_with_unique_identities(demo_config):
+    demo_config["splits"]["label_fractions"] = [0.2, 0.5]
     runs = finetune_runs(demo_config)
-    n = (len(demo_config["finetune"]["inits"]) * len(demo_config["splits"]["label_fractions"])
-         * demo_config["splits"]["subsets"] * len(demo_config["finetune"]["seeds"]))
+    n = (len(demo_config["finetune"]["inits"]) * 2 * demo_config["splits"]["subsets"]
+         * len(demo_config["finetune"]["seeds"]))
     assert len(runs) == n and len({r["run_id"] for r in runs.values()}) == n
     for name, run in runs.items():
         assert name.endswith("_" + run["run_id"]) and run["run_id"] == canonical_hash(run["spec"])
+
+
+def test_full_label_fraction_is_trained_once_per_seed(demo_config):
+    demo_config["splits"].update(label_fractions=[0.5, 1.0], subsets=3)
+    demo_config["finetune"]["seeds"] = [0, 1]
+    runs = [run["spec"] for run in finetune_runs(demo_config).values()]
+    assert sorted((s["label_fraction"], s["subset"], s["seed"]) for s in runs) == [
+        (0.5, 0, 0), (0.5, 0, 1), (0.5, 1, 0), (0.5, 1, 1), (0.5, 2, 0), (0.5, 2, 1), (1.0, 0, 0), (1.0, 0, 1)]
 
 
 def test_training_settings_change_identity_and_evaluation_settings_do_not(demo_config):

@@ -104,3 +104,9 @@ def test_bad_config_fails_before_any_job_and_names_the_key(tmp_path, edit, messa
     assert "Error validating config file" in output
     assert re.search(message, output), output[-2000:]
     assert not (tmp_path / "data").exists()
+
+
+def test_workflow_is_lint_clean():
+    result = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--lint"],
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -27,13 +27,19 @@ def fraction_key(fraction: float) -> str:
 
 
 def finetune_runs(config: dict) -> dict[str, dict]:
-    """Run name -> resolved spec, for every (init, label fraction, subset, seed) of the fine-tuning grid."""
+    """Run name -> resolved spec, for every (init, label fraction, subset, seed) of the fine-tuning grid.
+
+    Fraction 1 has a single subset (every draw of all training cases is the same set), so it is trained once per
+    seed rather than once per draw.
+    """
     finetune = config["finetune"]
     dataset = finetune["dataset"]
     training = {key: value for key, value in finetune.items() if key not in ("dataset", "inits", "seeds")}
     runs = {}
     for init, fraction, subset, seed in itertools.product(finetune["inits"], config["splits"]["label_fractions"],
                                                           range(config["splits"]["subsets"]), finetune["seeds"]):
+        if fraction == 1 and subset > 0:
+            continue
         spec = {
             "dataset": dataset,
             "data": config["datasets"][dataset],

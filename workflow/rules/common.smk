@@ -21,7 +21,7 @@ from ssl3d.plan import finetune_runs
 # Jobs run `python -m ssl3d` from this checkout: with the Python that runs Snakemake (an unactivated virtual
 # environment works), or inside a --use-conda environment (activated in front of PATH) that holds its dependencies.
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))
-os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])
+os.environ.update(PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", os.defpath)]))
 
 
 envvars:
