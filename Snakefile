@@ -2,6 +2,7 @@
 # only takes a default target from the main Snakefile.
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
+include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/finetune.smk"
 include: "workflow/rules/results.smk"
 

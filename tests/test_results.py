@@ -11,7 +11,7 @@ import yaml
 from ssl3d.analysis.aggregate import summarise, summary_markdown
 from ssl3d.evaluate.run import PER_CASE_COLUMNS
 from ssl3d.manifest import run_manifest
-from ssl3d.plan import canonical_hash, finetune_runs
+from ssl3d.plan import canonical_hash, finetune_runs, pretrain_runs
 
 from conftest import REPO
 
@@ -38,10 +38,32 @@ def test_runs_cover_the_grid_with_unique_identities(demo_config):
 
 def test_full_label_fraction_is_trained_once_per_seed(demo_config):
     demo_config["splits"].update(label_fractions=[0.5, 1.0], subsets=3)
-    demo_config["finetune"]["seeds"] = [0, 1]
+    demo_config["finetune"].update(seeds=[0, 1], inits=["scratch"])
     runs = [run["spec"] for run in finetune_runs(demo_config).values()]
     assert sorted((s["label_fraction"], s["subset"], s["seed"]) for s in runs) == [
         (0.5, 0, 0), (0.5, 0, 1), (0.5, 1, 0), (0.5, 1, 1), (0.5, 2, 0), (0.5, 2, 1), (1.0, 0, 0), (1.0, 0, 1)]
+
+
+def test_pretrained_inits_chain_the_identity_of_their_pretraining_run(demo_config):
+    pretrain = pretrain_runs(demo_config)
+    assert {run["spec"]["method"] for run in pretrain.values()} == set(demo_config["pretrain"]["methods"])
+    runs = finetune_runs(demo_config)
+    for run in runs.values():
+        if run["spec"]["init"] == "scratch":
+            assert "pretrained" not in run["spec"]
+        else:
+            assert pretrain[run["pretrain_run"]]["run_id"] == run["spec"]["pretrained"]
+            assert pretrain[run["pretrain_run"]]["spec"]["method"] == run["spec"]["init"]
+    demo_config["pretrain"]["steps"] += 1
+    changed = finetune_runs(demo_config)
+    assert {n for n in runs if n.startswith("scratch")} == {n for n in changed if n.startswith("scratch")}
+    assert not {n for n in runs if not n.startswith("scratch")} & set(changed)
+
+
+def test_an_init_without_a_pretraining_method_is_named(demo_config):
+    demo_config["finetune"]["inits"] = ["scratch", "simclr"]
+    with pytest.raises(ValueError, match="finetune.inits: 'simclr' is not a method of pretrain.methods"):
+        finetune_runs(demo_config)
 
 
 def test_training_settings_change_identity_and_evaluation_settings_do_not(demo_config):

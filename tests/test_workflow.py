@@ -71,7 +71,7 @@ def test_summary_and_manifests(micro_run):
     assert len(cell) == 1 and int(cell["n_seeds"].iloc[0]) == 2 and np.isfinite(cell["sd"].iloc[0])
     markdown = (micro_run / "results" / "micro" / "summary.md").read_text()
     assert "### Dice" in markdown and " ± " in markdown and "both_empty=nan" in markdown
-    manifests = sorted((micro_run / "results" / "micro" / "runs").glob("*/manifest.json"))
+    manifests = sorted((micro_run / "results" / "micro" / "finetune").glob("*/manifest.json"))
     assert len(manifests) == 4
     manifest = json.loads(manifests[0].read_text())
     for key in ("run_id", "config_hash", "config", "git_commit", "packages", "device", "seed", "wall_seconds",

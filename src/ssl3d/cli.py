@@ -51,6 +51,24 @@ def cmd_finetune(args):
     finetune(args.run_config, args.out, device=args.device, log_every=args.log_every)
 
 
+def cmd_pretrain(args):
+    from ssl3d.pretrain.loop import pretrain
+
+    pretrain(args.run_config, args.out, device=args.device, workers=args.workers, log_every=args.log_every)
+
+
+def cmd_methods(args):
+    import dataclasses
+
+    from ssl3d.pretrain.registry import methods
+
+    for name, cls in methods().items():
+        defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+                    for f in dataclasses.fields(cls.Config)}
+        print(f"{name} (version {cls.version})\n  paper: {cls.paper}\n  backbones: {', '.join(cls.backbones)}")
+        print("  defaults: " + json.dumps(defaults, default=str))
+
+
 def cmd_evaluate(args):
     from ssl3d.evaluate.metrics import EmptyPolicy
     from ssl3d.evaluate.run import evaluate_run
@@ -109,6 +127,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--log-every", type=int, default=10)
     p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("pretrain", help="pre-train one method (resumes from its last checkpoint)")
+    p.add_argument("--run-config", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
+    p.add_argument("--log-every", type=int, default=10)
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("methods", help="list the registered pre-training methods with their papers and defaults")
+    p.set_defaults(func=cmd_methods)
 
     p = sub.add_parser("evaluate", help="per-case metrics of a fine-tuned run on its test cases")
     p.add_argument("--run-config", required=True)

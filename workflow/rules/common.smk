@@ -16,7 +16,7 @@ validate(config, "../schemas/config.schema.yaml")
 # The plan (run names and identities) comes from the package, read from this checkout.
 SRC = Path(workflow.basedir) / "src"
 sys.path.insert(0, str(SRC))
-from ssl3d.plan import finetune_runs
+from ssl3d.plan import finetune_runs, pretrain_runs
 
 # Jobs run `python -m ssl3d` from this checkout: with the Python that runs Snakemake (an unactivated virtual
 # environment works), or inside a --use-conda environment (activated in front of PATH) that holds its dependencies.
@@ -29,12 +29,14 @@ envvars:
 
 RESULTS = f"results/{config['experiment']}"
 RUNS = finetune_runs(config)
+PRETRAIN_RUNS = pretrain_runs(config)
 
 
 wildcard_constraints:
     dataset="[A-Za-z0-9_-]+",
     recipe="[A-Za-z0-9_-]+",
     run="[A-Za-z0-9_.-]+",
+    stage="finetune|pretrain",
 
 
 def dataset_settings(wildcards):
@@ -42,15 +44,23 @@ def dataset_settings(wildcards):
 
 
 def run_entry(wildcards):
-    return RUNS[wildcards.run]
+    return (RUNS if wildcards.stage == "finetune" else PRETRAIN_RUNS)[wildcards.run]
 
 
-def run_data(wildcards):
-    spec = RUNS[wildcards.run]["spec"]
-    return {
-        "index": f"data/preprocessed/{spec['recipe']}/{spec['dataset']}/index.json",
-        "splits": f"{RESULTS}/splits/{spec['dataset']}.json",
-    }
+def cache_index(spec):
+    return f"data/preprocessed/{spec['recipe']}/{spec['dataset']}/index.json"
+
+
+def run_inputs(wildcards):
+    """The files a run reads, by role; they become the `inputs` of its config.json."""
+    entry = run_entry(wildcards)
+    spec = entry["spec"]
+    inputs = {"cache_index": cache_index(spec)}
+    if wildcards.stage == "finetune":
+        inputs["splits"] = f"{RESULTS}/splits/{spec['dataset']}.json"
+        if "pretrain_run" in entry:
+            inputs["pretrained"] = f"{RESULTS}/pretrain/{entry['pretrain_run']}/pretrained.pt"
+    return inputs
 
 
 def input_dir(wildcards, input):
@@ -61,10 +71,9 @@ def output_dir(wildcards, output):
     return str(Path(output[0]).parent)
 
 
-def write_run_config(path, run, data):
-    """The run's identity and the inputs it reads: what `ssl3d finetune` and `ssl3d evaluate` are given."""
-    inputs = {"cache_index": data["index"], "splits": data["splits"]}
-    Path(path).write_text(json.dumps({**run, "inputs": inputs}, indent=2))
+def write_run_config(path, run, inputs):
+    """The run's identity and the files it reads: what `ssl3d pretrain|finetune|evaluate` are given."""
+    Path(path).write_text(json.dumps({**run, "inputs": dict(inputs)}, indent=2))
 
 
 def device(wildcards, resources):

@@ -1,32 +1,34 @@
 rule run_config:
     output:
-        f"{RESULTS}/runs/{{run}}/config.json",
+        f"{RESULTS}/{{stage}}/{{run}}/config.json",
     params:
         run=run_entry,
-        data=run_data,
+        inputs=run_inputs,
     log:
-        f"{RESULTS}/runs/{{run}}/run_config.log",
+        f"{RESULTS}/{{stage}}/{{run}}/run_config.log",
     localrule: True
     run:
-        write_run_config(output[0], params.run, params.data)
+        write_run_config(output[0], params.run, params.inputs)
         Path(log[0]).write_text(f"wrote {output[0]}\n")
 
 
 rule finetune:
     input:
-        unpack(run_data),
-        config=f"{RESULTS}/runs/{{run}}/config.json",
+        unpack(run_inputs),
+        config=f"{RESULTS}/{{stage}}/{{run}}/config.json",
     output:
-        model=f"{RESULTS}/runs/{{run}}/model.pt",
-        train_log=f"{RESULTS}/runs/{{run}}/train_log.csv",
-        manifest=f"{RESULTS}/runs/{{run}}/manifest.json",
+        model=f"{RESULTS}/{{stage}}/{{run}}/model.pt",
+        train_log=f"{RESULTS}/{{stage}}/{{run}}/train_log.csv",
+        manifest=f"{RESULTS}/{{stage}}/{{run}}/manifest.json",
     params:
         out=output_dir,
         device=device,
     log:
-        f"{RESULTS}/runs/{{run}}/finetune.log",
+        f"{RESULTS}/{{stage}}/{{run}}/finetune.log",
     benchmark:
-        f"{RESULTS}/runs/{{run}}/finetune.benchmark.tsv"
+        f"{RESULTS}/{{stage}}/{{run}}/finetune.benchmark.tsv"
+    wildcard_constraints:
+        stage="finetune",
     resources:
         gpu=0,
     conda:
@@ -38,16 +40,18 @@ rule finetune:
 
 rule evaluate:
     input:
-        config=f"{RESULTS}/runs/{{run}}/config.json",
-        model=f"{RESULTS}/runs/{{run}}/model.pt",
+        config=f"{RESULTS}/{{stage}}/{{run}}/config.json",
+        model=f"{RESULTS}/{{stage}}/{{run}}/model.pt",
     output:
-        f"{RESULTS}/runs/{{run}}/per_case.csv",
+        f"{RESULTS}/{{stage}}/{{run}}/per_case.csv",
     params:
         tolerance=json.dumps(config["evaluation"]["nsd_tolerance_mm"]),
         policy=json.dumps(config["evaluation"]["empty"]),
         device=device,
     log:
-        f"{RESULTS}/runs/{{run}}/evaluate.log",
+        f"{RESULTS}/{{stage}}/{{run}}/evaluate.log",
+    wildcard_constraints:
+        stage="finetune",
     resources:
         gpu=0,
     conda:

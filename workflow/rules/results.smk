@@ -1,6 +1,6 @@
 rule collect:
     input:
-        expand(f"{RESULTS}/runs/{{run}}/per_case.csv", run=RUNS),
+        expand(f"{RESULTS}/finetune/{{run}}/per_case.csv", run=RUNS),
     output:
         f"{RESULTS}/per_case.csv",
     log:

@@ -23,11 +23,13 @@ from monai.transforms import Compose, RandCropByPosNegLabeld, SpatialPadd
 from monai.utils import set_determinism
 from torch.utils.data import DataLoader, Dataset
 
+from ssl3d.checkpoint import resume, save_checkpoint
 from ssl3d.data.cache import load_cached_case, read_index
 from ssl3d.data.splits import training_cases
 from ssl3d.io import atomic_path, read_json, write_json
 from ssl3d.manifest import run_manifest
 from ssl3d.nets import build_network, predict_volume
+from ssl3d.pretrain.transfer import load_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -82,27 +84,11 @@ def load_cases(index: dict, case_ids: list[str]) -> list[dict]:
     return [load_cached_case(index["dir"] / index["cases"][case_id]["file"]) for case_id in case_ids]
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-
-
-def resume(last: Path, run_id: str, modules: dict, device) -> dict:
-    """Load ``last`` into ``modules`` (model, optimizer, scheduler) and return the loop state; a fresh state if
-    there is no checkpoint."""
-    if not last.is_file():
-        return {"step": 0, "history": [], "best": {"score": -1.0, "step": 0, "weights": None}, "seconds": 0.0}
-    saved = torch.load(last, map_location=device, weights_only=False)
-    if saved["run_id"] != run_id:
-        raise ValueError(f"{last}: checkpoint of run {saved['run_id']}, not {run_id}; delete it to start over")
-    for name, module in modules.items():
-        module.load_state_dict(saved[name])
-    log.info("resuming %s from step %d", run_id, saved["state"]["step"])
-    return saved["state"]
-
-
 def finetune(run_config: str | Path, out_dir: str | Path, device: str = "cpu", log_every: int = 10) -> Path:
     """Train the run described by ``run_config`` (written by the workflow) into ``out_dir``; returns model.pt.
+
+    ``init`` is ``scratch`` or a pre-training method, whose checkpoint (``inputs.pretrained``) initialises the
+    network through the verified transfer; the manifest records what was loaded.
 
     ``out_dir/checkpoints/last.pt`` is written every ``checkpoint_every`` steps; if it exists when this starts,
     training resumes from it.
@@ -120,15 +106,19 @@ def finetune(run_config: str | Path, out_dir: str | Path, device: str = "cpu", l
     train_cases = load_cases(index, training_cases(splits, spec["label_fraction"], spec["subset"]))
     val_cases = load_cases(index, splits["validation"])
 
+    model = build_network(spec["backbone"], in_channels=1, out_channels=n_classes + 1)
+    transfer = None
     if spec["init"] != "scratch":
-        raise ValueError(f"init {spec['init']!r}: only 'scratch' is available in this version")
-    model = build_network(spec["backbone"], in_channels=1, out_channels=n_classes + 1).to(device)
+        transfer = load_pretrained(model, inputs["pretrained"], spec["backbone"]["name"]).as_dict()
+        log.info("initialised from %s (%s): %s", spec["init"], inputs["pretrained"], transfer["fractions"])
+    model = model.to(device)
     optimizer = build_optimizer(model, spec["optimizer"])
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=spec["steps"])
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
 
     last = out_dir / "checkpoints" / "last.pt"
-    state = resume(last, run_id, {"model": model, "optimizer": optimizer, "scheduler": scheduler}, device)
+    state = resume(last, run_id, {"model": model, "optimizer": optimizer, "scheduler": scheduler}, device,
+                   fresh={"step": 0, "history": [], "best": {"score": -1.0, "step": 0, "weights": None}, "seconds": 0.0})
     resumed_from = state["step"]
 
     steps, batch_size = spec["steps"], spec["batch_size"]
@@ -180,6 +170,7 @@ def finetune(run_config: str | Path, out_dir: str | Path, device: str = "cpu", l
         validation_dice=state["best"]["score"],
         train_cases=len(train_cases),
         validation_cases=len(val_cases),
+        transfer=transfer,
     ))
     last.unlink(missing_ok=True)
     return model_path

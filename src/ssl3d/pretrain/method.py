@@ -1,0 +1,103 @@
+"""The method contract: what one pre-training method declares, so that everything else stays generic.
+
+A method is one file (in ``methods/`` or ``baselines/``, or an installed package exposing the entry-point group
+``ssl3d.methods``) defining a subclass of :class:`Method`. It declares its paper, a typed config with the paper's
+defaults, the backbones it supports, how it turns a region of a volume into views, its loss terms by name, and
+which of its weights initialise which downstream modules. The loop, optimizers, logging, checkpoints and timing
+live in ``ssl3d.pretrain.loop`` and are the same for every method (solo-learn / lightly style).
+
+Loss terms are a dict so that an ablation is a config: the total loss is the sum of ``loss_weights[name] *
+term`` over the configured weights, and a weight of 0 switches a term off.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """Which pre-trained weights initialise which downstream modules.
+
+    ``prefixes`` maps a prefix of the method's state dict to a prefix of the downstream network's state dict
+    (``{"backbone.": ""}`` hands the whole backbone over). ``coverage`` is the smallest fraction of the downstream
+    network's encoder / decoder parameters that must be initialised; the transfer is verified against it before
+    the first pre-training step. Parameters of the downstream output head are never expected to transfer.
+    """
+
+    prefixes: dict[str, str]
+    coverage: dict[str, float] = field(default_factory=lambda: {"encoder": 1.0, "decoder": 0.0})
+
+
+@dataclass
+class MethodConfig:
+    """Fields every method config has; a method's own config subclasses this with its paper's defaults.
+
+    ``optimizer`` and ``scheduler`` are read by ``ssl3d.pretrain.optim``; ``patch_size`` is the network input.
+    """
+
+    loss_weights: dict[str, float] = field(default_factory=dict)
+    patch_size: tuple[int, int, int] = (64, 64, 32)
+    batch_size: int = 4
+    optimizer: dict[str, Any] = field(default_factory=lambda: {"name": "adamw", "lr": 1e-4, "weight_decay": 1e-5})
+    scheduler: dict[str, Any] = field(default_factory=lambda: {"name": "cosine", "warmup_steps": 0})
+    grad_clip: float | None = None
+
+
+def make_config(config_class: type[MethodConfig], overrides: dict[str, Any] | None = None) -> MethodConfig:
+    """The method's defaults with ``overrides`` from the experiment config; an unknown key is named."""
+    overrides = dict(overrides or {})
+    known = {f.name for f in dataclasses.fields(config_class)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"{config_class.__qualname__}: unknown setting(s) {unknown}; known: {sorted(known)}")
+    if "patch_size" in overrides:
+        overrides["patch_size"] = tuple(overrides["patch_size"])
+    return config_class(**overrides)
+
+
+class Method(torch.nn.Module, abc.ABC):
+    """Base class of a pre-training method: set the class attributes and implement the two abstract hooks."""
+
+    name: ClassVar[str]
+    paper: ClassVar[str]
+    version: ClassVar[str] = "1"  # bump when a change alters results; older runs are then flagged stale
+    backbones: ClassVar[tuple[str, ...]]
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+    transfer: ClassVar[Transfer]
+
+    def __init__(self, config: MethodConfig, backbone: dict):
+        super().__init__()
+        if backbone["name"] not in self.backbones:
+            raise ValueError(f"method {self.name!r} does not support backbone {backbone['name']!r}; "
+                             f"it supports {', '.join(self.backbones)}")
+        self.config = config
+        self.backbone_spec = dict(backbone)
+
+    def region_size(self) -> tuple[int, int, int]:
+        """Size of the region cut from a volume for one sample, before ``make_views``."""
+        return tuple(self.config.patch_size)
+
+    @abc.abstractmethod
+    def make_views(self, region: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """Turn one (1, X, Y, Z) region into the method's inputs and targets; runs in the data loader, on CPU."""
+
+    @abc.abstractmethod
+    def loss_terms(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Named scalar loss terms for a collated batch of views, on the training device."""
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        """Called after each optimizer step (e.g. an EMA target update)."""
+
+    def total_loss(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        weights = self.config.loss_weights
+        missing = sorted(name for name, weight in weights.items() if weight and name not in terms)
+        if missing:
+            raise KeyError(f"method {self.name!r} returned no loss term(s) {missing} although they have weights")
+        return sum(weight * terms[name] for name, weight in weights.items() if weight)

@@ -1,0 +1,119 @@
+"""The contract every registered method meets, run automatically on each method and each backbone it declares
+(methods added later included): see CONTRIBUTING.md."""
+
+import copy
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from ssl3d.nets import build_network
+from ssl3d.pretrain.method import Method, Transfer, make_config
+from ssl3d.pretrain.optim import build_optimizer
+from ssl3d.pretrain.registry import get_method, methods
+from ssl3d.pretrain.transfer import TransferError, plan_transfer
+
+# the smallest size of each backbone, so two CPU steps take a second
+SMALL_BACKBONES = {
+    "basicunet": {"name": "basicunet", "features": [4, 4, 8, 8, 16, 4]},
+    "unet": {"name": "unet", "channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 0},
+    "genesis_unet3d": {"name": "genesis_unet3d"},
+}
+CASES = [(name, backbone) for name, cls in methods().items() for backbone in cls.backbones]
+
+
+def small_method(name: str, backbone: str, seed: int = 0) -> Method:
+    cls = get_method(name)
+    torch.manual_seed(seed)
+    return cls(make_config(cls.Config, {"patch_size": [32, 32, 32], "batch_size": 2}), SMALL_BACKBONES[backbone])
+
+
+def batch_of_views(method: Method, seed: int = 0) -> dict[str, torch.Tensor]:
+    rng = np.random.default_rng(seed)
+    samples = [method.make_views(rng.random((1, *method.region_size()), dtype=np.float32), rng)
+               for _ in range(method.config.batch_size)]
+    return {key: torch.from_numpy(np.stack([s[key] for s in samples])) for key in samples[0]}
+
+
+def test_the_known_methods_are_registered():
+    assert {"models_genesis", "byol"} <= set(methods())
+
+
+@pytest.mark.parametrize("name", sorted(methods()))
+def test_declarations(name):
+    cls = get_method(name)
+    assert cls.paper and cls.version and cls.backbones
+    assert set(cls.backbones) <= set(SMALL_BACKBONES), "add the new backbone's smallest size to SMALL_BACKBONES"
+    config = cls.Config()
+    assert config.loss_weights and all(w >= 0 for w in config.loss_weights.values())
+    assert isinstance(cls.transfer, Transfer) and cls.transfer.prefixes
+
+
+@pytest.mark.parametrize("name, backbone", CASES)
+def test_two_cpu_steps_give_finite_terms_named_as_the_configured_weights(name, backbone):
+    method = small_method(name, backbone)
+    optimizer = build_optimizer(method, {"name": "sgd", "lr": 0.01})
+    for step in (1, 2):
+        method.train()
+        terms = method.loss_terms(batch_of_views(method, seed=step))
+        assert set(terms) == set(method.config.loss_weights)
+        assert all(torch.isfinite(t) and t.ndim == 0 for t in terms.values())
+        loss = method.total_loss(terms)
+        optimizer.zero_grad()
+        loss.backward()
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in method.parameters())
+        optimizer.step()
+        method.after_step(step, 2)
+
+
+@pytest.mark.parametrize("name, backbone", CASES)
+def test_weights_transfer_with_the_declared_coverage(name, backbone):
+    method = small_method(name, backbone)
+    downstream = build_network(SMALL_BACKBONES[backbone], in_channels=1, out_channels=5)
+    load, report = plan_transfer(method.state_dict(), downstream, backbone, method.transfer)
+    for part, need in method.transfer.coverage.items():
+        assert report.fractions[part] >= need
+    before = copy.deepcopy(downstream.state_dict())
+    downstream.load_state_dict(load, strict=False)
+    state = method.state_dict()
+    source = {target + key.removeprefix(prefix): key for prefix, target in method.transfer.prefixes.items()
+              for key in state if key.startswith(prefix)}
+    for key in load:
+        assert torch.equal(downstream.state_dict()[key], state[source[key]])
+    assert any(not torch.equal(before[key], downstream.state_dict()[key]) for key in load)
+
+
+@pytest.mark.parametrize("name, backbone", CASES)
+def test_same_seed_same_first_loss(name, backbone):
+    a, b = small_method(name, backbone, seed=3), small_method(name, backbone, seed=3)
+    first = a.total_loss(a.loss_terms(batch_of_views(a)))
+    assert torch.isfinite(first) and torch.equal(first, b.total_loss(b.loss_terms(batch_of_views(b))))
+
+
+@pytest.mark.parametrize("name, backbone", CASES)
+def test_checkpoint_round_trip(name, backbone, tmp_path):
+    method = small_method(name, backbone, seed=1)
+    torch.save(method.state_dict(), tmp_path / "method.pt")
+    other = small_method(name, backbone, seed=2)
+    other.load_state_dict(torch.load(tmp_path / "method.pt"))
+    batch = batch_of_views(method)
+    assert torch.equal(method.total_loss(method.loss_terms(batch)), other.total_loss(other.loss_terms(batch)))
+
+
+def test_a_wrong_transfer_declaration_fails_before_training():
+    method = small_method("models_genesis", "basicunet")
+    downstream = build_network(SMALL_BACKBONES["basicunet"], 1, 5)
+    with pytest.raises(TransferError, match="no pre-trained tensor starts with"):
+        plan_transfer(method.state_dict(), downstream, "basicunet", Transfer(prefixes={"encoder.": ""}))
+    partial = Transfer(prefixes={"network.down_": "down_"}, coverage={"encoder": 1.0, "decoder": 1.0})
+    with pytest.raises(TransferError, match=r"encoder 96.9% < 100%, decoder 0.0% < 100%.*conv_0"):
+        plan_transfer(method.state_dict(), downstream, "basicunet", partial)
+
+
+def test_config_defaults_are_the_papers_and_unknown_overrides_are_named():
+    assert dataclasses.asdict(get_method("models_genesis").Config())["optimizer"] == {
+        "name": "sgd", "lr": 1.0, "momentum": 0.9, "weight_decay": 0.0}
+    assert get_method("byol").Config().optimizer["name"] == "lars"
+    with pytest.raises(ValueError, match=r"unknown setting\(s\) \['lr'\]"):
+        make_config(get_method("byol").Config, {"lr": 0.1})
