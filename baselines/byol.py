@@ -55,10 +55,9 @@ class OnlineNetwork(torch.nn.Module):
 class BYOL(Method):
     name = "byol"
     paper = "Grill et al., Bootstrap Your Own Latent, NeurIPS 2020 (3D, as the baseline of Xie et al., PGL, 2020)"
-    backbones = ("basicunet",)
+    backbones = ("unet", "basicunet")
     Config = BYOLConfig
-    transfer = Transfer(prefixes={"online.backbone.conv_0.": "conv_0.", "online.backbone.down_": "down_"},
-                        coverage={"encoder": 1.0, "decoder": 0.0})
+    transfer = Transfer(prefixes={"online.backbone.": ""}, parts=("encoder",), coverage={"encoder": 1.0})
 
     def __init__(self, config: BYOLConfig, backbone: dict):
         super().__init__(config, backbone)

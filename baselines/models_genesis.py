@@ -47,7 +47,7 @@ class ModelsGenesis(Method):
     paper = "Zhou et al., Models Genesis: Generic Autodidactic Models for 3D Medical Image Analysis, MICCAI 2019"
     backbones = ("genesis_unet3d", "basicunet", "unet")
     Config = ModelsGenesisConfig
-    transfer = Transfer(prefixes={"network.": ""}, coverage={"encoder": 1.0, "decoder": 1.0})
+    transfer = Transfer(prefixes={"network.": ""})
 
     def __init__(self, config: ModelsGenesisConfig, backbone: dict):
         super().__init__(config, backbone)

@@ -9,7 +9,8 @@ import pytest
 
 from ssl3d.cli import parser
 
-SUBCOMMANDS = ["phantoms", "preprocess", "splits", "finetune", "evaluate", "collect", "summarise"]
+SUBCOMMANDS = ["phantoms", "preprocess", "splits", "pretrain", "methods", "finetune", "evaluate", "collect",
+               "summarise"]
 
 
 def test_console_script_is_installed():
@@ -32,3 +33,11 @@ def test_bad_input_is_a_clear_error_not_a_traceback(phantom_root, tmp_path):
     assert result.returncode == 1
     assert "unknown recipe 'nope'" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_methods_lists_every_method_with_paper_backbones_and_defaults():
+    result = subprocess.run([sys.executable, "-m", "ssl3d", "methods"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "models_genesis (version 1)" in result.stdout and "byol (version 1)" in result.stdout
+    assert "Zhou et al." in result.stdout and "backbones: genesis_unet3d, basicunet, unet" in result.stdout
+    assert '"name": "lars", "lr": 0.2' in result.stdout

@@ -1,15 +1,18 @@
-"""A fine-tuning job killed midway resumes from its last checkpoint and ends where an uninterrupted run ends."""
+"""A fine-tuning or pre-training job killed midway resumes from its last checkpoint and ends where an uninterrupted run ends."""
 
+import json
 import signal
 import subprocess
 import sys
 import time
 
 import pandas as pd
+import pytest
 import torch
 
 from ssl3d.evaluate.metrics import EmptyPolicy
 from ssl3d.evaluate.run import evaluate_run
+from ssl3d.io import write_json
 
 from conftest import run_config
 
@@ -21,8 +24,8 @@ def finetune_cli(config, out):
             "--log-every", "1"]
 
 
-def kill_after_checkpoint(config, out, timeout=120):
-    process = subprocess.Popen(finetune_cli(config, out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def kill_after_checkpoint(command, out, timeout=120):
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     checkpoint = out / "checkpoints" / "last.pt"
     deadline = time.monotonic() + timeout
     while not checkpoint.exists():
@@ -38,7 +41,7 @@ def test_killed_run_resumes_and_matches_uninterrupted(tiny_index, tiny_splits, t
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     subprocess.run(finetune_cli(config, straight), check=True, capture_output=True)
 
-    kill_after_checkpoint(config, resumed)
+    kill_after_checkpoint(finetune_cli(config, resumed), resumed)
     assert not (resumed / "model.pt").exists()  # nothing final was written by the killed job
     saved_step = torch.load(resumed / "checkpoints" / "last.pt", weights_only=False)["state"]["step"]
     assert 0 < saved_step < STEPS["steps"]
@@ -59,8 +62,38 @@ def test_killed_run_resumes_and_matches_uninterrupted(tiny_index, tiny_splits, t
 
 def test_checkpoint_of_another_run_is_refused(tiny_index, tiny_splits, tmp_path):
     out = tmp_path / "run"
-    kill_after_checkpoint(run_config(tmp_path / "a.json", tiny_index, tiny_splits, run_id="a", **STEPS), out)
+    kill_after_checkpoint(finetune_cli(run_config(tmp_path / "a.json", tiny_index, tiny_splits, run_id="a", **STEPS),
+                                       out), out)
     other = run_config(tmp_path / "b.json", tiny_index, tiny_splits, run_id="b", **STEPS)
     result = subprocess.run(finetune_cli(other, out), capture_output=True, text=True)
     assert result.returncode == 1
     assert "checkpoint of run a, not b; delete it to start over" in result.stderr
+
+
+def pretrain_cli(config, out):
+    return [sys.executable, "-m", "ssl3d", "--threads", "1", "pretrain", "--run-config", str(config), "--out",
+            str(out), "--log-every", "1"]
+
+
+@pytest.mark.parametrize("method", ["models_genesis", "byol"])
+def test_killed_pretraining_resumes_and_matches_uninterrupted(method, tiny_index, tmp_path):
+    spec = {"method": method, "method_config": {"patch_size": [32, 32, 32], "batch_size": 2},
+            "backbone": {"name": "basicunet", "features": [4, 4, 8, 8, 16, 4]}, "seed": 0, "steps": 12,
+            "checkpoint_every": 3}
+    config = tmp_path / "config.json"
+    write_json(config, {"run_id": f"pre-{method}", "spec": spec, "inputs": {"cache_index": str(tiny_index)}})
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    subprocess.run(pretrain_cli(config, straight), check=True, capture_output=True)
+    kill_after_checkpoint(pretrain_cli(config, resumed), resumed)
+    assert not (resumed / "pretrained.pt").exists()
+    subprocess.run(pretrain_cli(config, resumed), check=True, capture_output=True)
+
+    a = torch.load(straight / "pretrained.pt", weights_only=False)["state_dict"]
+    b = torch.load(resumed / "pretrained.pt", weights_only=False)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+    logs = [pd.read_csv(out / "step_log.csv") for out in (straight, resumed)]
+    losses = [column for column in logs[0].columns if column.startswith("loss")]
+    pd.testing.assert_frame_equal(logs[0][["step", *losses, "lr"]], logs[1][["step", *losses, "lr"]])
+    assert {"data_s", "forward_s", "backward_s", "peak_memory_mb"} <= set(logs[0].columns)
+    manifest = json.loads((straight / "manifest.json").read_text())
+    assert manifest["transfer"]["fractions"]["encoder"] == 1.0

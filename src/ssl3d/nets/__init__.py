@@ -1,9 +1,10 @@
 """Segmentation backbones, built from MONAI by name and a few sizing fields from the config.
 
-Every backbone is a MONAI network; this module maps config fields onto constructor arguments, so a config names a
-backbone and its size and the results table calls it by that name. Pre-training methods need the encoder's
-feature maps and need to know which parameters are encoder, decoder or output head (to report how much of a
-downstream network a pre-trained checkpoint initialises): ``basicunet`` exposes ``encode``/``decode``/``head``, and
+Every backbone is a MONAI network (or, for Models Genesis, its official 3D UNet); this module maps config fields
+onto constructor arguments, so a config names a backbone and its size and the results table calls it by that
+name. Pre-training methods need the encoder's feature maps and need to know which parameters are encoder, decoder
+or output head (to transfer only what a method trained, and to report how much of a downstream network a
+checkpoint initialises): ``unet`` and ``basicunet`` expose ``encode`` and ``encoder_channels``, and
 ``parameter_part`` classifies parameter names for every backbone.
 """
 
@@ -13,6 +14,7 @@ from typing import Callable
 
 import torch
 from monai.inferers import sliding_window_inference
+from monai.networks.layers import SkipConnection
 from monai.networks.nets import BasicUNet, UNet
 
 from ssl3d.nets.genesis import UNet3D, encoder_decoder_parts
@@ -46,10 +48,29 @@ class SplitBasicUNet(BasicUNet):
         return self.head(self.decode(self.encode(x)))
 
 
+class SplitUNet(UNet):
+    """MONAI's UNet with an ``encode`` pass (same parameter names). MONAI nests each level as
+    Sequential(down, SkipConnection(next level), up); the innermost level is the bottleneck."""
+
+    def __init__(self, channels=(16, 32, 64, 128), **kwargs):
+        super().__init__(channels=tuple(channels), **kwargs)
+        self.encoder_channels = tuple(channels)
+
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Feature maps of each down layer, from full resolution to the bottleneck."""
+        features, level = [], self.model
+        while isinstance(level, torch.nn.Sequential) and len(level) == 3 and isinstance(level[1], SkipConnection):
+            x = level[0](x)
+            features.append(x)
+            level = level[1].submodule
+        features.append(level(x))
+        return features
+
+
 def _unet(in_channels: int, out_channels: int, channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=1,
           norm="instance", dropout=0.0) -> torch.nn.Module:
-    return UNet(spatial_dims=3, in_channels=in_channels, out_channels=out_channels, channels=tuple(channels),
-                strides=tuple(strides), num_res_units=num_res_units, norm=norm, dropout=dropout)
+    return SplitUNet(spatial_dims=3, in_channels=in_channels, out_channels=out_channels, channels=channels,
+                     strides=tuple(strides), num_res_units=num_res_units, norm=norm, dropout=dropout)
 
 
 def _basicunet(in_channels: int, out_channels: int, features=(32, 32, 64, 128, 256, 32),

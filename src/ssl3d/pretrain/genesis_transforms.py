@@ -42,6 +42,9 @@ Quirks of the official code and how they are kept:
   overlapping blocks overwrite each other: each block's values are a permutation of the original block, but
   the whole cube's multiset of values is *not* preserved once blocks overlap (some values are duplicated,
   others lost). Kept as in the official code.
+* local shuffling is vectorised (one argsort over all blocks' voxels, last block wins where blocks overlap)
+  instead of the official Python loop over 10 000 blocks; for the same blocks and permutations the result equals
+  the sequential loop (tested), at ~20 ms instead of ~130 ms per 64×64×32 cube.
 * painting boxes keep a 3-voxel margin from the border (official). For cubes too small for that margin, which
   the official code would reject, the margin is dropped; block/box sizes are at least 1 voxel.
 """
@@ -284,7 +287,7 @@ def out_painting_with_boxes(x: np.ndarray, rng: np.random.Generator) -> tuple[np
 
 
 def out_painting(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Keep the original inside 1–5 large random boxes, U[0, 1) noise elsewhere (see :func:`out_painting_with_boxes`)."""
+    """Keep the original inside 1–5 large random boxes, U[0, 1) noise elsewhere (:func:`out_painting_with_boxes`)."""
     return out_painting_with_boxes(x, rng)[0]
 
 

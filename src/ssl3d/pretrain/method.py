@@ -26,13 +26,16 @@ class Transfer:
     """Which pre-trained weights initialise which downstream modules.
 
     ``prefixes`` maps a prefix of the method's state dict to a prefix of the downstream network's state dict
-    (``{"backbone.": ""}`` hands the whole backbone over). ``coverage`` is the smallest fraction of the downstream
-    network's encoder / decoder parameters that must be initialised; the transfer is verified against it before
-    the first pre-training step. Parameters of the downstream output head are never expected to transfer.
+    (``{"network.": ""}`` hands a whole network over). ``parts`` are the parts of the downstream network
+    (``encoder``, ``decoder``; see ``ssl3d.nets.parameter_part``) that the method trains and hands over: a method
+    whose loss only reaches the encoder transfers the encoder alone, even if it holds a whole network. The output
+    head never transfers. ``coverage`` is the smallest fraction of the downstream network's encoder / decoder
+    parameters that must be initialised; it is verified before the first pre-training step.
     """
 
     prefixes: dict[str, str]
-    coverage: dict[str, float] = field(default_factory=lambda: {"encoder": 1.0, "decoder": 0.0})
+    parts: tuple[str, ...] = ("encoder", "decoder")
+    coverage: dict[str, float] = field(default_factory=lambda: {"encoder": 1.0, "decoder": 1.0})
 
 
 @dataclass

@@ -46,19 +46,20 @@ def plan_transfer(pretrained: dict[str, torch.Tensor], downstream: torch.nn.Modu
                   transfer: Transfer) -> tuple[dict[str, torch.Tensor], TransferReport]:
     """The tensors to load into ``downstream`` and the report; raises TransferError when the declaration is off.
 
-    Head tensors (the output convolution, sized by the number of classes) are never transferred.
+    Only the declared parts transfer; head tensors (the output convolution, sized by the number of classes) never
+    do. ``unused`` lists the mapped tensors left behind, so the report shows what was deliberately not handed over.
     """
     mapped = map_names(pretrained, transfer.prefixes)
     if not mapped:
         raise TransferError(f"no pre-trained tensor starts with a transfer prefix {sorted(transfer.prefixes)}")
     target = downstream.state_dict()
+    wanted = {name: tensor for name, tensor in mapped.items()
+              if name in target and parameter_part(backbone, name) in transfer.parts}
     mismatched = [f"{name}: {tuple(tensor.shape)} vs downstream {tuple(target[name].shape)}"
-                  for name, tensor in mapped.items()
-                  if name in target and tensor.shape != target[name].shape and parameter_part(backbone, name) != "head"]
+                  for name, tensor in wanted.items() if tensor.shape != target[name].shape]
     if mismatched:
         raise TransferError("pre-trained and downstream shapes differ: " + "; ".join(mismatched[:5]))
-    load = {name: tensor for name, tensor in mapped.items()
-            if name in target and parameter_part(backbone, name) != "head"}
+    load = wanted
     totals = dict.fromkeys(PARTS, 0)
     loaded = dict.fromkeys(PARTS, 0)
     for name, parameter in downstream.named_parameters():
