@@ -117,3 +117,37 @@ def test_config_defaults_are_the_papers_and_unknown_overrides_are_named():
     assert get_method("byol").Config().optimizer["name"] == "lars"
     with pytest.raises(ValueError, match=r"unknown setting\(s\) \['lr'\]"):
         make_config(get_method("byol").Config, {"lr": 0.1})
+
+
+def test_methods_from_installed_packages_are_discovered(monkeypatch, tmp_path):
+    """An out-of-tree method, exposed through the `ssl3d.methods` entry-point group, joins the registry."""
+    from importlib import metadata
+
+    from ssl3d.pretrain import registry
+
+    (tmp_path / "my_ssl_package.py").write_text(
+        "from ssl3d.pretrain.method import Method, Transfer\n"
+        "class Noise(Method):\n"
+        "    name = 'noise_restoration'\n"
+        "    paper = 'an out-of-tree example'\n"
+        "    backbones = ('unet',)\n"
+        "    transfer = Transfer(prefixes={'network.': ''})\n"
+        "    def make_views(self, region, rng):\n"
+        "        return {'x': region}\n"
+        "    def loss_terms(self, batch):\n"
+        "        return {}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    entry = metadata.EntryPoint(name="noise_restoration", value="my_ssl_package:Noise", group="ssl3d.methods")
+    monkeypatch.setattr(registry.metadata, "entry_points",
+                        lambda group: [entry] if group == "ssl3d.methods" else [])
+    registry.methods.cache_clear()
+    try:
+        assert registry.get_method("noise_restoration").paper == "an out-of-tree example"
+        assert {"models_genesis", "byol"} <= set(registry.methods())
+    finally:
+        registry.methods.cache_clear()
+
+
+def test_unknown_method_names_the_registered_ones():
+    with pytest.raises(ValueError, match="unknown method 'simclr'; registered: .*byol.*models_genesis"):
+        get_method("simclr")

@@ -16,11 +16,16 @@ from conftest import REPO
 
 MICRO = {
     "experiment": "micro",
-    "datasets": {"phantom": {"source": "phantom", "labelled": 5, "unlabelled": 0, "seed": 1,
+    "datasets": {"phantom": {"source": "phantom", "labelled": 5, "unlabelled": 2, "seed": 1,
                              "shape": [64, 64, 32], "spacing": [2.4, 2.4, 4.5]}},
     "preprocess": {"recipe": "demo_ct"},
     "splits": {"seed": 0, "validation": 1, "test": 2, "label_fractions": [0.5, 1.0], "subsets": 1},
-    "finetune": {"dataset": "phantom", "inits": ["scratch"], "seeds": [0, 1],
+    "pretrain": {"dataset": "phantom", "seeds": [0], "steps": 4, "checkpoint_every": 2,
+                 "backbone": {"name": "unet", "channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 0},
+                 "methods": {"models_genesis": {"patch_size": [32, 32, 16], "batch_size": 2},
+                             "byol": {"patch_size": [32, 32, 16], "batch_size": 2, "projector_hidden": 32,
+                                      "predictor_hidden": 32, "projection_dim": 16}}},
+    "finetune": {"dataset": "phantom", "inits": ["scratch", "models_genesis", "byol"], "seeds": [0, 1],
                  "backbone": {"name": "unet", "channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 0},
                  "optimizer": {"name": "adamw", "lr": 0.003, "weight_decay": 0.0}, "steps": 6, "batch_size": 2,
                  "patch_size": [32, 32, 16], "pos_neg_ratio": [1, 1], "val_every": 3, "checkpoint_every": 3},
@@ -51,11 +56,11 @@ def micro_run(tmp_path_factory):
 def test_per_case_table(micro_run):
     table = pd.read_csv(micro_run / "results" / "micro" / "per_case.csv")
     assert list(table.columns) == PER_CASE_COLUMNS
-    # 2 fractions x 2 seeds = 4 runs, each: 2 test cases x 6 organs x 4 metrics
-    assert len(table) == 4 * 2 * 6 * 4
-    assert table["run_id"].nunique() == 4
+    # 3 inits x 2 fractions x 2 seeds = 12 runs, each: 2 test cases x 6 organs x 4 metrics
+    assert len(table) == 12 * 2 * 6 * 4
+    assert table["run_id"].nunique() == 12
     assert set(table["label_fraction"]) == {0.5, 1.0} and set(table["seed"]) == {0, 1}
-    assert set(table["init"]) == {"scratch"} and set(table["protocol"]) == {"finetune"}
+    assert set(table["init"]) == {"scratch", "models_genesis", "byol"} and set(table["protocol"]) == {"finetune"}
     assert set(table["target"]) == {"spleen", "kidney_right", "kidney_left", "liver", "stomach", "aorta"}
     dice = table[table["metric"] == "dice"]["value"]
     assert dice.between(0, 1).all()
@@ -67,11 +72,12 @@ def test_per_case_table(micro_run):
 @pytest.mark.slow
 def test_summary_and_manifests(micro_run):
     summary = pd.read_csv(micro_run / "results" / "micro" / "summary.csv")
-    cell = summary[(summary["target"] == "mean") & (summary["metric"] == "dice") & (summary["label_fraction"] == 1.0)]
-    assert len(cell) == 1 and int(cell["n_seeds"].iloc[0]) == 2 and np.isfinite(cell["sd"].iloc[0])
+    cells = summary[(summary["target"] == "mean") & (summary["metric"] == "dice") & (summary["label_fraction"] == 1.0)]
+    assert sorted(cells["init"]) == ["byol", "models_genesis", "scratch"]
+    assert (cells["n_seeds"] == 2).all() and np.isfinite(cells["sd"]).all()
     markdown = (micro_run / "results" / "micro" / "summary.md").read_text()
     assert "### Dice" in markdown and " ± " in markdown and "both_empty=nan" in markdown
-    manifests = sorted((micro_run / "results" / "micro" / "finetune").glob("*/manifest.json"))
+    manifests = sorted((micro_run / "results" / "micro" / "finetune").glob("scratch*/manifest.json"))
     assert len(manifests) == 4
     manifest = json.loads(manifests[0].read_text())
     for key in ("run_id", "config_hash", "config", "git_commit", "packages", "device", "seed", "wall_seconds",
@@ -82,12 +88,27 @@ def test_summary_and_manifests(micro_run):
 
 
 @pytest.mark.slow
+def test_pretraining_feeds_fine_tuning_through_the_verified_transfer(micro_run):
+    pretrain = micro_run / "results" / "micro" / "pretrain"
+    for method, decoder in (("models_genesis", 1.0), ("byol", 0.0)):
+        (run,) = pretrain.glob(f"{method}_unet_seed0_*")
+        log = pd.read_csv(run / "step_log.csv")
+        assert list(log["step"]) == [1, 2, 3, 4] and {"data_s", "forward_s", "backward_s"} <= set(log.columns)
+        assert json.loads((run / "manifest.json").read_text())["transfer"]["fractions"]["decoder"] == decoder
+        for finetuned in (micro_run / "results" / "micro" / "finetune").glob(f"{method}_unet_*"):
+            config = json.loads((finetuned / "config.json").read_text())
+            assert config["inputs"]["pretrained"].endswith(f"{run.name}/pretrained.pt")
+            transfer = json.loads((finetuned / "manifest.json").read_text())["transfer"]
+            assert transfer["fractions"]["encoder"] == 1.0 and transfer["fractions"]["decoder"] == decoder
+
+
+@pytest.mark.slow
 def test_rerun_has_nothing_to_do_and_an_override_makes_new_runs(micro_run):
     assert "Nothing to be done" in snakemake(micro_run, MICRO, "-n").stdout
     changed = {**MICRO, "finetune": {**MICRO["finetune"], "steps": 7}}
     dry = snakemake(micro_run, changed, "-n", "--rerun-triggers", "mtime")
     assert dry.returncode == 0, dry.stderr[-3000:]
-    assert "finetune" in dry.stdout and "prepare_phantoms" not in dry.stdout
+    assert "finetune" in dry.stdout and "prepare_phantoms" not in dry.stdout and "pretrain " not in dry.stdout
 
 
 @pytest.mark.parametrize("edit, message", [

@@ -1,9 +1,8 @@
 """Supervised fine-tuning of a segmentation network on one label fraction, with validation-based selection.
 
-Determinism and resume: the patch for global sample i is drawn by a generator seeded with (seed, i), never from
-a stream shared across steps, so the batch of step k does not depend on what ran before it. A run killed after
-its checkpoint at step k and re-run replays steps k+1... exactly as an uninterrupted run would (on CPU, same
-thread count), which ``tests/test_resume.py`` checks.
+Determinism and resume: samples come from ``ssl3d.data.sampling.SeededSamples``, so a run killed after its
+checkpoint at step k and re-run replays steps k+1... exactly as an uninterrupted run would (on CPU, same thread
+count), which ``tests/test_resume.py`` checks.
 """
 
 from __future__ import annotations
@@ -21,50 +20,36 @@ from monai.metrics import compute_dice
 from monai.networks.utils import one_hot
 from monai.transforms import Compose, RandCropByPosNegLabeld, SpatialPadd
 from monai.utils import set_determinism
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from ssl3d.checkpoint import resume, save_checkpoint
 from ssl3d.data.cache import load_cached_case, read_index
+from ssl3d.data.sampling import SeededSamples
 from ssl3d.data.splits import training_cases
 from ssl3d.io import atomic_path, read_json, write_json
 from ssl3d.manifest import run_manifest
 from ssl3d.nets import build_network, predict_volume
+from ssl3d.pretrain.optim import build_optimizer
 from ssl3d.pretrain.transfer import load_pretrained
 
 log = logging.getLogger(__name__)
 
 
-class PatchSamples(Dataset):
-    """Sample i: a case and a foreground/background-balanced patch, both drawn from default_rng([seed, i])."""
+class PatchSamples(SeededSamples):
+    """A case and a foreground/background-balanced patch of it (MONAI's RandCropByPosNegLabeld)."""
 
     def __init__(self, cases: list[dict], patch_size, pos_neg, seed: int, length: int):
-        self.cases, self.seed, self.length = cases, seed, length
         keys = ["image", "label"]
-        self.transform = Compose([
+        self.crop = Compose([
             SpatialPadd(keys, spatial_size=patch_size),
             RandCropByPosNegLabeld(keys, label_key="label", spatial_size=patch_size, pos=pos_neg[0], neg=pos_neg[1],
                                    num_samples=1),
         ])
+        super().__init__(cases, seed, length, transforms=[self.crop])
 
-    def __len__(self):
-        return self.length
-
-    def __getitem__(self, i):
-        rng = np.random.default_rng([self.seed, i])
-        case = self.cases[rng.integers(len(self.cases))]
-        self.transform.set_random_state(seed=int(rng.integers(2**31)))
-        sample = self.transform({"image": case["image"], "label": case["label"]})[0]
-        return sample["image"].as_tensor(), sample["label"].as_tensor().long()
-
-
-def build_optimizer(model: torch.nn.Module, settings: dict) -> torch.optim.Optimizer:
-    name = settings["name"]
-    if name == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=settings["lr"], weight_decay=settings["weight_decay"])
-    if name == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=settings["lr"], weight_decay=settings["weight_decay"],
-                               momentum=settings.get("momentum", 0.99), nesterov=True)
-    raise ValueError(f"finetune.optimizer.name: unknown optimizer {name!r} (adamw, sgd)")
+    def sample(self, case, rng):
+        patch = self.crop({"image": case["image"], "label": case["label"]})[0]
+        return patch["image"].as_tensor(), patch["label"].as_tensor().long()
 
 
 def mean_foreground_dice(model, cases: list[dict], n_classes: int, inference: dict, device) -> float:

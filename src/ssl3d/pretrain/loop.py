@@ -8,8 +8,8 @@ with the optimizer step, synchronised on GPU so that asynchronous kernels are co
 memory (allocated GPU memory on CUDA, the process's peak resident set on CPU). The timing charts read
 ``step_log.csv``.
 
-Like fine-tuning, sample i is drawn from ``default_rng([seed, i])``, so a killed run resumed from its checkpoint
-replays the same batches.
+Like fine-tuning, samples come from ``ssl3d.data.sampling.SeededSamples``, so a killed run resumed from its
+checkpoint replays the same batches.
 """
 
 from __future__ import annotations
@@ -24,10 +24,11 @@ import pandas as pd
 import torch
 from monai.transforms import Compose, RandSpatialCrop, SpatialPad
 from monai.utils import set_determinism
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from ssl3d.checkpoint import resume, save_checkpoint
 from ssl3d.data.cache import load_cached_case, read_index
+from ssl3d.data.sampling import SeededSamples
 from ssl3d.io import atomic_path, read_json, write_json
 from ssl3d.manifest import peak_memory_mb, run_manifest
 from ssl3d.nets import build_network
@@ -39,21 +40,16 @@ from ssl3d.pretrain.transfer import plan_transfer
 log = logging.getLogger(__name__)
 
 
-class RegionViews(Dataset):
-    """Sample i: a volume of the pool, a random region of the method's size, and the method's views of it."""
+class RegionViews(SeededSamples):
+    """A volume of the pool, a random region of the method's size, and the method's views of it."""
 
     def __init__(self, volumes: list[np.ndarray], method: Method, seed: int, length: int):
-        self.volumes, self.method, self.seed, self.length = volumes, method, seed, length
         size = method.region_size()
         self.crop = Compose([SpatialPad(size), RandSpatialCrop(size, random_size=False)])
+        self.method = method
+        super().__init__(volumes, seed, length, transforms=[self.crop])
 
-    def __len__(self):
-        return self.length
-
-    def __getitem__(self, i):
-        rng = np.random.default_rng([self.seed, i])
-        volume = self.volumes[rng.integers(len(self.volumes))]
-        self.crop.set_random_state(seed=int(rng.integers(2**31)))
+    def sample(self, volume, rng):
         region = np.asarray(self.crop(volume), dtype=np.float32)
         return {key: torch.from_numpy(np.ascontiguousarray(view, dtype=np.float32))
                 for key, view in self.method.make_views(region, rng).items()}
