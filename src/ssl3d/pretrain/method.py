@@ -93,7 +93,8 @@ class Method(torch.nn.Module, abc.ABC):
 
     @abc.abstractmethod
     def loss_terms(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Named scalar loss terms for a collated batch of views, on the training device."""
+        """Named scalar loss terms for a collated batch of views, on the training device: one per key of
+        ``loss_weights`` (a term whose weight is 0 may be skipped, saving its compute in an ablation)."""
 
     def after_step(self, step: int, total_steps: int) -> None:
         """Called after each optimizer step (e.g. an EMA target update)."""
