@@ -8,7 +8,6 @@ import pytest
 import torch
 from monai.networks import nets as monai_nets
 
-import ssl3d.nets
 from ssl3d.nets import build_network, parameter_part
 
 SIZE = 32

@@ -218,7 +218,7 @@ def _draw(rng: np.random.Generator, centre, radii, angles_deg=(0.0, 0.0, 0.0), s
 
 def _lps_affine(shape, spacing) -> np.ndarray:
     """Voxel-to-world affine of the LPS-ordered arrays, with the volume centre at the world origin."""
-    (nx, ny, nz), (sx, sy, sz) = shape, spacing
+    (nx, ny, nz), (sx, sy, _) = shape, spacing
     affine = np.diag([-sx, -sy, sz, 1.0])
     affine[:3, 3] = [sx * (nx - 1) / 2, sy * (ny - 1) / 2, -sz * (nz - 1) / 2]
     return affine
@@ -256,7 +256,7 @@ def _body_coordinates(rng: np.random.Generator, shape, spacing) -> tuple[np.ndar
     u0 and u1 are scaled by the body's semi-axes at each slice (the body outline is u0^2 + u1^2 = 1); u2 runs from
     -1 (first slice) to +1 (last slice).
     """
-    (nx, ny, nz), (sx, sy, sz) = shape, spacing
+    (nx, ny, nz), (sx, sy, _) = shape, spacing
     half_x, half_y = nx * sx / 2, ny * sy / 2
     width = rng.uniform(0.78, 0.88) * half_x
     depth = min(rng.uniform(0.68, 0.85) * width, 0.85 * half_y)

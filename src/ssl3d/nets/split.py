@@ -1,0 +1,163 @@
+"""MONAI's segmentation networks with their forward pass split into ``encode`` / ``decode`` / ``head``.
+
+Pre-training methods need the encoder's feature maps (BYOL pools the bottleneck, HybridMIM predicts from its
+regions) and a decoder they can run on part of the volume. Each class subclasses the MONAI network, so parameter
+names, and therefore checkpoints, are MONAI's; ``tests/test_backbones.py`` checks that each split forward equals
+MONAI's own.
+"""
+
+from __future__ import annotations
+
+import torch
+from monai.networks.layers import SkipConnection
+from monai.networks.nets import UNETR, BasicUNet, SegResNet, SwinUNETR, UNet
+
+
+class SplitBasicUNet(BasicUNet):
+    """MONAI's BasicUNet with its forward pass split into encoder, decoder and head (same parameter names)."""
+
+    def __init__(self, features=(32, 32, 64, 128, 256, 32), **kwargs):
+        super().__init__(features=tuple(features), **kwargs)
+        self.encoder_channels = tuple(features[:5])
+
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Feature maps from full resolution (x0) to the bottleneck (x4)."""
+        features = [self.conv_0(x)]
+        for down in (self.down_1, self.down_2, self.down_3, self.down_4):
+            features.append(down(features[-1]))
+        return features
+
+    def decode(self, features: list[torch.Tensor]) -> torch.Tensor:
+        x0, x1, x2, x3, x4 = features
+        u = self.upcat_4(x4, x3)
+        u = self.upcat_3(u, x2)
+        u = self.upcat_2(u, x1)
+        return self.upcat_1(u, x0)
+
+    def head(self, decoded: torch.Tensor) -> torch.Tensor:
+        return self.final_conv(decoded)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.decode(self.encode(x)))
+
+
+class SplitUNet(UNet):
+    """MONAI's UNet with an ``encode`` pass (same parameter names). MONAI nests each level as
+    Sequential(down, SkipConnection(next level), up); the innermost level is the bottleneck."""
+
+    def __init__(self, channels=(16, 32, 64, 128), **kwargs):
+        super().__init__(channels=tuple(channels), **kwargs)
+        self.encoder_channels = tuple(channels)
+
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Feature maps of each down layer, from full resolution to the bottleneck."""
+        features, level = [], self.model
+        while isinstance(level, torch.nn.Sequential) and len(level) == 3 and isinstance(level[1], SkipConnection):
+            x = level[0](x)
+            features.append(x)
+            level = level[1].submodule
+        features.append(level(x))
+        return features
+
+
+class SplitSegResNet(SegResNet):
+    """MONAI's SegResNet with ``encode`` returning every down layer's output (same parameter names).
+
+    MONAI's own ``encode`` returns ``(bottleneck, skips)`` and its ``decode`` includes the output block; here
+    ``encode`` gives the list (full resolution first, bottleneck last), ``decode`` stops before the head and
+    ``head`` is ``conv_final`` (norm → act → 1³ conv)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.encoder_channels = tuple(self.init_filters * 2 ** i for i in range(len(self.blocks_down)))
+
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = self.convInit(x)
+        if self.dropout_prob is not None:
+            x = self.dropout(x)
+        features = []
+        for down in self.down_layers:
+            x = down(x)
+            features.append(x)
+        return features
+
+    def decode(self, features: list[torch.Tensor]) -> torch.Tensor:
+        x, skips = features[-1], features[-2::-1]
+        for up, upl, skip in zip(self.up_samples, self.up_layers, skips):
+            x = upl(up(x) + skip)
+        return x
+
+    def head(self, decoded: torch.Tensor) -> torch.Tensor:
+        return self.conv_final(decoded) if self.use_conv_final else decoded
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.decode(self.encode(x)))
+
+
+class SplitUNETR(UNETR):
+    """MONAI's UNETR with an ``encode`` pass (same parameter names): ``encoder1`` on the input, ``encoder2..4`` on
+    the ViT's hidden states 3, 6, 9 (upsampled to 1/2, 1/4, 1/8 of the input) and the ViT's final normed tokens as
+    the 1/16 bottleneck, as MONAI's forward."""
+
+    def __init__(self, feature_size: int = 16, hidden_size: int = 768, **kwargs):
+        super().__init__(feature_size=feature_size, hidden_size=hidden_size, **kwargs)
+        self.encoder_channels = (feature_size, 2 * feature_size, 4 * feature_size, 8 * feature_size, hidden_size)
+
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        tokens, hidden = self.vit(x)
+        return [self.encoder1(x), self.encoder2(self.proj_feat(hidden[3])), self.encoder3(self.proj_feat(hidden[6])),
+                self.encoder4(self.proj_feat(hidden[9])), self.proj_feat(tokens)]
+
+    def decode(self, features: list[torch.Tensor]) -> torch.Tensor:
+        enc1, enc2, enc3, enc4, bottleneck = features
+        x = self.decoder5(bottleneck, enc4)
+        x = self.decoder4(x, enc3)
+        x = self.decoder3(x, enc2)
+        return self.decoder2(x, enc1)
+
+    def head(self, decoded: torch.Tensor) -> torch.Tensor:
+        return self.out(decoded)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.decode(self.encode(x)))
+
+
+class SplitSwinUNETR(SwinUNETR):
+    """MONAI's SwinUNETR with an ``encode`` pass (same parameter names).
+
+    ``encode`` returns what MONAI's forward feeds the decoder, shallow to deep: ``encoder1(x)`` (full resolution),
+    ``encoder2..4`` of the (layer-normed, if ``normalize``) Swin hidden states 0-2 (1/2, 1/4, 1/8), hidden state 3
+    itself (1/16; MONAI's decoder5 takes it as a skip without a conv block) and ``encoder10`` of hidden state 4
+    (1/32, the bottleneck). So the encoder is ``swinViT`` + ``encoder1..4`` + ``encoder10``. Swin pre-training
+    heads (SwinUNETR SSL, HybridMIM's Swin variant) read the raw last hidden state instead: ``hidden_states``."""
+
+    def __init__(self, feature_size: int = 48, **kwargs):
+        super().__init__(feature_size=feature_size, **kwargs)
+        f = feature_size
+        self.encoder_channels = (f, f, 2 * f, 4 * f, 8 * f, 16 * f)
+
+    def hidden_states(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The five Swin stage outputs (1/2 .. 1/32 of the input; 1, 2, 4, 8, 16 × feature_size channels), normed
+        as MONAI's forward does."""
+        if not torch.jit.is_scripting() and not torch.jit.is_tracing():
+            self._check_input_size(x.shape[2:])
+        return self.swinViT(x, self.normalize)
+
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        hidden = self.hidden_states(x)
+        return [self.encoder1(x), self.encoder2(hidden[0]), self.encoder3(hidden[1]), self.encoder4(hidden[2]),
+                hidden[3], self.encoder10(hidden[4])]
+
+    def decode(self, features: list[torch.Tensor]) -> torch.Tensor:
+        enc0, enc1, enc2, enc3, hidden3, bottleneck = features
+        x = self.decoder5(bottleneck, hidden3)
+        x = self.decoder4(x, enc3)
+        x = self.decoder3(x, enc2)
+        x = self.decoder2(x, enc1)
+        return self.decoder1(x, enc0)
+
+    def head(self, decoded: torch.Tensor) -> torch.Tensor:
+        return self.out(decoded)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.decode(self.encode(x)))
