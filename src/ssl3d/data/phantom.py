@@ -218,7 +218,7 @@ def _draw(rng: np.random.Generator, centre, radii, angles_deg=(0.0, 0.0, 0.0), s
 
 def _lps_affine(shape, spacing) -> np.ndarray:
     """Voxel-to-world affine of the LPS-ordered arrays, with the volume centre at the world origin."""
-    (nx, ny, nz), (sx, sy, _) = shape, spacing
+    (nx, ny, nz), (sx, sy, sz) = shape, spacing
     affine = np.diag([-sx, -sy, sz, 1.0])
     affine[:3, 3] = [sx * (nx - 1) / 2, sy * (ny - 1) / 2, -sz * (nz - 1) / 2]
     return affine
