@@ -123,44 +123,28 @@ def _unet_part(name: str) -> str:
     return "encoder"
 
 
-def _basicunet_part(name: str) -> str:
-    if name.startswith(("conv_0.", "down_")):
-        return "encoder"
-    if name.startswith("upcat_"):
-        return "decoder"
-    return "head"
+def _by_prefix(encoder: tuple[str, ...], head: tuple[str, ...]) -> Callable[[str], str]:
+    """Classify by name prefix: the encoder's and the head's prefixes; everything else is decoder."""
+
+    def part(name: str) -> str:
+        if name.startswith(encoder):
+            return "encoder"
+        return "head" if name.startswith(head) else "decoder"
+
+    return part
 
 
-def _segresnet_part(name: str) -> str:
-    """``conv_final`` is norm → act → 1³ conv: only its conv (``conv_final.2``) depends on the number of classes, so
-    only that is the head; its norm is the decoder's last layer."""
-    if name.startswith(("convInit.", "down_layers.")):
-        return "encoder"
-    if name.startswith("conv_final.2."):
-        return "head"
-    return "decoder"
-
-
-def _unetr_part(name: str) -> str:
-    if name.startswith(("vit.", "encoder")):
-        return "encoder"
-    if name.startswith("out."):
-        return "head"
-    return "decoder"
-
-
-def _swinunetr_part(name: str) -> str:
-    if name.startswith(("swinViT.", "encoder")):  # encoder1..4, encoder10
-        return "encoder"
-    if name.startswith("out."):
-        return "head"
-    return "decoder"
-
-
-PARTS: dict[str, Callable[[str], str]] = {"unet": _unet_part, "basicunet": _basicunet_part,
-                                          "genesis_unet3d": encoder_decoder_parts, "segresnet": _segresnet_part,
-                                          "unetr": _unetr_part, "swinunetr": _swinunetr_part,
-                                          "hybridmim_unet": _basicunet_part}
+_BASICUNET_PARTS = _by_prefix(("conv_0.", "down_"), ("final_conv.",))
+PARTS: dict[str, Callable[[str], str]] = {
+    "unet": _unet_part,
+    "basicunet": _BASICUNET_PARTS,
+    "hybridmim_unet": _BASICUNET_PARTS,
+    # SegResNet's conv_final is norm -> act -> 1^3 conv: only the conv depends on the number of classes
+    "segresnet": _by_prefix(("convInit.", "down_layers."), ("conv_final.2.",)),
+    "unetr": _by_prefix(("vit.", "encoder"), ("out.",)),
+    "swinunetr": _by_prefix(("swinViT.", "encoder"), ("out.",)),  # encoder1..4 and encoder10
+    "genesis_unet3d": encoder_decoder_parts,
+}
 
 
 def parameter_part(backbone: str, name: str) -> str:
