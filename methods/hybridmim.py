@@ -104,6 +104,9 @@ class HybridMIM(Method):
         if size is None or size >= crop_size:
             return None
         scale = crop_size // bottleneck_size
+        if size % scale:
+            raise ValueError(f"hybridmim.reconstruction_size: {size} is not a multiple of the bottleneck's "
+                             f"{scale}-voxel cells")
         cells = size // scale
         start = (bottleneck_size - cells) // 2 if self.config.region_position == "center" else bottleneck_size - cells
         return start, start + cells

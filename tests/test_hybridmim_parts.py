@@ -18,6 +18,8 @@ from ssl3d.pretrain.hybridmim_parts import (
     region_features,
     unpatchify,
 )
+from ssl3d.pretrain.method import make_config
+from ssl3d.pretrain.registry import get_method
 
 TOL = 1e-5
 
@@ -196,3 +198,16 @@ def test_region_features_windows():
     centre = 144 * (4 * i + 1.5) + 12 * (4 * j + 1.5) + (4 * k + 1.5)
     torch.testing.assert_close(features[0, :, 0], centre.reshape(-1).float())
     assert region_features(torch.randn(1, 5, 6, 4, 2), regions_per_axis=2).shape == (1, 8, 5)
+
+
+def test_hybridmim_reconstructs_only_the_target_region_around_the_centre():
+    """The method's partial region: 64^3 of a 96^3 crop is bottleneck cells [2:10] (paper: centred), [4:12] in the
+    official code's corner placement; sizes must fall on bottleneck cells."""
+    cls = get_method("hybridmim")
+    backbone = {"name": "hybridmim_unet", "features": [4, 4, 8, 8, 16]}
+    centred = cls(make_config(cls.Config), backbone)
+    assert centred._target_box(12, 96) == (2, 10)
+    assert cls(make_config(cls.Config, {"region_position": "corner"}), backbone)._target_box(12, 96) == (4, 12)
+    assert cls(make_config(cls.Config, {"reconstruction_size": None}), backbone)._target_box(12, 96) is None
+    with pytest.raises(ValueError, match="hybridmim.reconstruction_size: 60 is not a multiple"):
+        cls(make_config(cls.Config, {"reconstruction_size": 60}), backbone)._target_box(12, 96)
