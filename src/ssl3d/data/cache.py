@@ -18,14 +18,17 @@ from ssl3d.data.recipes import Recipe, apply_recipe
 from ssl3d.io import atomic_path, read_json, write_json
 
 
-def _is_current(path: Path, recipe: Recipe) -> bool:
+def _current_geometry(path: Path, recipe: Recipe) -> tuple[tuple[int, ...], np.ndarray] | None:
+    """(shape, spacing) of a cached case made by this recipe; None when it is absent, stale or unreadable."""
     if not path.is_file():
-        return False
+        return None
     try:
         with np.load(path) as cached:
-            return str(cached["recipe_hash"]) == recipe.hash
+            if str(cached["recipe_hash"]) != recipe.hash:
+                return None
+            return cached["image"].shape, cached["spacing"]
     except Exception:  # an unreadable cache file is simply rebuilt
-        return False
+        return None
 
 
 def preprocess_case(case: Case, recipe: Recipe, label_map: dict[int, int] | None = None) -> dict[str, np.ndarray]:
@@ -67,11 +70,13 @@ def preprocess_dataset(dataset_root: str | Path, recipe: Recipe, out_dir: str | 
     start = time.perf_counter()
     for case in tqdm(dataset.labelled + dataset.unlabelled, desc=f"preprocess {dataset.name} ({recipe.name})"):
         path = out_dir / f"{case.case_id}.npz"
-        if not _is_current(path, recipe):
-            write_case(path, preprocess_case(case, recipe, label_map), recipe)
-        with np.load(path) as cached:
-            cases[case.case_id] = {"file": path.name, "labelled": case.label is not None,
-                                   "shape": list(cached["image"].shape), "spacing": cached["spacing"].tolist()}
+        geometry = _current_geometry(path, recipe)
+        if geometry is None:
+            arrays = preprocess_case(case, recipe, label_map)
+            write_case(path, arrays, recipe)
+            geometry = arrays["image"].shape, arrays["spacing"]
+        cases[case.case_id] = {"file": path.name, "labelled": case.label is not None,
+                               "shape": list(geometry[0]), "spacing": geometry[1].tolist()}
     index = out_dir / "index.json"
     write_json(index, {
         "dataset": dataset.name,

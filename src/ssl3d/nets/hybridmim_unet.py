@@ -32,13 +32,16 @@ from monai.networks.blocks import UpSample
 from monai.networks.layers.factories import Pool
 from monai.networks.nets.basic_unet import TwoConv
 
+from ssl3d.nets.split import EncodeDecodeHead
+
 OFFICIAL_FEATURES = (64, 64, 128, 256, 512)
 OFFICIAL_POOL_SIZES = ((2, 2, 2), (2, 2, 2), (2, 2, 2), (1, 1, 1))
 
 Region = tuple  # (start, stop): ints, or 3-sequences (one value per axis), in bottleneck cells
 
 
-def _triple(value) -> tuple[int, int, int]:
+def triple(value) -> tuple[int, int, int]:
+    """An int ``n`` -> ``(n, n, n)``; 3 values -> a tuple of 3 ints."""
     if isinstance(value, int):
         return value, value, value
     value = tuple(int(v) for v in value)
@@ -81,7 +84,7 @@ class UpCat(torch.nn.Module):
         return self.convs(torch.cat([x_e, x], dim=1))
 
 
-class HybridMIMUNet(torch.nn.Module):
+class HybridMIMUNet(EncodeDecodeHead, torch.nn.Module):
     """HybridMIM's ``DeepUNet`` backbone (no pretext heads), split into ``encode`` / ``decode`` / ``head``."""
 
     def __init__(self, in_channels: int = 1, out_channels: int = 1, features: Sequence[int] = OFFICIAL_FEATURES,
@@ -90,7 +93,7 @@ class HybridMIMUNet(torch.nn.Module):
                  bias: bool = True):
         super().__init__()
         features = tuple(int(f) for f in features)
-        self.pool_sizes = tuple(_triple(p) for p in pool_sizes)
+        self.pool_sizes = tuple(triple(p) for p in pool_sizes)
         depth = len(self.pool_sizes)
         if len(features) != depth + 1:
             raise ValueError(f"hybridmim_unet: {len(features)} features need {len(features) - 1} pool sizes, "
@@ -115,7 +118,7 @@ class HybridMIMUNet(torch.nn.Module):
 
     def level_regions(self, region: Region) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
         """(start, stop) per axis at every level, from the bottleneck (first) up to full resolution (last)."""
-        start, stop = (_triple(v) for v in region)
+        start, stop = (triple(v) for v in region)
         if any(a < 0 or b <= a for a, b in zip(start, stop)):
             raise ValueError(f"hybridmim_unet: region {region} is not a non-empty (start, stop) box")
         boxes = [(start, stop)]
@@ -150,6 +153,3 @@ class HybridMIMUNet(torch.nn.Module):
 
     def head(self, decoded: torch.Tensor) -> torch.Tensor:
         return self.final_conv(decoded)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.decode(self.encode(x)))

@@ -13,7 +13,15 @@ from monai.networks.layers import SkipConnection
 from monai.networks.nets import UNETR, BasicUNet, SegResNet, SwinUNETR, UNet
 
 
-class SplitBasicUNet(BasicUNet):
+class EncodeDecodeHead:
+    """``forward`` = ``head(decode(encode(x)))``; a network defines the three parts (listed before the MONAI base
+    class so this ``forward`` replaces MONAI's)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.decode(self.encode(x)))
+
+
+class SplitBasicUNet(EncodeDecodeHead, BasicUNet):
     """MONAI's BasicUNet with its forward pass split into encoder, decoder and head (same parameter names)."""
 
     def __init__(self, features=(32, 32, 64, 128, 256, 32), **kwargs):
@@ -37,9 +45,6 @@ class SplitBasicUNet(BasicUNet):
     def head(self, decoded: torch.Tensor) -> torch.Tensor:
         return self.final_conv(decoded)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.decode(self.encode(x)))
-
 
 class SplitUNet(UNet):
     """MONAI's UNet with an ``encode`` pass (same parameter names). MONAI nests each level as
@@ -60,7 +65,7 @@ class SplitUNet(UNet):
         return features
 
 
-class SplitSegResNet(SegResNet):
+class SplitSegResNet(EncodeDecodeHead, SegResNet):
     """MONAI's SegResNet with ``encode`` returning every down layer's output (same parameter names).
 
     MONAI's own ``encode`` returns ``(bottleneck, skips)`` and its ``decode`` includes the output block; here
@@ -90,11 +95,8 @@ class SplitSegResNet(SegResNet):
     def head(self, decoded: torch.Tensor) -> torch.Tensor:
         return self.conv_final(decoded) if self.use_conv_final else decoded
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.decode(self.encode(x)))
 
-
-class SplitUNETR(UNETR):
+class SplitUNETR(EncodeDecodeHead, UNETR):
     """MONAI's UNETR with an ``encode`` pass (same parameter names): ``encoder1`` on the input, ``encoder2..4`` on
     the ViT's hidden states 3, 6, 9 (upsampled to 1/2, 1/4, 1/8 of the input) and the ViT's final normed tokens as
     the 1/16 bottleneck, as MONAI's forward."""
@@ -118,11 +120,8 @@ class SplitUNETR(UNETR):
     def head(self, decoded: torch.Tensor) -> torch.Tensor:
         return self.out(decoded)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.decode(self.encode(x)))
 
-
-class SplitSwinUNETR(SwinUNETR):
+class SplitSwinUNETR(EncodeDecodeHead, SwinUNETR):
     """MONAI's SwinUNETR with an ``encode`` pass (same parameter names).
 
     ``encode`` returns what MONAI's forward feeds the decoder, shallow to deep: ``encoder1(x)`` (full resolution),
@@ -158,6 +157,3 @@ class SplitSwinUNETR(SwinUNETR):
 
     def head(self, decoded: torch.Tensor) -> torch.Tensor:
         return self.out(decoded)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.decode(self.encode(x)))

@@ -41,18 +41,10 @@ import torch
 import torch.nn.functional as F
 from monai.losses import ContrastiveLoss
 
+from ssl3d.nets.hybridmim_unet import triple
+
 Grouping = Literal["spatial", "code_raster"]
 GROUPINGS = ("spatial", "code_raster")
-
-
-def _grid3(grid: int | Sequence[int]) -> tuple[int, int, int]:
-    """An int ``n`` -> ``(n, n, n)``; a 3-sequence unchanged."""
-    if isinstance(grid, int):
-        return grid, grid, grid
-    grid = tuple(int(n) for n in grid)
-    if len(grid) != 3:
-        raise ValueError(f"a 3D patch grid needs 3 sizes, got {grid}")
-    return grid
 
 
 def patchify(x: torch.Tensor, patch: int) -> torch.Tensor:
@@ -72,7 +64,7 @@ def patchify(x: torch.Tensor, patch: int) -> torch.Tensor:
 
 def unpatchify(patches: torch.Tensor, patch: int, grid: int | Sequence[int]) -> torch.Tensor:
     """Inverse of :func:`patchify`: (B, L, patch³·C) on a ``grid`` of patches per axis -> (B, C, X, Y, Z)."""
-    nx, ny, nz = _grid3(grid)
+    nx, ny, nz = triple(grid)
     b, n_patches, dim = patches.shape
     if n_patches != nx * ny * nz or dim % patch ** 3:
         raise ValueError(f"{tuple(patches.shape)} is not a patch sequence of {patch}³ patches on a {(nx, ny, nz)} grid")
@@ -99,7 +91,7 @@ def random_patch_mask(batch_size: int, n_patches: int, ratio: float, generator: 
 
 def patch_mask_to_voxels(mask: torch.Tensor, patch: int, grid: int | Sequence[int]) -> torch.Tensor:
     """(B, L) patch mask -> (B, 1, X, Y, Z) boolean voxel mask (True where the patch is masked)."""
-    nx, ny, nz = _grid3(grid)
+    nx, ny, nz = triple(grid)
     voxels = mask.reshape(mask.shape[0], 1, nx, ny, nz).bool()
     for axis in (2, 3, 4):
         voxels = voxels.repeat_interleave(patch, dim=axis)
@@ -131,7 +123,7 @@ def region_labels(mask: torch.Tensor, grid: int | Sequence[int] = 6,
 
     ``position`` is float32 (1 = masked), ``count`` its sum over the 8 slots.
     """
-    nx, ny, nz = _grid3(grid)
+    nx, ny, nz = triple(grid)
     if nx % 2 or ny % 2 or nz % 2:
         raise ValueError(f"regions of 2×2×2 patches need an even patch grid, got {(nx, ny, nz)}")
     b = mask.shape[0]
