@@ -20,14 +20,18 @@ SMALL_BACKBONES = {
     "unet": {"name": "unet", "channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 0},
     "genesis_unet3d": {"name": "genesis_unet3d"},
     "hybridmim_unet": {"name": "hybridmim_unet", "features": [4, 4, 8, 8, 16]},
+    "swinunetr": {"name": "swinunetr", "feature_size": 12, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 1, 1]},
 }
+# a backbone whose bottleneck must keep more than one voxel (instance norm in training) needs a larger input
+SMALL_PATCH = {"swinunetr": [64, 64, 64]}
 CASES = [(name, backbone) for name, cls in methods().items() for backbone in cls.backbones]
 
 
 def small_method(name: str, backbone: str, seed: int = 0) -> Method:
     cls = get_method(name)
     torch.manual_seed(seed)
-    return cls(make_config(cls.Config, {"patch_size": [32, 32, 32], "batch_size": 2}), SMALL_BACKBONES[backbone])
+    patch = SMALL_PATCH.get(backbone, [32, 32, 32])
+    return cls(make_config(cls.Config, {"patch_size": patch, "batch_size": 2}), SMALL_BACKBONES[backbone])
 
 
 def batch_of_views(method: Method, seed: int = 0) -> dict[str, torch.Tensor]:
