@@ -29,7 +29,8 @@ def test_canonical_hash_ignores_key_order_but_not_values():
 def test_runs_cover_the_grid_with_unique_identities(demo_config):
     demo_config["splits"]["label_fractions"] = [0.2, 0.5]
     runs = finetune_runs(demo_config)
-    n = (len(demo_config["finetune"]["inits"]) * 2 * demo_config["splits"]["subsets"]
+    n = ((len(demo_config["finetune"]["inits"]) - 1 + len(demo_config["finetune"]["backbones"])) * 2
+         * demo_config["splits"]["subsets"]
          * len(demo_config["finetune"]["seeds"]))
     assert len(runs) == n and len({r["run_id"] for r in runs.values()}) == n
     for name, run in runs.items():
@@ -46,14 +47,15 @@ def test_full_label_fraction_is_trained_once_per_seed(demo_config):
 
 def test_pretrained_inits_chain_the_identity_of_their_pretraining_run(demo_config):
     pretrain = pretrain_runs(demo_config)
-    assert {run["spec"]["method"] for run in pretrain.values()} == set(demo_config["pretrain"]["methods"])
+    assert {run["spec"]["variant"] for run in pretrain.values()} == set(demo_config["pretrain"]["methods"])
     runs = finetune_runs(demo_config)
     for run in runs.values():
         if run["spec"]["init"] == "scratch":
             assert "pretrained" not in run["spec"]
         else:
             assert pretrain[run["pretrain_run"]]["run_id"] == run["spec"]["pretrained"]
-            assert pretrain[run["pretrain_run"]]["spec"]["method"] == run["spec"]["init"]
+            assert pretrain[run["pretrain_run"]]["spec"]["variant"] == run["spec"]["init"]
+            assert pretrain[run["pretrain_run"]]["spec"]["backbone"] == run["spec"]["backbone"]
     demo_config["pretrain"]["steps"] += 1
     changed = finetune_runs(demo_config)
     assert {n for n in runs if n.startswith("scratch")} == {n for n in changed if n.startswith("scratch")}
@@ -62,8 +64,31 @@ def test_pretrained_inits_chain_the_identity_of_their_pretraining_run(demo_confi
 
 def test_an_init_without_a_pretraining_method_is_named(demo_config):
     demo_config["finetune"]["inits"] = ["scratch", "simclr"]
-    with pytest.raises(ValueError, match="finetune.inits: 'simclr' is not a method of pretrain.methods"):
+    with pytest.raises(ValueError, match="finetune.inits: 'simclr' is neither 'scratch' nor an entry of pretrain"):
         finetune_runs(demo_config)
+
+
+def test_method_variants_and_per_entry_backbones(demo_config):
+    """One method under several settings (an ablation) and a method on its own backbone are entries of
+    pretrain.methods; scratch trains every listed backbone and a pre-trained init the one it was pre-trained on."""
+    own = {"name": "hybridmim_unet", "features": [8, 8, 16, 32, 64]}
+    demo_config["pretrain"]["methods"] = {
+        "hybridmim": {"backbone": own},
+        "hybridmim_rec_only": {"method": "hybridmim", "backbone": own, "loss_weights": {"reconstruction": 1.0}},
+        "byol": None,
+    }
+    demo_config["finetune"].update(inits=["scratch", "hybridmim", "hybridmim_rec_only", "byol"],
+                                   backbones=[demo_config["pretrain"]["backbone"], own])
+    pretrain = {run["spec"]["variant"]: run["spec"] for run in pretrain_runs(demo_config).values()}
+    assert pretrain["hybridmim_rec_only"]["method"] == "hybridmim"
+    assert pretrain["hybridmim_rec_only"]["method_config"] == {"loss_weights": {"reconstruction": 1.0}}
+    assert pretrain["byol"]["backbone"] == demo_config["pretrain"]["backbone"]
+    rows = {(s["init"], s["backbone"]["name"]) for s in (r["spec"] for r in finetune_runs(demo_config).values())}
+    assert rows == {("scratch", "unet"), ("scratch", "hybridmim_unet"), ("hybridmim", "hybridmim_unet"),
+                    ("hybridmim_rec_only", "hybridmim_unet"), ("byol", "unet")}
+    del demo_config["pretrain"]["backbone"]
+    with pytest.raises(ValueError, match="pretrain.methods.byol: no backbone"):
+        pretrain_runs(demo_config)
 
 
 def test_training_settings_change_identity_and_evaluation_settings_do_not(demo_config):

@@ -26,7 +26,7 @@ MICRO = {
                              "byol": {"patch_size": [32, 32, 16], "batch_size": 2, "projector_hidden": 32,
                                       "predictor_hidden": 32, "projection_dim": 16}}},
     "finetune": {"dataset": "phantom", "inits": ["scratch", "models_genesis", "byol"], "seeds": [0, 1],
-                 "backbone": {"name": "unet", "channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 0},
+                 "backbones": [{"name": "unet", "channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 0}],
                  "optimizer": {"name": "adamw", "lr": 0.003, "weight_decay": 0.0}, "steps": 6, "batch_size": 2,
                  "patch_size": [32, 32, 16], "pos_neg_ratio": [1, 1], "val_every": 3, "checkpoint_every": 3},
     "inference": {"roi_size": [32, 32, 16], "overlap": 0.25, "sw_batch_size": 2},
@@ -131,3 +131,15 @@ def test_workflow_is_lint_clean():
     result = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--lint"],
                             capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def test_an_experiment_config_replaces_the_demo_config_instead_of_merging_into_it(tmp_path):
+    """Snakemake merges --configfile into the workflow's configfile: the demo's dict entries (here an NSD
+    tolerance for a target the experiment does not have) must not leak into an experiment."""
+    config = json.loads(json.dumps(MICRO))
+    del config["evaluation"]["nsd_tolerance_mm"]["aorta"]
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "config.yaml").write_text((REPO / "config" / "config.yaml").read_text())
+    result = snakemake(tmp_path, config, "-n", "-p")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "--nsd-tolerance" in result.stdout and "aorta" not in result.stdout

@@ -30,44 +30,81 @@ def _data_spec(config: dict, dataset: str) -> dict:
     return {"dataset": dataset, "data": config["datasets"][dataset], "recipe": config["preprocess"]["recipe"]}
 
 
+def pretrain_entries(config: dict) -> dict[str, dict]:
+    """Entry name -> {method, backbone, overrides} for each entry of ``pretrain.methods``.
+
+    An entry is named after its method, or names it with ``method:`` so that one method can appear with several
+    settings (an ablation: ``hybridmim_rec_only: {method: hybridmim, loss_weights: {...}}``). ``backbone:`` in an
+    entry replaces ``pretrain.backbone`` for it; every other key overrides the method's config defaults.
+    """
+    pretrain = config.get("pretrain") or {}
+    entries = {}
+    for entry, settings in pretrain.get("methods", {}).items():
+        overrides = dict(settings or {})
+        method = overrides.pop("method", entry)
+        backbone = overrides.pop("backbone", pretrain.get("backbone"))
+        if backbone is None:
+            raise ValueError(f"pretrain.methods.{entry}: no backbone; set pretrain.backbone or a backbone in the entry")
+        entries[entry] = {"method": method, "backbone": backbone, "overrides": overrides}
+    return entries
+
+
 def pretrain_runs(config: dict) -> dict[str, dict]:
-    """Run name -> resolved spec, for every (method, seed) of the pre-training grid on its backbone."""
+    """Run name -> resolved spec, for every (entry of pretrain.methods, seed) of the pre-training grid."""
     pretrain = config.get("pretrain")
     if not pretrain:
         return {}
     runs = {}
-    for method, seed in itertools.product(pretrain["methods"], pretrain["seeds"]):
+    for (entry, settings), seed in itertools.product(pretrain_entries(config).items(), pretrain["seeds"]):
         spec = {
             **_data_spec(config, pretrain["dataset"]),
-            "method": method,
-            "method_config": pretrain["methods"][method] or {},
-            "backbone": pretrain["backbone"],
+            "variant": entry,
+            "method": settings["method"],
+            "method_config": settings["overrides"],
+            "backbone": settings["backbone"],
             "seed": seed,
             "steps": pretrain["steps"],
             "checkpoint_every": pretrain["checkpoint_every"],
             "code_version": __version__,
         }
         run_id = canonical_hash(spec)
-        runs[f"{method}_{pretrain['backbone']['name']}_seed{seed}_{run_id}"] = {"run_id": run_id, "spec": spec}
+        runs[f"{entry}_{settings['backbone']['name']}_seed{seed}_{run_id}"] = {"run_id": run_id, "spec": spec}
     return runs
 
 
-def finetune_runs(config: dict) -> dict[str, dict]:
-    """Run name -> resolved spec, for every (init, label fraction, subset, seed) of the fine-tuning grid.
+def _init_backbones(config: dict) -> list[tuple[str, dict]]:
+    """(init, backbone) pairs: ``scratch`` on each of ``finetune.backbones`` (the supervised rows), and each
+    pre-trained init on the backbone it was pre-trained on (the only one its weights fit)."""
+    finetune = config["finetune"]
+    entries = pretrain_entries(config)
+    pairs = []
+    for init in finetune["inits"]:
+        if init == "scratch":
+            pairs += [(init, backbone) for backbone in finetune["backbones"]]
+        elif init in entries:
+            pairs.append((init, entries[init]["backbone"]))
+        else:
+            raise ValueError(f"finetune.inits: {init!r} is neither 'scratch' nor an entry of pretrain.methods")
+    return pairs
 
-    An init other than ``scratch`` names a pre-training method; the run's spec then holds the identity of the
-    pre-training run it starts from (fine-tuning seed i uses pre-training seed i mod the number of pre-training
-    seeds), so a new checkpoint makes new fine-tuning runs. Fraction 1 has a single subset (every draw of all
-    training cases is the same set), so it is trained once per seed rather than once per draw.
+
+def finetune_runs(config: dict) -> dict[str, dict]:
+    """Run name -> resolved spec, for every (init and backbone, label fraction, subset, seed) of the fine-tuning
+    grid.
+
+    An init other than ``scratch`` names an entry of ``pretrain.methods``; the run's spec then holds the identity
+    of the pre-training run it starts from (fine-tuning seed i uses pre-training seed i mod the number of
+    pre-training seeds), so a new checkpoint makes new fine-tuning runs. Fraction 1 has a single subset (every
+    draw of all training cases is the same set), so it is trained once per seed rather than once per draw.
     """
     finetune = config["finetune"]
-    training = {key: value for key, value in finetune.items() if key not in ("dataset", "inits", "seeds")}
-    pretrained = {(run["spec"]["method"], run["spec"]["seed"]): (name, run["run_id"])
+    training = {key: value for key, value in finetune.items() if key not in ("dataset", "inits", "seeds", "backbones")}
+    pretrained = {(run["spec"]["variant"], run["spec"]["seed"]): (name, run["run_id"])
                   for name, run in pretrain_runs(config).items()}
     pretrain_seeds = config.get("pretrain", {}).get("seeds", [])
     runs = {}
-    for init, fraction, subset, (i, seed) in itertools.product(
-            finetune["inits"], config["splits"]["label_fractions"], range(config["splits"]["subsets"]),
+    for (init, backbone), fraction, subset, (i, seed) in itertools.product(
+            _init_backbones(config), config["splits"]["label_fractions"], range(config["splits"]["subsets"]),
             enumerate(finetune["seeds"])):
         if fraction == 1 and subset > 0:
             continue
@@ -76,6 +113,7 @@ def finetune_runs(config: dict) -> dict[str, dict]:
             "splits": config["splits"],
             "protocol": "finetune",
             "init": init,
+            "backbone": backbone,
             "label_fraction": float(fraction),
             "subset": subset,
             "seed": seed,
@@ -85,11 +123,8 @@ def finetune_runs(config: dict) -> dict[str, dict]:
         }
         entry = {}
         if init != "scratch":
-            key = (init, pretrain_seeds[i % len(pretrain_seeds)]) if pretrain_seeds else None
-            if key not in pretrained:
-                raise ValueError(f"finetune.inits: {init!r} is not a method of pretrain.methods")
-            entry["pretrain_run"], spec["pretrained"] = pretrained[key]
+            entry["pretrain_run"], spec["pretrained"] = pretrained[(init, pretrain_seeds[i % len(pretrain_seeds)])]
         run_id = canonical_hash(spec)
-        name = f"{init}_{finetune['backbone']['name']}_frac{fraction_key(fraction)}_sub{subset}_seed{seed}_{run_id}"
+        name = f"{init}_{backbone['name']}_frac{fraction_key(fraction)}_sub{subset}_seed{seed}_{run_id}"
         runs[name] = {"run_id": run_id, "spec": spec, **entry}
     return runs

@@ -8,7 +8,12 @@ from snakemake.utils import min_version, validate
 min_version("9.0")
 
 
-configfile: "config/config.yaml"
+# The demo config is the default; an experiment config given with --configfile replaces it whole (Snakemake would
+# otherwise merge the two, leaking the demo's methods and inits into the experiment).
+if not workflow.overwrite_configfiles:
+
+    configfile: "config/config.yaml"
+
 
 
 validate(config, "../schemas/config.schema.yaml")
