@@ -22,14 +22,33 @@ The consistency term is 1/2 (CE(count head, count implied by the location head) 
 count)); the MSE half carries no gradient in the official code, so it is reported as the separate zero-weight
 term ``consistency_mse`` and the trained term ``consistency`` is the CE half over 2.
 
+Backbones (methods.md §2.3), as the official ``Pretrain/pretrain_models/deep_unet_v2.py`` and ``swinunetr.py``:
+- ``hybridmim_unet``: the heads read the encoder's 12³ bottleneck; count and location heads the mean of each 4³
+  window (one per 32³ sub-volume), the contrast head the mean of all cells. Only the decoder is cropped to the
+  target region, the encoder runs on the whole crop.
+- ``swinunetr`` (MONAI's SwinUNETR): the heads read the Swin's last hidden state (layer-normed as MONAI's
+  forward, 768 × 3³ tokens for a 96³ crop at feature_size 48), not ``encoder10``'s output; count and location
+  heads each of the tokens (one per 32³ sub-volume), the contrast head **token 1 alone** (the official code copied
+  SwinUNETR SSL's head), not a pooled vector as in the UNet variant. The input and every hidden state are cropped
+  to the target region before ``encoder1..4`` and ``encoder10`` (``SplitSwinUNETR.encoder_blocks``), so these
+  blocks run on the region only, like the decoder; ``encoder10`` is trained by the reconstruction alone.
+  The region lies on the 32-voxel cells of the 3³ bottleneck, where 64³ of a 96³ crop cannot be centred: set
+  ``region_position: corner`` (the official box [32:96]³). Two official settings (methods.md §2.5) belong to the
+  experiment config, not to this method: the backbone entry sets ``drop_rate: 0.1`` (the Swin's dropout is what
+  tells the two contrastive passes apart; MONAI's default 0 makes them identical, which is warned about), and
+  ``optimizer`` is AdamW lr 6e-6, weight_decay 0.1 (the defaults below are the UNet's, lr 1e-4, weight_decay 1e-3).
+  The official code carries its own copy of the Swin, whose patch merging concatenates the 2³ neighbours in an
+  older order (two of them twice, two not at all); this uses MONAI's SwinUNETR, which merges all eight.
+
 Deviation: the mask is drawn from the sample's own random generator in the data loader, not inside the forward
 pass, so runs are reproducible and resumable like every method of the suite.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -76,13 +95,20 @@ class HybridMIM(Method):
     name = "hybridmim"
     paper = ("Xing et al., HybridMIM: A Hybrid Masked Image Modeling Framework for 3D Medical Image "
              "Segmentation, IEEE JBHI 2024 (arXiv 2303.10333)")
-    backbones = ("hybridmim_unet",)
+    backbones = ("hybridmim_unet", "swinunetr")
     Config = HybridMIMConfig
     transfer = Transfer(prefixes={"network.": ""})
 
     def __init__(self, config: HybridMIMConfig, backbone: dict):
         super().__init__(config, backbone)
         self.network = build_network(backbone, in_channels=1, out_channels=1)
+        self.swin = backbone["name"] == "swinunetr"
+        if config.loss_weights.get("contrastive") and not any(
+                isinstance(m, torch.nn.Dropout) and m.p > 0 for m in self.network.modules()):
+            warnings.warn(f"hybridmim: the {backbone['name']} backbone has no dropout, so the two passes of the "
+                          f"contrastive term are identical (SimCSE draws its positive pairs from dropout); set the "
+                          f"backbone's {'drop_rate' if self.swin else 'dropout'}: 0.1 as the official code, or "
+                          f"loss_weights.contrastive: 0", stacklevel=2)
         self.patches_per_axis = [size // config.mask_patch for size in config.patch_size]
         if any(size % (2 * config.mask_patch) for size in config.patch_size):
             raise ValueError(f"hybridmim: patch_size {config.patch_size} must be a multiple of sub-volumes of "
@@ -108,20 +134,45 @@ class HybridMIM(Method):
             raise ValueError(f"hybridmim.reconstruction_size: {size} is not a multiple of the bottleneck's "
                              f"{scale}-voxel cells")
         cells = size // scale
-        start = (bottleneck_size - cells) // 2 if self.config.region_position == "center" else bottleneck_size - cells
-        return start, start + cells
+        if self.swin and cells < 2:
+            raise ValueError(f"hybridmim.reconstruction_size: {size} is one {scale}-voxel bottleneck cell; on swinunetr "
+                             f"the region needs at least two per axis (encoder10's instance norm needs more than one "
+                             f"voxel): use {2 * scale} or more, or null for the whole crop")
+        spare = bottleneck_size - cells
+        if self.config.region_position == "corner":
+            return spare, bottleneck_size
+        if spare % 2:
+            raise ValueError(f"hybridmim.region_position: a {size}-voxel region cannot be centred on the "
+                             f"{bottleneck_size} bottleneck cells of {scale} voxels of a {crop_size}-voxel crop; "
+                             f"set region_position: corner, or a reconstruction_size leaving an even number of cells")
+        return spare // 2, spare // 2 + cells
+
+    def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, Callable[[tuple | None], torch.Tensor]]:
+        """The bottleneck the pretext heads read, (B, C, n, n, n), and a function decoding a region (start, stop) of
+        it (None: the whole crop). UNet: the encoder's last map, and the decoder's inputs are cropped; Swin: the last
+        hidden state, and the input and hidden states are cropped before the encoder's conv blocks (module
+        docstring)."""
+        network = self.network
+        if self.swin:
+            hidden = network.hidden_states(x)
+            return hidden[-1], lambda box: network.decode(network.encoder_blocks(x, hidden, region=box))
+        features = network.encode(x)
+        return features[-1], lambda box: network.decode(features, region=box)
+
+    def _contrast_input(self, bottleneck: torch.Tensor) -> torch.Tensor:
+        """(B, C): the mean of the UNet's bottleneck, but the Swin's token 1 alone, as each official variant."""
+        return bottleneck.flatten(start_dim=2)[:, :, 1] if self.swin else bottleneck.mean(dim=(2, 3, 4))
 
     def loss_terms(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         weights = self.config.loss_weights
         masked, target = batch["input"], batch["target"]
-        features = self.network.encode(masked)
-        bottleneck = features[-1]
-        crop = masked.shape[-1]
-        box = self._target_box(bottleneck.shape[-1], crop)
-        logits = self.network.head(self.network.decode(features, region=box))
+        bottleneck, decode = self._encode(masked)
+        box = self._target_box(bottleneck.shape[-1], masked.shape[-1])
+        logits = self.network.head(decode(box))
         crop_box = (...,) if box is None else (..., *self.network.voxel_region(box))
         terms = {"reconstruction": masked_reconstruction_loss(torch.sigmoid(logits), target[crop_box],
                                                               masked[crop_box])}
+        # one feature per 32³ sub-volume: a 4³-cell window's mean on the UNet, a single token on the Swin
         regions = region_features(bottleneck, regions_per_axis=self.patches_per_axis[0] // 2)
         count_logits, position_logits = self.count_head(regions), self.position_head(regions)
         count, position = region_labels(batch["mask"], self.patches_per_axis, self.config.grouping)
@@ -130,8 +181,8 @@ class HybridMIM(Method):
         ce_half, mse_half = consistency_loss(count_logits, position_logits)
         terms["consistency"], terms["consistency_mse"] = ce_half / 2, mse_half / 2
         if weights.get("contrastive"):
-            z1 = self.contrast_head(bottleneck.mean(dim=(2, 3, 4)))
+            z1 = self.contrast_head(self._contrast_input(bottleneck))
             with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.contrastive_stop_gradient):
-                z2 = self.contrast_head(self.network.encode(masked)[-1].mean(dim=(2, 3, 4)))
+                z2 = self.contrast_head(self._contrast_input(self._encode(masked)[0]))
             terms["contrastive"] = contrastive_loss(z1, z2)
         return terms

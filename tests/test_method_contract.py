@@ -20,7 +20,8 @@ SMALL_BACKBONES = {
     "unet": {"name": "unet", "channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 0},
     "genesis_unet3d": {"name": "genesis_unet3d"},
     "hybridmim_unet": {"name": "hybridmim_unet", "features": [4, 4, 8, 8, 16]},
-    "swinunetr": {"name": "swinunetr", "feature_size": 12, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 1, 1]},
+    "swinunetr": {"name": "swinunetr", "feature_size": 12, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 1, 1],
+                  "drop_rate": 0.1},
 }
 # a backbone whose bottleneck must keep more than one voxel (instance norm in training) needs a larger input
 SMALL_PATCH = {"swinunetr": [64, 64, 64]}

@@ -143,3 +143,24 @@ def test_an_experiment_config_replaces_the_demo_config_instead_of_merging_into_i
     result = snakemake(tmp_path, config, "-n", "-p")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "--nsd-tolerance" in result.stdout and "aorta" not in result.stdout
+
+
+@pytest.mark.parametrize("experiment", sorted((REPO / "config" / "experiments").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_experiment_config_validates_and_plans(experiment, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory",
+                             str(tmp_path), "--configfile", str(experiment), "-n"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"results/{yaml.safe_load(experiment.read_text())['experiment']}/summary.md" in result.stdout
+
+
+@pytest.mark.parametrize("config_path", [REPO / "config" / "config.yaml",
+                                         *sorted((REPO / "config" / "experiments").glob("*.yaml"))],
+                         ids=lambda p: p.stem)
+def test_every_pretraining_entry_of_every_config_builds_its_method(config_path):
+    """An unknown setting or an unsupported backbone fails here, not hours into a run."""
+    from ssl3d.plan import pretrain_runs
+    from ssl3d.pretrain.loop import build_method
+
+    for name, run in pretrain_runs(yaml.safe_load(config_path.read_text())).items():
+        method = build_method(run["spec"])
+        assert method.backbone_spec == run["spec"]["backbone"], name

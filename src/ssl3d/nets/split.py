@@ -8,6 +8,7 @@ MONAI's own.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from monai.networks.layers import SkipConnection
 from monai.networks.nets import UNETR, BasicUNet, SegResNet, SwinUNETR, UNet
@@ -128,7 +129,15 @@ class SplitSwinUNETR(EncodeDecodeHead, SwinUNETR):
     ``encoder2..4`` of the (layer-normed, if ``normalize``) Swin hidden states 0-2 (1/2, 1/4, 1/8), hidden state 3
     itself (1/16; MONAI's decoder5 takes it as a skip without a conv block) and ``encoder10`` of hidden state 4
     (1/32, the bottleneck). So the encoder is ``swinViT`` + ``encoder1..4`` + ``encoder10``. Swin pre-training
-    heads (SwinUNETR SSL, HybridMIM's Swin variant) read the raw last hidden state instead: ``hidden_states``."""
+    heads (SwinUNETR SSL, HybridMIM's Swin variant) read the raw last hidden state instead: ``hidden_states``.
+
+    *Partial region decoding* (HybridMIM, ``reference/methods.md`` §2.3): ``encoder_blocks(x, hidden, region)``
+    crops the input and every hidden state to the box of ``region`` (start, stop) in bottleneck cells and only then
+    runs ``encoder1..4`` and ``encoder10``, as the official ``Pretrain/pretrain_models/swinunetr.py``; the blocks
+    and the decoder thus run on that sub-volume only, and ``decode`` of the result covers :meth:`voxel_region` of
+    the input. (On HybridMIM's UNet the crop is in ``decode``; here cropping the blocks' outputs instead would
+    change every value of the box, through their instance-norm statistics and the zero padding at its edge.)
+    """
 
     def __init__(self, feature_size: int = 48, **kwargs):
         super().__init__(feature_size=feature_size, **kwargs)
@@ -143,9 +152,36 @@ class SplitSwinUNETR(EncodeDecodeHead, SwinUNETR):
         return self.swinViT(x, self.normalize)
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
-        hidden = self.hidden_states(x)
-        return [self.encoder1(x), self.encoder2(hidden[0]), self.encoder3(hidden[1]), self.encoder4(hidden[2]),
-                hidden[3], self.encoder10(hidden[4])]
+        return self.encoder_blocks(x, self.hidden_states(x))
+
+    def region_boxes(self, region: tuple) -> list[tuple[slice, slice, slice]]:
+        """The box of ``region`` at every level, input first, bottleneck last. ``region`` is (start, stop) in
+        bottleneck cells, ints or one value per axis (as ``HybridMIMUNet.decode``), doubled at each shallower
+        level: (1, 3) of a 96³ input's 3³ bottleneck is [2:6]³ of hidden state 3 .. [32:96]³ of the input, the
+        official code's ``stages``."""
+        start, stop = (np.broadcast_to(np.asarray(v, dtype=int), (3,)) for v in region)
+        if (start < 0).any() or (stop <= start).any():
+            raise ValueError(f"swinunetr: region {region} is not a non-empty (start, stop) box")
+        return [tuple(slice(int(a) << k, int(b) << k) for a, b in zip(start, stop))
+                for k in reversed(range(len(self.encoder_channels)))]
+
+    def voxel_region(self, region: tuple) -> tuple[slice, slice, slice]:
+        """The voxel box of the input that ``decode(encoder_blocks(x, hidden, region))`` covers, as three slices."""
+        return self.region_boxes(region)[0]
+
+    def encoder_blocks(self, x: torch.Tensor, hidden: list[torch.Tensor], region: tuple | None = None
+                       ) -> list[torch.Tensor]:
+        """The decoder's inputs (``encode``'s list) from the input and its ``hidden_states``; with ``region``, only
+        on that box of each (see the class docstring)."""
+        inputs = [x, *hidden]
+        if region is not None:
+            boxes = self.region_boxes(region)
+            if any(box.stop > n for box, n in zip(boxes[-1], hidden[-1].shape[2:])):
+                raise ValueError(f"swinunetr: region {region} reaches beyond the bottleneck "
+                                 f"{tuple(hidden[-1].shape[2:])}")
+            inputs = [level[(..., *box)] for level, box in zip(inputs, boxes)]
+        x, h0, h1, h2, h3, h4 = inputs
+        return [self.encoder1(x), self.encoder2(h0), self.encoder3(h1), self.encoder4(h2), h3, self.encoder10(h4)]
 
     def decode(self, features: list[torch.Tensor]) -> torch.Tensor:
         enc0, enc1, enc2, enc3, hidden3, bottleneck = features
