@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from ssl3d.nets import build_network
-from ssl3d.pretrain.hybridmim_parts import apply_patch_mask, patch_mask_to_voxels, random_patch_mask
+from ssl3d.pretrain.hybridmim_parts import masked_view, patch_mask_to_voxels
 from ssl3d.pretrain.method import Method, MethodConfig, Transfer
 
 
@@ -81,10 +81,7 @@ class UNetFormerMIM(Method):
         self.patches_per_axis = tuple(size // config.mask_patch for size in config.patch_size)
 
     def make_views(self, region: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
-        mask = random_patch_mask(1, int(np.prod(self.patches_per_axis)), self.config.mask_ratio, generator)
-        masked = apply_patch_mask(torch.from_numpy(region)[None], mask, self.config.mask_patch)[0]
-        return {"input": masked.numpy(), "target": region, "mask": mask[0].numpy()}
+        return masked_view(region, rng, self.config.mask_ratio, self.config.mask_patch)
 
     def loss_terms(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         reconstruction = self.network(batch["input"])

@@ -55,13 +55,12 @@ import torch
 
 from ssl3d.nets import build_network
 from ssl3d.pretrain.hybridmim_parts import (
-    apply_patch_mask,
     consistency_loss,
     contrastive_loss,
     count_loss,
     location_loss,
     masked_reconstruction_loss,
-    random_patch_mask,
+    masked_view,
     region_features,
     region_labels,
 )
@@ -119,10 +118,7 @@ class HybridMIM(Method):
         self.contrast_head = torch.nn.Linear(channels, config.contrast_dim)
 
     def make_views(self, region: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
-        mask = random_patch_mask(1, int(np.prod(self.patches_per_axis)), self.config.mask_ratio, generator)
-        masked = apply_patch_mask(torch.from_numpy(region)[None], mask, self.config.mask_patch)[0]
-        return {"input": masked.numpy(), "target": region, "mask": mask[0].numpy()}
+        return masked_view(region, rng, self.config.mask_ratio, self.config.mask_patch)
 
     def _target_box(self, bottleneck_size: int, crop_size: int) -> tuple[int, int] | None:
         """The reconstruction region in bottleneck cells (start, stop), or None for the whole crop."""

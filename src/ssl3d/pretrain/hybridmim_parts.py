@@ -37,6 +37,7 @@ from __future__ import annotations
 
 from typing import Literal, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.losses import ContrastiveLoss
@@ -108,6 +109,16 @@ def apply_patch_mask(x: torch.Tensor, mask: torch.Tensor, patch: int, mask_value
         raise ValueError(f"mask {tuple(mask.shape)} does not match {patch}³ patches of {tuple(x.shape)}")
     voxels = patch_mask_to_voxels(mask, patch, grid)
     return torch.where(voxels, torch.full_like(x, mask_value), x)
+
+
+def masked_view(region: np.ndarray, rng: np.random.Generator, ratio: float, patch: int) -> dict[str, np.ndarray]:
+    """A patch-masked view of one (C, X, Y, Z) region for a data loader: ``input`` (masked patches set to 0),
+    ``target`` (the region) and ``mask`` (L,), with the mask drawn from the sample's ``rng`` (so runs replay)."""
+    grid = [size // patch for size in region.shape[1:]]
+    generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
+    mask = random_patch_mask(1, int(np.prod(grid)), ratio, generator)
+    masked = apply_patch_mask(torch.from_numpy(region)[None], mask, patch)[0]
+    return {"input": masked.numpy(), "target": region, "mask": mask[0].numpy()}
 
 
 def region_labels(mask: torch.Tensor, grid: int | Sequence[int] = 6,
