@@ -11,3 +11,4 @@ rule all:
     default_target: True
     input:
         f"{RESULTS}/summary.md",
+        f"{RESULTS}/skipped.json",

@@ -39,7 +39,7 @@ def test_runs_cover_the_grid_with_unique_identities(demo_config):
 
 def test_full_label_fraction_is_trained_once_per_seed(demo_config):
     demo_config["splits"].update(label_fractions=[0.5, 1.0], subsets=3)
-    demo_config["finetune"].update(seeds=[0, 1], inits=["scratch"])
+    demo_config["finetune"].update(seeds=[0, 1], inits=["scratch"], backbones=demo_config["finetune"]["backbones"][:1])
     runs = [run["spec"] for run in finetune_runs(demo_config).values()]
     assert sorted((s["label_fraction"], s["subset"], s["seed"]) for s in runs) == [
         (0.5, 0, 0), (0.5, 0, 1), (0.5, 1, 0), (0.5, 1, 1), (0.5, 2, 0), (0.5, 2, 1), (1.0, 0, 0), (1.0, 0, 1)]
@@ -58,8 +58,8 @@ def test_pretrained_inits_chain_the_identity_of_their_pretraining_run(demo_confi
             assert pretrain[run["pretrain_run"]]["spec"]["backbone"] == run["spec"]["backbone"]
     demo_config["pretrain"]["steps"] += 1
     changed = finetune_runs(demo_config)
-    assert {n for n in runs if n.startswith("scratch")} == {n for n in changed if n.startswith("scratch")}
-    assert not {n for n in runs if not n.startswith("scratch")} & set(changed)
+    assert {n for n in runs if "_scratch_" in n} == {n for n in changed if "_scratch_" in n}
+    assert not {n for n in runs if "_scratch_" not in n} & set(changed)
 
 
 def test_an_init_without_a_pretraining_method_is_named(demo_config):
@@ -138,3 +138,23 @@ def test_summary_markdown_shows_mean_and_sd_per_fraction():
     text = summary_markdown(summarise(per_case_table()), "both_empty=nan;one_empty_distance=max")
     assert "| scratch | liver    | 0.800 ± 0.141 |" in text
     assert "both_empty=nan" in text and "2 seed(s)" in text
+
+
+def test_pooled_pretraining_per_dataset_recipes_and_skipped_arms(demo_config, tmp_path):
+    """Pre-training pools several datasets; each dataset may have its own recipe; a manual dataset whose copy is
+    absent is left out (with its reason) where the config says `missing: skip`."""
+    from ssl3d.plan import skipped_datasets
+
+    demo_config["datasets"].update(
+        btcv={"source": "registry", "path": str(tmp_path / "absent"), "missing": "skip"},
+        luna16={"source": "registry", "recipe": "btcv_swinunetr"})
+    demo_config["pretrain"]["datasets"] = ["phantom", "luna16", "btcv"]
+    demo_config["finetune"]["datasets"] = ["phantom", "btcv"]
+    assert set(skipped_datasets(demo_config)) == {"btcv"}
+    pools = [run["spec"]["pool"] for run in pretrain_runs(demo_config).values()]
+    assert all([(m["dataset"], m["recipe"]) for m in pool] == [("phantom", "demo_ct"), ("luna16", "btcv_swinunetr")]
+               for pool in pools)
+    assert {run["spec"]["dataset"] for run in finetune_runs(demo_config).values()} == {"phantom"}
+    (tmp_path / "absent").mkdir()
+    assert not skipped_datasets(demo_config)
+    assert {run["spec"]["dataset"] for run in finetune_runs(demo_config).values()} == {"phantom", "btcv"}

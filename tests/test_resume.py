@@ -81,7 +81,7 @@ def test_killed_pretraining_resumes_and_matches_uninterrupted(method, tiny_index
             "backbone": {"name": "basicunet", "features": [4, 4, 8, 8, 16, 4]}, "seed": 0, "steps": 12,
             "checkpoint_every": 3}
     config = tmp_path / "config.json"
-    write_json(config, {"run_id": f"pre-{method}", "spec": spec, "inputs": {"cache_index": str(tiny_index)}})
+    write_json(config, {"run_id": f"pre-{method}", "spec": spec, "inputs": {"cache_indexes": [str(tiny_index)]}})
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     subprocess.run(pretrain_cli(config, straight), check=True, capture_output=True)
     kill_after_checkpoint(pretrain_cli(config, resumed), resumed)

@@ -20,12 +20,12 @@ MICRO = {
                              "shape": [64, 64, 32], "spacing": [2.4, 2.4, 4.5]}},
     "preprocess": {"recipe": "demo_ct"},
     "splits": {"seed": 0, "validation": 1, "test": 2, "label_fractions": [0.5, 1.0], "subsets": 1},
-    "pretrain": {"dataset": "phantom", "seeds": [0], "steps": 4, "checkpoint_every": 2,
+    "pretrain": {"datasets": ["phantom"], "seeds": [0], "steps": 4, "checkpoint_every": 2,
                  "backbone": {"name": "unet", "channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 0},
                  "methods": {"models_genesis": {"patch_size": [32, 32, 16], "batch_size": 2},
                              "byol": {"patch_size": [32, 32, 16], "batch_size": 2, "projector_hidden": 32,
                                       "predictor_hidden": 32, "projection_dim": 16}}},
-    "finetune": {"dataset": "phantom", "inits": ["scratch", "models_genesis", "byol"], "seeds": [0, 1],
+    "finetune": {"datasets": ["phantom"], "inits": ["scratch", "models_genesis", "byol"], "seeds": [0, 1],
                  "backbones": [{"name": "unet", "channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 0}],
                  "optimizer": {"name": "adamw", "lr": 0.003, "weight_decay": 0.0}, "steps": 6, "batch_size": 2,
                  "patch_size": [32, 32, 16], "pos_neg_ratio": [1, 1], "val_every": 3, "checkpoint_every": 3},
@@ -77,7 +77,7 @@ def test_summary_and_manifests(micro_run):
     assert (cells["n_seeds"] == 2).all() and np.isfinite(cells["sd"]).all()
     markdown = (micro_run / "results" / "micro" / "summary.md").read_text()
     assert "### Dice" in markdown and " ± " in markdown and "both_empty=nan" in markdown
-    manifests = sorted((micro_run / "results" / "micro" / "finetune").glob("scratch*/manifest.json"))
+    manifests = sorted((micro_run / "results" / "micro" / "finetune").glob("phantom_scratch_*/manifest.json"))
     assert len(manifests) == 4
     manifest = json.loads(manifests[0].read_text())
     for key in ("run_id", "config_hash", "config", "git_commit", "packages", "device", "seed", "wall_seconds",
@@ -95,7 +95,9 @@ def test_pretraining_feeds_fine_tuning_through_the_verified_transfer(micro_run):
         log = pd.read_csv(run / "step_log.csv")
         assert list(log["step"]) == [1, 2, 3, 4] and {"data_s", "forward_s", "backward_s"} <= set(log.columns)
         assert json.loads((run / "manifest.json").read_text())["transfer"]["fractions"]["decoder"] == decoder
-        for finetuned in (micro_run / "results" / "micro" / "finetune").glob(f"{method}_unet_*"):
+        finetuned_runs = sorted((micro_run / "results" / "micro" / "finetune").glob(f"phantom_{method}_unet_*"))
+        assert len(finetuned_runs) == 4  # 2 fractions x 2 seeds
+        for finetuned in finetuned_runs:
             config = json.loads((finetuned / "config.json").read_text())
             assert config["inputs"]["pretrained"].endswith(f"{run.name}/pretrained.pt")
             transfer = json.loads((finetuned / "manifest.json").read_text())["transfer"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+from pathlib import Path
 
 from ssl3d import __version__
 
@@ -26,8 +27,21 @@ def fraction_key(fraction: float) -> str:
     return f"{float(fraction):g}"
 
 
+def dataset_recipe(config: dict, dataset: str) -> str:
+    """The dataset's own ``recipe`` (a paper pre-processes its pre-training and downstream data differently), else
+    ``preprocess.recipe``."""
+    return config["datasets"][dataset].get("recipe", config["preprocess"]["recipe"])
+
+
+def skipped_datasets(config: dict) -> dict[str, str]:
+    """Dataset -> why its arm is skipped: a user's copy (``path``) that is absent where the config allows it
+    (``missing: skip``); otherwise an absent copy stops the workflow with the dataset's instructions."""
+    return {name: f"no copy at {settings['path']} (missing: skip)" for name, settings in config["datasets"].items()
+            if settings.get("missing") == "skip" and not Path(settings["path"]).exists()}
+
+
 def _data_spec(config: dict, dataset: str) -> dict:
-    return {"dataset": dataset, "data": config["datasets"][dataset], "recipe": config["preprocess"]["recipe"]}
+    return {"dataset": dataset, "data": config["datasets"][dataset], "recipe": dataset_recipe(config, dataset)}
 
 
 def pretrain_entries(config: dict) -> dict[str, dict]:
@@ -50,14 +64,21 @@ def pretrain_entries(config: dict) -> dict[str, dict]:
 
 
 def pretrain_runs(config: dict) -> dict[str, dict]:
-    """Run name -> resolved spec, for every (entry of pretrain.methods, seed) of the pre-training grid."""
+    """Run name -> resolved spec, for every (entry of pretrain.methods, seed) of the pre-training grid.
+
+    The unlabelled cases of every dataset of ``pretrain.datasets`` form one pool (HybridMIM pre-trains on four
+    public CT collections); a skipped dataset leaves the pool, and the run's identity records what it holds.
+    """
     pretrain = config.get("pretrain")
     if not pretrain:
+        return {}
+    pool = [dataset for dataset in pretrain["datasets"] if dataset not in skipped_datasets(config)]
+    if not pool:
         return {}
     runs = {}
     for (entry, settings), seed in itertools.product(pretrain_entries(config).items(), pretrain["seeds"]):
         spec = {
-            **_data_spec(config, pretrain["dataset"]),
+            "pool": [_data_spec(config, dataset) for dataset in pool],
             "variant": entry,
             "method": settings["method"],
             "method_config": settings["overrides"],
@@ -89,8 +110,8 @@ def _init_backbones(config: dict) -> list[tuple[str, dict]]:
 
 
 def finetune_runs(config: dict) -> dict[str, dict]:
-    """Run name -> resolved spec, for every (init and backbone, label fraction, subset, seed) of the fine-tuning
-    grid.
+    """Run name -> resolved spec, for every (dataset of ``finetune.datasets``, init and backbone, label fraction,
+    subset, seed) of the fine-tuning grid; skipped datasets (``skipped_datasets``) have no runs.
 
     An init other than ``scratch`` names an entry of ``pretrain.methods``; the run's spec then holds the identity
     of the pre-training run it starts from (fine-tuning seed i uses pre-training seed i mod the number of
@@ -98,18 +119,19 @@ def finetune_runs(config: dict) -> dict[str, dict]:
     draw of all training cases is the same set), so it is trained once per seed rather than once per draw.
     """
     finetune = config["finetune"]
-    training = {key: value for key, value in finetune.items() if key not in ("dataset", "inits", "seeds", "backbones")}
+    training = {key: value for key, value in finetune.items() if key not in ("datasets", "inits", "seeds", "backbones")}
     pretrained = {(run["spec"]["variant"], run["spec"]["seed"]): (name, run["run_id"])
                   for name, run in pretrain_runs(config).items()}
     pretrain_seeds = config.get("pretrain", {}).get("seeds", [])
     runs = {}
-    for (init, backbone), fraction, subset, (i, seed) in itertools.product(
-            _init_backbones(config), config["splits"]["label_fractions"], range(config["splits"]["subsets"]),
-            enumerate(finetune["seeds"])):
-        if fraction == 1 and subset > 0:
+    datasets = [dataset for dataset in finetune["datasets"] if dataset not in skipped_datasets(config)]
+    for dataset, (init, backbone), fraction, subset, (i, seed) in itertools.product(
+            datasets, _init_backbones(config), config["splits"]["label_fractions"],
+            range(config["splits"]["subsets"]), enumerate(finetune["seeds"])):
+        if fraction == 1 and subset > 0 or init != "scratch" and not pretrained:  # no pool: skipped
             continue
         spec = {
-            **_data_spec(config, finetune["dataset"]),
+            **_data_spec(config, dataset),
             "splits": config["splits"],
             "protocol": "finetune",
             "init": init,
@@ -125,6 +147,6 @@ def finetune_runs(config: dict) -> dict[str, dict]:
         if init != "scratch":
             entry["pretrain_run"], spec["pretrained"] = pretrained[(init, pretrain_seeds[i % len(pretrain_seeds)])]
         run_id = canonical_hash(spec)
-        name = f"{init}_{backbone['name']}_frac{fraction_key(fraction)}_sub{subset}_seed{seed}_{run_id}"
+        name = f"{dataset}_{init}_{backbone['name']}_frac{fraction_key(fraction)}_sub{subset}_seed{seed}_{run_id}"
         runs[name] = {"run_id": run_id, "spec": spec, **entry}
     return runs

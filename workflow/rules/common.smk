@@ -21,7 +21,7 @@ validate(config, "../schemas/config.schema.yaml")
 # The plan (run names and identities) comes from the package, read from this checkout.
 SRC = Path(workflow.basedir) / "src"
 sys.path.insert(0, str(SRC))
-from ssl3d.plan import finetune_runs, pretrain_runs
+from ssl3d.plan import dataset_recipe, finetune_runs, pretrain_runs, skipped_datasets
 
 # Jobs run `python -m ssl3d` from this checkout: with the Python that runs Snakemake (an unactivated virtual
 # environment works), or inside a --use-conda environment (activated in front of PATH) that holds its dependencies.
@@ -35,6 +35,9 @@ envvars:
 RESULTS = f"results/{config['experiment']}"
 RUNS = finetune_runs(config)
 PRETRAIN_RUNS = pretrain_runs(config)
+SKIPPED = skipped_datasets(config)
+for name, reason in SKIPPED.items():
+    print(f"skipping dataset {name}: {reason}", file=sys.stderr)
 
 
 wildcard_constraints:
@@ -60,11 +63,11 @@ def run_inputs(wildcards):
     """The files a run reads, by role; they become the `inputs` of its config.json."""
     entry = run_entry(wildcards)
     spec = entry["spec"]
-    inputs = {"cache_index": cache_index(spec)}
-    if wildcards.stage == "finetune":
-        inputs["splits"] = f"{RESULTS}/splits/{spec['dataset']}.json"
-        if "pretrain_run" in entry:
-            inputs["pretrained"] = f"{RESULTS}/pretrain/{entry['pretrain_run']}/pretrained.pt"
+    if wildcards.stage == "pretrain":
+        return {"cache_indexes": [cache_index(member) for member in spec["pool"]]}
+    inputs = {"cache_index": cache_index(spec), "splits": f"{RESULTS}/splits/{spec['dataset']}.json"}
+    if "pretrain_run" in entry:
+        inputs["pretrained"] = f"{RESULTS}/pretrain/{entry['pretrain_run']}/pretrained.pt"
     return inputs
 
 
@@ -76,9 +79,10 @@ def output_dir(wildcards, output):
     return str(Path(output[0]).parent)
 
 
-def write_run_config(path, run, inputs):
-    """The run's identity and the files it reads: what `ssl3d pretrain|finetune|evaluate` are given."""
-    Path(path).write_text(json.dumps({**run, "inputs": dict(inputs)}, indent=2))
+def write_record(path, log, record, message):
+    """A small JSON record written by a local rule (a run's config, the skipped arms), and its log line."""
+    Path(path).write_text(json.dumps(record, indent=2))
+    Path(log).write_text(message + "\n")
 
 
 def device(wildcards, resources):

@@ -33,7 +33,7 @@ rule preprocess:
 
 rule splits:
     input:
-        f"data/preprocessed/{config['preprocess']['recipe']}/{{dataset}}/index.json",
+        lambda wildcards: f"data/preprocessed/{dataset_recipe(config, wildcards.dataset)}/{wildcards.dataset}/index.json",
     output:
         f"{RESULTS}/splits/{{dataset}}.json",
     params:

@@ -8,8 +8,8 @@ rule run_config:
         f"{RESULTS}/{{stage}}/{{run}}/run_config.log",
     localrule: True
     run:
-        write_run_config(output[0], params.run, params.inputs)
-        Path(log[0]).write_text(f"wrote {output[0]}\n")
+        # the run's identity and the files it reads: what `ssl3d pretrain|finetune|evaluate` are given
+        write_record(output[0], log[0], {**params.run, "inputs": dict(params.inputs)}, f"wrote {output[0]}")
 
 
 rule finetune:

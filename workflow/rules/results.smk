@@ -23,3 +23,15 @@ rule summarise:
         "../../environment.yml"
     shell:
         "python -m ssl3d summarise --per-case {input} --out-csv {output.csv} --out-md {output.md} > {log} 2>&1"
+
+
+rule skipped:
+    output:
+        f"{RESULTS}/skipped.json",
+    params:
+        skipped=SKIPPED,
+    log:
+        f"{RESULTS}/logs/skipped.log",
+    localrule: True
+    run:
+        write_record(output[0], log[0], params.skipped, f"{len(params.skipped)} dataset(s) skipped")

@@ -55,6 +55,18 @@ class RegionViews(SeededSamples):
                 for key, view in self.method.make_views(region, rng).items()}
 
 
+def unlabelled_pool(cache_indexes: list[str]) -> list[np.ndarray]:
+    """The unlabelled volumes of every cached dataset of the pool, in the order given."""
+    volumes = []
+    for path in cache_indexes:
+        index = read_index(path)
+        volumes += [load_cached_case(index["dir"] / case["file"])["image"] for case in index["cases"].values()
+                    if not case["labelled"]]
+    if not volumes:
+        raise ValueError(f"{', '.join(cache_indexes)}: no unlabelled cases to pre-train on")
+    return volumes
+
+
 def build_method(spec: dict) -> Method:
     cls = get_method(spec["method"])
     return cls(make_config(cls.Config, spec.get("method_config")), spec["backbone"])
@@ -85,11 +97,7 @@ def pretrain(run_config: str | Path, out_dir: str | Path, device: str = "cpu", w
 
     method = build_method(spec).to(device)
     transfer_report = check_transfer(method)
-    index = read_index(inputs["cache_index"])
-    volumes = [load_cached_case(index["dir"] / case["file"])["image"] for case in index["cases"].values()
-               if not case["labelled"]]
-    if not volumes:
-        raise ValueError(f"{inputs['cache_index']}: no unlabelled cases to pre-train on")
+    volumes = unlabelled_pool(inputs["cache_indexes"])
 
     settings = method.config
     steps = spec["steps"]
