@@ -19,16 +19,37 @@ from monai.data import MetaTensor
 from monai.transforms import (
     Compose,
     CropForegroundd,
+    NormalizeIntensityd,
     Orientationd,
     ScaleIntensityRanged,
+    ScaleIntensityRangePercentilesd,
     Spacingd,
 )
+
+ZSCORE_MODES = ("all", "nonzero")
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """``crop_foreground_above`` is a threshold in source units (HU): the crop keeps the bounding box of voxels
-    at or above it, applied before the intensity window, as vox2vec does. ``spacing`` None keeps the native grid."""
+    """The deterministic preprocessing of one paper, as data. Steps run in this order, each a MONAI transform:
+
+    * ``orientation``: axis codes (``Orientationd``).
+    * ``spacing``: target voxel size in mm (``Spacingd``; bilinear image, nearest label); None keeps the native grid.
+    * ``crop_foreground_above``: keep the bounding box of voxels at or above this threshold, plus ``crop_margin``
+      voxels (``CropForegroundd``). The threshold is in source units (HU) and the crop runs before the intensity
+      steps, as vox2vec crops at -500 HU before windowing; with ``crop_after_intensity`` it is in output units and
+      runs after them, as the HDSSL MRI recipe crops at 0.3 of the [0, 1]-scaled image (MRI has no absolute units).
+    * ``window``: (a_min, a_max) in source units, clipped and mapped linearly onto ``scale``
+      (``ScaleIntensityRanged``).
+    * ``percentiles``: (lower, upper) per-volume percentiles on MONAI's 0-100 scale, clipped and mapped onto
+      ``scale`` (``ScaleIntensityRangePercentilesd``); for MRI, whose intensities have no fixed range. Exclusive
+      with ``window``.
+    * ``scale``: (b_min, b_max), the output range of ``window`` or ``percentiles``.
+    * ``zscore``: per-volume, per-channel z-score (``NormalizeIntensityd(channel_wise=True)``), last: ``"all"`` takes
+      mean and sd over every voxel; ``"nonzero"`` over non-zero voxels only and leaves zeros at 0 (skull-stripped
+      MRI, whose zero background is not tissue). A z-score is invariant to the affine ``window`` mapping, so
+      ``window`` + ``zscore`` is exactly "clip, then z-score" (PGL).
+    """
 
     name: str
     description: str = ""
@@ -36,8 +57,19 @@ class Recipe:
     spacing: tuple[float, float, float] | None = None
     crop_foreground_above: float | None = None
     crop_margin: int = 0
+    crop_after_intensity: bool = False
     window: tuple[float, float] | None = None
+    percentiles: tuple[float, float] | None = None
     scale: tuple[float, float] = (0.0, 1.0)
+    zscore: str | None = None
+
+    def __post_init__(self):
+        if self.window is not None and self.percentiles is not None:
+            raise ValueError(f"recipe {self.name!r}: window and percentiles both map intensities; give one")
+        if self.zscore not in (None, *ZSCORE_MODES):
+            raise ValueError(f"recipe {self.name!r}: zscore {self.zscore!r} is not one of {ZSCORE_MODES} or null")
+        if self.crop_after_intensity and self.crop_foreground_above is None:
+            raise ValueError(f"recipe {self.name!r}: crop_after_intensity needs crop_foreground_above")
 
     @property
     def hash(self) -> str:
@@ -61,7 +93,7 @@ def get_recipe(name_or_fields: str | dict) -> Recipe:
         recipe = Recipe(**fields)
     except TypeError as err:
         raise ValueError(f"recipe {fields.get('name')!r}: {err}") from err
-    for key in ("spacing", "window", "scale"):
+    for key in ("spacing", "window", "percentiles", "scale"):
         if getattr(recipe, key) is not None:
             object.__setattr__(recipe, key, tuple(float(v) for v in getattr(recipe, key)))
     return recipe
@@ -74,18 +106,32 @@ def _at_least(threshold: float):
     return select
 
 
+def _intensity_steps(recipe: Recipe) -> list:
+    steps = []
+    if recipe.window is not None:
+        steps.append(ScaleIntensityRanged("image", a_min=recipe.window[0], a_max=recipe.window[1],
+                                          b_min=recipe.scale[0], b_max=recipe.scale[1], clip=True))
+    if recipe.percentiles is not None:
+        lower, upper = recipe.percentiles
+        steps.append(ScaleIntensityRangePercentilesd("image", lower=lower, upper=upper, b_min=recipe.scale[0],
+                                                     b_max=recipe.scale[1], clip=True, channel_wise=True))
+    if recipe.zscore is not None:
+        steps.append(NormalizeIntensityd("image", nonzero=recipe.zscore == "nonzero", channel_wise=True))
+    return steps
+
+
 def recipe_transform(recipe: Recipe, labelled: bool) -> Compose:
     keys = ["image", "label"] if labelled else ["image"]
     modes = ["bilinear", "nearest"] if labelled else ["bilinear"]
     steps = [Orientationd(keys, axcodes=recipe.orientation, labels=None)]
     if recipe.spacing is not None:
         steps.append(Spacingd(keys, pixdim=recipe.spacing, mode=modes, dtype=np.float32))
+    crop = []
     if recipe.crop_foreground_above is not None:
-        steps.append(CropForegroundd(keys, source_key="image", select_fn=_at_least(recipe.crop_foreground_above),
-                                     margin=recipe.crop_margin, allow_smaller=True))
-    if recipe.window is not None:
-        steps.append(ScaleIntensityRanged("image", a_min=recipe.window[0], a_max=recipe.window[1],
-                                          b_min=recipe.scale[0], b_max=recipe.scale[1], clip=True))
+        crop.append(CropForegroundd(keys, source_key="image", select_fn=_at_least(recipe.crop_foreground_above),
+                                    margin=recipe.crop_margin, allow_smaller=True))
+    intensity = _intensity_steps(recipe)
+    steps += intensity + crop if recipe.crop_after_intensity else crop + intensity
     return Compose(steps)
 
 
