@@ -61,3 +61,20 @@ def test_unknown_fraction_or_subset_is_a_clear_error():
         training_cases(s, 0.3, 0)
     with pytest.raises(KeyError, match="subset 5"):
         training_cases(s, 0.5, 5)
+
+
+def test_a_paper_split_keeps_its_cases_and_gets_nested_fractions():
+    from ssl3d.data.paper_splits import BTCV_LABELLED, load_paper_split
+    from ssl3d.data.splits import from_paper_split
+
+    paper = load_paper_split("btcv_dataset_0")
+    split = from_paper_split("btcv_dataset_0", paper, BTCV_LABELLED, seed=0, label_fractions=[0.25, 1.0],
+                             n_subsets=2)
+    assert split["train"] == sorted(paper["train"]) and len(split["train"]) == 24
+    # BTCV's test cases (0061-0080) have no public labels: the paper's 6 validation cases are the test set
+    assert split["test"] == split["validation"] == sorted(paper["validation"]) and "no labels" in split["note"]
+    small, full = split["label_fractions"]["0.25"], split["label_fractions"]["1"]
+    assert [len(draw) for draw in small] == [6, 6] and small[0] != small[1]
+    assert full == [split["train"]] * 2 and set(small[0]) <= set(full[0])
+    with pytest.raises(ValueError, match="split 'btcv_dataset_0': 1 of its cases are not labelled cases"):
+        from_paper_split("btcv_dataset_0", paper, BTCV_LABELLED[1:], 0, [1.0], 1)

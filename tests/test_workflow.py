@@ -110,7 +110,7 @@ def test_rerun_has_nothing_to_do_and_an_override_makes_new_runs(micro_run):
     changed = {**MICRO, "finetune": {**MICRO["finetune"], "steps": 7}}
     dry = snakemake(micro_run, changed, "-n", "--rerun-triggers", "mtime")
     assert dry.returncode == 0, dry.stderr[-3000:]
-    assert "finetune" in dry.stdout and "prepare_phantoms" not in dry.stdout and "pretrain " not in dry.stdout
+    assert "finetune" in dry.stdout and "rule prepare:" not in dry.stdout and "pretrain " not in dry.stdout
 
 
 @pytest.mark.parametrize("edit, message", [

@@ -41,8 +41,16 @@ def cmd_splits(args):
 
     index = read_index(args.index)
     labelled = [case_id for case_id, case in index["cases"].items() if case["labelled"]]
-    write_json(args.out, make_splits(labelled, seed=args.seed, n_validation=args.validation, n_test=args.test,
-                                     label_fractions=args.fractions, n_subsets=args.subsets))
+    if args.paper_split:
+        from ssl3d.data.paper_splits import load_paper_split
+        from ssl3d.data.splits import from_paper_split
+
+        split = from_paper_split(args.paper_split, load_paper_split(args.paper_split), labelled, args.seed,
+                                 args.fractions, args.subsets)
+    else:
+        split = make_splits(labelled, seed=args.seed, n_validation=args.validation, n_test=args.test,
+                            label_fractions=args.fractions, n_subsets=args.subsets)
+    write_json(args.out, split)
 
 
 def cmd_finetune(args):
@@ -67,6 +75,12 @@ def cmd_methods(args):
                     for f in dataclasses.fields(cls.Config)}
         print(f"{name} (version {cls.version})\n  paper: {cls.paper}\n  backbones: {', '.join(cls.backbones)}")
         print("  defaults: " + json.dumps(defaults, default=str))
+
+
+def cmd_datasets(args):
+    from ssl3d.data.registry import describe_entry, get_entry, registry_table
+
+    print(describe_entry(get_entry(args.show), args.data_root) if args.show else registry_table(args.data_root))
 
 
 def cmd_evaluate(args):
@@ -117,6 +131,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, required=True)
     p.add_argument("--validation", type=int, required=True)
     p.add_argument("--test", type=int, required=True)
+    p.add_argument("--paper-split", default=None, help="a committed paper split (ssl3d.data.paper_splits) whose "
+                   "train / validation / test replace --validation / --test")
     p.add_argument("--fractions", type=float, nargs="+", required=True)
     p.add_argument("--subsets", type=int, required=True)
     p.set_defaults(func=cmd_splits)
@@ -138,6 +154,11 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("methods", help="list the registered pre-training methods with their papers and defaults")
     p.set_defaults(func=cmd_methods)
+
+    p = sub.add_parser("datasets", help="list the registry's datasets: access, licence, size and status here")
+    p.add_argument("--data-root", default="data", help="where the suite keeps data (default: data)")
+    p.add_argument("--show", metavar="NAME", help="print one entry in full, with the steps to get a manual one")
+    p.set_defaults(func=cmd_datasets)
 
     p = sub.add_parser("evaluate", help="per-case metrics of a fine-tuned run on its test cases")
     p.add_argument("--run-config", required=True)

@@ -47,8 +47,11 @@ wildcard_constraints:
     stage="finetune|pretrain",
 
 
-def dataset_settings(wildcards):
-    return config["datasets"][wildcards.dataset]
+def verified_source(wildcards):
+    """A registry dataset is converted from its verified source; phantoms and your own folders need none."""
+    if config["datasets"][wildcards.dataset]["source"] == "registry":
+        return f"data/sources/{wildcards.dataset}/verified.json"
+    return []
 
 
 def run_entry(wildcards):

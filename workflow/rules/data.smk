@@ -1,17 +1,29 @@
-rule prepare_phantoms:
+rule fetch:
+    output:
+        "data/sources/{dataset}/verified.json",
+    params:
+        settings=lambda wildcards: json.dumps(config["datasets"][wildcards.dataset]),
+    log:
+        "logs/fetch/{dataset}.log",
+    conda:
+        "../../environment.yml"
+    shell:
+        "python -m ssl3d fetch --dataset {wildcards.dataset} --settings {params.settings:q} > {log} 2>&1"
+
+
+rule prepare:
+    input:
+        verified_source,
     output:
         "data/raw/{dataset}/dataset.json",
     params:
-        gen=dataset_settings,
-        out=output_dir,
+        settings=lambda wildcards: json.dumps(config["datasets"][wildcards.dataset]),
     log:
         "logs/prepare/{dataset}.log",
     conda:
         "../../environment.yml"
     shell:
-        "python -m ssl3d phantoms --out {params.out} --labelled {params.gen[labelled]}"
-        " --unlabelled {params.gen[unlabelled]} --seed {params.gen[seed]} --shape {params.gen[shape]}"
-        " --spacing {params.gen[spacing]} > {log} 2>&1"
+        "python -m ssl3d prepare --dataset {wildcards.dataset} --settings {params.settings:q} > {log} 2>&1"
 
 
 rule preprocess:
@@ -38,10 +50,13 @@ rule splits:
         f"{RESULTS}/splits/{{dataset}}.json",
     params:
         s=config["splits"],
+        paper=lambda wildcards: (f"--paper-split {config['datasets'][wildcards.dataset]['split']}"
+                                 if "split" in config["datasets"][wildcards.dataset] else ""),
     log:
         f"{RESULTS}/logs/splits/{{dataset}}.log",
     conda:
         "../../environment.yml"
     shell:
         "python -m ssl3d splits --index {input} --out {output} --seed {params.s[seed]} --validation {params.s[validation]}"
-        " --test {params.s[test]} --fractions {params.s[label_fractions]} --subsets {params.s[subsets]} > {log} 2>&1"
+        " --test {params.s[test]} --fractions {params.s[label_fractions]} --subsets {params.s[subsets]} {params.paper}"
+        " > {log} 2>&1"

@@ -14,9 +14,10 @@ import numpy as np
 
 from ssl3d.plan import fraction_key
 
+FRACTION_RULE = ("Subset draw d: permutation of train by numpy.random.default_rng([seed, 1, d]); fraction f = first "
+                 "ceil(f * n_train) of it (at least 1), sorted.")
 RULE = ("cases sorted by id; permutation = numpy.random.default_rng([seed, 0]); test = first n_test, validation = "
-        "next n_validation, train = rest (sorted). Subset draw d: permutation of train by default_rng([seed, 1, d]); "
-        "fraction f = first ceil(f * n_train) of it (at least 1), sorted.")
+        "next n_validation, train = rest (sorted). " + FRACTION_RULE)
 
 
 def make_splits(case_ids: list[str], seed: int, n_validation: int, n_test: int, label_fractions: list[float],
@@ -30,28 +31,56 @@ def make_splits(case_ids: list[str], seed: int, n_validation: int, n_test: int, 
     if n_train < 1:
         raise ValueError(f"splits: {len(ids)} labelled cases cannot hold {n_validation} validation + {n_test} test "
                          "cases and at least one training case; lower splits.validation / splits.test")
-    for fraction in label_fractions:
-        if not 0 < fraction <= 1:
-            raise ValueError(f"splits.label_fractions: {fraction} is not in (0, 1]")
     if n_subsets < 1:
         raise ValueError("splits.subsets: at least one subset draw is needed")
     order = [ids[i] for i in np.random.default_rng([seed, 0]).permutation(len(ids))]
     test, validation, train = order[:n_test], order[n_test:n_test + n_validation], order[n_test + n_validation:]
-    train = sorted(train)
-    subsets = {}
-    for fraction in sorted(set(label_fractions)):
-        count = max(1, math.ceil(fraction * n_train - 1e-9))
-        subsets[fraction_key(fraction)] = []
-        for draw in range(n_subsets):
-            perm = np.random.default_rng([seed, 1, draw]).permutation(n_train)
-            subsets[fraction_key(fraction)].append(sorted(train[i] for i in perm[:count]))
     return {
         "seed": seed,
         "rule": RULE,
-        "train": train,
+        "train": sorted(train),
         "validation": sorted(validation),
         "test": sorted(test),
-        "label_fractions": subsets,
+        "label_fractions": nested_subsets(sorted(train), seed, label_fractions, n_subsets),
+    }
+
+
+def nested_subsets(train: list[str], seed: int, label_fractions: list[float], n_subsets: int) -> dict:
+    """Fraction key -> one case list per draw: the first ceil(f·n) of draw d's seeded permutation of ``train``."""
+    for fraction in label_fractions:
+        if not 0 < fraction <= 1:
+            raise ValueError(f"splits.label_fractions: {fraction} is not in (0, 1]")
+    subsets = {}
+    for fraction in sorted(set(label_fractions)):
+        count = max(1, math.ceil(fraction * len(train) - 1e-9))
+        subsets[fraction_key(fraction)] = []
+        for draw in range(n_subsets):
+            perm = np.random.default_rng([seed, 1, draw]).permutation(len(train))
+            subsets[fraction_key(fraction)].append(sorted(train[i] for i in perm[:count]))
+    return subsets
+
+
+def from_paper_split(name: str, paper: dict, labelled: list[str], seed: int, label_fractions: list[float],
+                     n_subsets: int) -> dict:
+    """A committed paper split (``ssl3d.data.paper_splits``) with the suite's nested label fractions of its train
+    cases. Where the paper's test cases have no public labels (BTCV's 0061-0080), its validation cases are the
+    test set, as the papers report them; the file says so."""
+    missing = sorted(set(paper["train"] + paper["validation"]) - set(labelled))
+    if missing:
+        raise ValueError(f"split {name!r}: {len(missing)} of its cases are not labelled cases of the dataset "
+                         f"({', '.join(missing[:5])}...); is the dataset complete?")
+    test, note = paper["test"], paper["meta"].get("note", "")
+    if not set(test) <= set(labelled):
+        test = paper["validation"]
+        note = f"the test cases are the paper's validation cases: its test cases have no labels here. {note}"
+    return {
+        "seed": seed,
+        "rule": f"paper split {name!r}: {paper['meta']['rule']} {FRACTION_RULE}",
+        "note": note.strip(),
+        "train": sorted(paper["train"]),
+        "validation": sorted(paper["validation"]),
+        "test": sorted(test),
+        "label_fractions": nested_subsets(sorted(paper["train"]), seed, label_fractions, n_subsets),
     }
 
 
