@@ -1,9 +1,12 @@
-"""Shared fixtures: a tiny phantom dataset, preprocessed and split, built once per test session."""
+"""Shared fixtures: a tiny phantom dataset, preprocessed and split, built once per test session; a loopback HTTP
+server for the download tests (nothing ever reaches the network)."""
 
 from __future__ import annotations
 
 import json
 import os
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -53,3 +56,59 @@ def run_config(path: Path, index: Path, splits: Path, run_id: str = "test", **ov
     }
     write_json(path, {"run_id": run_id, "spec": spec, "inputs": {"cache_index": str(index), "splits": str(splits)}})
     return path
+
+
+class Server(ThreadingHTTPServer):
+    """Serves ``files`` by path; records each request's Range header; can drop a response after some bytes."""
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.files: dict[str, bytes] = {}
+        self.ranges: list[str | None] = []  # the Range header of every request, None when absent
+        self.honour_range = True
+        self.drop_after: int | None = None  # applies to the next response only
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/{name}"
+
+
+class Handler(BaseHTTPRequestHandler):
+    server: Server
+
+    def do_GET(self):
+        self.server.ranges.append(self.headers.get("Range"))
+        data = self.server.files.get(self.path.lstrip("/"))
+        if data is None:
+            self.send_error(404)
+            return
+        start = 0
+        if self.headers.get("Range") and self.server.honour_range:
+            start = int(self.headers["Range"].removeprefix("bytes=").rstrip("-"))
+            if start >= len(data):
+                self.send_error(416)
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(len(data) - start))
+        self.end_headers()
+        body = data[start:]
+        if self.server.drop_after is not None:
+            body, self.server.drop_after = body[:self.server.drop_after], None
+        self.wfile.write(body)  # the connection closes when the handler returns (HTTP/1.0)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server(monkeypatch):
+    monkeypatch.setenv("no_proxy", "*")  # never route loopback requests through a proxy from the environment
+    server = Server()
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+    thread.join()

@@ -9,8 +9,8 @@ import pytest
 
 from ssl3d.cli import parser
 
-SUBCOMMANDS = ["phantoms", "preprocess", "splits", "pretrain", "methods", "finetune", "evaluate", "collect",
-               "summarise"]
+SUBCOMMANDS = ["datasets", "fetch", "prepare", "preprocess", "splits", "pretrain", "methods", "finetune", "evaluate",
+               "collect", "summarise"]
 
 
 def test_console_script_is_installed():

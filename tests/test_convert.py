@@ -95,6 +95,18 @@ def kits_affine(spacing_z=3.0, spacing_xy=0.8) -> np.ndarray:
     return np.array([[0, 0, -spacing_xy, 0], [0, -spacing_xy, 0, 0], [-spacing_z, 0, 0, 0], [0, 0, 0, 1.0]])
 
 
+def test_kits19_labels_and_images_from_separate_trees(tmp_path):
+    """The fetch stage delivers the labels (repository archive) and the images (per-case downloads) apart."""
+    image = np.zeros((6, 10, 12), dtype=np.int16)
+    for n in (0, 210):
+        nii(tmp_path / "src" / "kits19-imaging" / "data" / f"case_{n:05d}" / "imaging.nii.gz", image, kits_affine())
+    nii(tmp_path / "src" / "kits19-labels" / "kits19-456b293" / "data" / "case_00000" / "segmentation.nii.gz",
+        image.astype(np.uint8), kits_affine())
+    dataset = read_dataset(convert("kits19", tmp_path / "src", tmp_path / "out").parent)
+    assert ids(dataset.labelled) == ["case_00000"] and ids(dataset.unlabelled) == ["case_00210"]
+    assert "kits19-labels" in str(dataset.case("case_00000").label)
+
+
 def test_kits19_partition_and_reorientation_to_ras(tmp_path):
     from monai.transforms import Compose, LoadImaged, Orientationd
 

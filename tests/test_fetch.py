@@ -9,9 +9,7 @@ import json
 import re
 import stat
 import tarfile
-import threading
 import zipfile
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -51,62 +49,6 @@ def zip_bytes(members: dict[str, bytes], links: dict[str, str] | None = None) ->
         for name, data in members.items():
             zf.writestr(name, data)
     return buffer.getvalue()
-
-
-class Server(ThreadingHTTPServer):
-    """Serves ``files`` by path; records each request's Range header; can drop a response after some bytes."""
-
-    def __init__(self):
-        super().__init__(("127.0.0.1", 0), Handler)
-        self.files: dict[str, bytes] = {}
-        self.ranges: list[str | None] = []  # the Range header of every request, None when absent
-        self.honour_range = True
-        self.drop_after: int | None = None  # applies to the next response only
-
-    def url(self, name: str) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/{name}"
-
-
-class Handler(BaseHTTPRequestHandler):
-    server: Server
-
-    def do_GET(self):
-        self.server.ranges.append(self.headers.get("Range"))
-        data = self.server.files.get(self.path.lstrip("/"))
-        if data is None:
-            self.send_error(404)
-            return
-        start = 0
-        if self.headers.get("Range") and self.server.honour_range:
-            start = int(self.headers["Range"].removeprefix("bytes=").rstrip("-"))
-            if start >= len(data):
-                self.send_error(416)
-                return
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        else:
-            self.send_response(200)
-        self.send_header("Content-Length", str(len(data) - start))
-        self.end_headers()
-        body = data[start:]
-        if self.server.drop_after is not None:
-            body, self.server.drop_after = body[:self.server.drop_after], None
-        self.wfile.write(body)  # the connection closes when the handler returns (HTTP/1.0)
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def server(monkeypatch):
-    monkeypatch.setenv("no_proxy", "*")  # never route loopback requests through a proxy from the environment
-    server = Server()
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
-    thread.join()
 
 
 @pytest.fixture

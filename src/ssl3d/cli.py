@@ -7,6 +7,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 import torch
 
@@ -18,11 +19,16 @@ def _json(text: str):
         raise argparse.ArgumentTypeError(f"not valid JSON: {text!r} ({err})") from err
 
 
-def cmd_phantoms(args):
-    from ssl3d.data.phantom import write_phantom_dataset
+def cmd_fetch(args):
+    from ssl3d.data.acquire import fetch_dataset
 
-    write_phantom_dataset(args.out, n_labelled=args.labelled, n_unlabelled=args.unlabelled, seed=args.seed,
-                          shape=tuple(args.shape), spacing=tuple(args.spacing))
+    fetch_dataset(args.dataset, args.settings, args.data_root)
+
+
+def cmd_prepare(args):
+    from ssl3d.data.acquire import prepare_dataset
+
+    prepare_dataset(args.dataset, args.settings, args.data_root)
 
 
 def cmd_preprocess(args):
@@ -108,14 +114,16 @@ def parser() -> argparse.ArgumentParser:
     main.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     sub = main.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("phantoms", help="generate the CT phantom dataset (MSD layout)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--labelled", type=int, required=True)
-    p.add_argument("--unlabelled", type=int, required=True)
-    p.add_argument("--seed", type=int, required=True)
-    p.add_argument("--shape", type=int, nargs=3, required=True)
-    p.add_argument("--spacing", type=float, nargs=3, required=True)
-    p.set_defaults(func=cmd_phantoms)
+    for name, func, text in (
+            ("fetch", cmd_fetch, "download and verify a registry dataset (automatic sources), or verify your copy "
+                                 "of a manual one; writes <data-root>/sources/<dataset>/verified.json"),
+            ("prepare", cmd_prepare, "write <data-root>/raw/<dataset> in the MSD layout: generate phantoms, convert "
+                                     "a verified registry source or your own folder")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--dataset", required=True, help="the dataset's name in the config")
+        p.add_argument("--settings", type=_json, required=True, help="JSON: the dataset's entry in the config")
+        p.add_argument("--data-root", type=Path, default=Path("data"))
+        p.set_defaults(func=func)
 
     p = sub.add_parser("preprocess", help="run a named recipe on every case of a dataset into the per-case cache")
     p.add_argument("--dataset", required=True, help="folder holding dataset.json")
@@ -187,9 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     if args.threads:
         torch.set_num_threads(args.threads)
+    from ssl3d.data.fetch import FetchError  # a failed download, verification, unsafe archive or missing copy
+
     try:
         args.func(args)
-    except (ValueError, KeyError, FileNotFoundError) as err:
+    except (ValueError, KeyError, FileNotFoundError, FetchError) as err:
         logging.getLogger("ssl3d").error("%s", err)
         return 1
     return 0

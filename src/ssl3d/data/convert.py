@@ -348,13 +348,26 @@ def _btcv(source: Path, out: _Output) -> dict:
 
 
 def _kits19(source: Path, out: _Output) -> dict:
+    """The kits19 repository's ``data/case_XXXXX/`` tree. The suite's fetch stage delivers the labels (the
+    repository archive) and the images (per-case downloads) as two such trees; each case takes its files from
+    whichever tree holds them."""
     def is_data(folder: Path) -> bool:
         return any(case.is_dir() for case in _named(folder, _KITS_CASE))
 
-    root = _find_root(source, "KiTS19 data folder (case_XXXXX/)", is_data)
-    for case in _named(root, _KITS_CASE):
-        labelled = int(_KITS_CASE.fullmatch(case.name).group(1)) in KITS19_LABELLED
-        out.add(case.name, case / "imaging.nii.gz", case / "segmentation.nii.gz" if labelled else None)
+    roots = _find_dirs(source, is_data)
+    if not roots:
+        raise DataError(f"{source}: no KiTS19 data folder (case_XXXXX/) in it or up to {SEARCH_DEPTH} folders below; "
+                        "point the dataset's path at that folder")
+
+    def find(case: str, name: str) -> Path:
+        for root in roots:
+            if (root / case / name).is_file():
+                return root / case / name
+        raise DataError(f"{source}: case {case} has no {name} in {', '.join(map(str, roots))}")
+
+    for case in sorted({case.name for root in roots for case in _named(root, _KITS_CASE)}):
+        labelled = int(_KITS_CASE.fullmatch(case).group(1)) in KITS19_LABELLED
+        out.add(case, find(case, "imaging.nii.gz"), find(case, "segmentation.nii.gz") if labelled else None)
     return {"name": "KiTS19", "description": "Kidney Tumor Segmentation Challenge 2019", "modality": {"0": "CT"},
             "labels": KITS19_LABELS}
 
