@@ -79,7 +79,7 @@ def pretrain_cli(config, out):
 def test_killed_pretraining_resumes_and_matches_uninterrupted(method, tiny_index, tmp_path):
     spec = {"method": method, "method_config": {"patch_size": [32, 32, 32], "batch_size": 2},
             "backbone": {"name": "basicunet", "features": [4, 4, 8, 8, 16, 4]}, "seed": 0, "steps": 12,
-            "checkpoint_every": 3}
+            "checkpoint_every": 3, "pool": [{"dataset": "phantom", "data": {}}]}
     config = tmp_path / "config.json"
     write_json(config, {"run_id": f"pre-{method}", "spec": spec, "inputs": {"cache_indexes": [str(tiny_index)]}})
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
@@ -97,3 +97,10 @@ def test_killed_pretraining_resumes_and_matches_uninterrupted(method, tiny_index
     assert {"data_s", "forward_s", "backward_s", "peak_memory_mb"} <= set(logs[0].columns)
     manifest = json.loads((straight / "manifest.json").read_text())
     assert manifest["transfer"]["fractions"]["encoder"] == 1.0
+
+
+def test_a_pool_takes_the_unlabelled_cases_or_all_of_them(tiny_index):
+    from ssl3d.pretrain.loop import pretraining_pool
+
+    assert len(pretraining_pool([str(tiny_index)], ["unlabelled"])) == 1  # the tiny phantom: 5 labelled + 1
+    assert len(pretraining_pool([str(tiny_index)] * 2, ["unlabelled", "all"])) == 1 + 6

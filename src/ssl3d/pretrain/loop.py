@@ -55,15 +55,17 @@ class RegionViews(SeededSamples):
                 for key, view in self.method.make_views(region, rng).items()}
 
 
-def unlabelled_pool(cache_indexes: list[str]) -> list[np.ndarray]:
-    """The unlabelled volumes of every cached dataset of the pool, in the order given."""
+def pretraining_pool(cache_indexes: list[str], cases: list[str]) -> list[np.ndarray]:
+    """The volumes of every cached dataset of the pool, in the order given: its unlabelled cases, or all of them
+    where its ``pretrain_cases`` is ``all`` (PGL pre-trains on every image of the MSD tasks, labelled ones too)."""
     volumes = []
-    for path in cache_indexes:
+    for path, which in zip(cache_indexes, cases, strict=True):
         index = read_index(path)
         volumes += [load_cached_case(index["dir"] / case["file"])["image"] for case in index["cases"].values()
-                    if not case["labelled"]]
+                    if which == "all" or not case["labelled"]]
     if not volumes:
-        raise ValueError(f"{', '.join(cache_indexes)}: no unlabelled cases to pre-train on")
+        raise ValueError(f"{', '.join(cache_indexes)}: no cases to pre-train on (only labelled ones, and "
+                         "pretrain_cases is not 'all')")
     return volumes
 
 
@@ -97,7 +99,8 @@ def pretrain(run_config: str | Path, out_dir: str | Path, device: str = "cpu", w
 
     method = build_method(spec).to(device)
     transfer_report = check_transfer(method)
-    volumes = unlabelled_pool(inputs["cache_indexes"])
+    volumes = pretraining_pool(inputs["cache_indexes"],
+                               [member["data"].get("pretrain_cases", "unlabelled") for member in spec["pool"]])
 
     settings = method.config
     steps = spec["steps"]
