@@ -1,0 +1,468 @@
+"""The report's figures, drawn from the suite's tables (DataFrames and arrays, never file paths).
+
+Every figure function takes its data and an output stem ``out`` and writes ``<out>.png`` and ``<out>.svg``
+(atomically, through :func:`ssl3d.io.atomic_path`); it returns a :class:`FigureFiles` with both paths, a one-
+paragraph caption for the HTML report, and the (closed) matplotlib figure, whose artists the tests inspect.
+
+Conventions shared by all figures:
+
+* **Colours** belong to inits (a pre-training entry, or ``scratch``): :func:`init_colours` maps names to colours,
+  ``scratch`` always grey. Each figure takes ``colours=``; the report passes one map built from the experiment's
+  ``finetune.inits`` so that an init has the same colour everywhere. Without it a figure builds the map from the
+  inits it shows, sorted, which agrees across figures as long as they show the same pre-trained inits.
+* **Backbones** are told apart by line style and marker (:func:`backbone_styles`), never by colour.
+* **Uncertainty** is across training runs (seeds × subset draws), after averaging test cases within each run (as
+  ``ssl3d.analysis.aggregate``): 95 % Student-t intervals, ``mean ± t(0.975, n-1) · sd / sqrt(n)``. A t-interval
+  rather than a bootstrap because there are typically 2-5 runs per point, too few for a percentile bootstrap to
+  resample meaningfully. A point with one run has no interval.
+* **Timings** skip the first :data:`WARMUP_STEPS` steps of each run (and of each resume): they pay for CUDA
+  context and kernel selection, allocator growth and data-loader start-up, not for the method.
+* SVGs keep text as text (searchable, editable) and are byte-for-byte reproducible (fixed hash salt, no date).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.colors import to_rgb  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+from matplotlib.ticker import MaxNLocator, NullLocator  # noqa: E402
+from scipy import stats  # noqa: E402
+
+from ssl3d.analysis.aggregate import METRIC_TITLES, per_run_means  # noqa: E402
+from ssl3d.io import atomic_path  # noqa: E402
+
+__all__ = ["DPI", "SCRATCH", "SCRATCH_COLOUR", "WARMUP_STEPS", "FigureFiles", "backbone_styles", "init_colours",
+           "label_efficiency", "pretrain_step_times", "qualitative_slices", "region_size_curve", "training_curves"]
+
+SCRATCH = "scratch"
+SCRATCH_COLOUR = "#7f7f7f"
+# tab10 then tab20's light partners, greys removed (grey is scratch's)
+PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf",
+           "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#dbdb8d", "#9edae5"]
+LINESTYLES = ["-", "--", ":", "-."]
+MARKERS = ["o", "s", "^", "D", "v", "P"]
+CLASS_PALETTE = ["#e41a1c", "#377eb8", "#4daf4a", "#984ea3", "#ff7f00", "#ffff33", "#a65628", "#f781bf"]  # Set1
+OVERLAY_ALPHA = 0.5
+CONFIDENCE = 0.95
+WARMUP_STEPS = 10
+DPI = 150
+LOWER_IS_BETTER = {"hd95"}
+# Parts of a pre-training step (step_log.csv columns), drawn as stacked segments in the init's colour
+STEP_PARTS = (("data_s", "data wait", {"alpha": 0.35, "hatch": "///"}),
+              ("forward_s", "forward (views to loss)", {"alpha": 0.65}),
+              ("backward_s", "backward + optimizer step", {"alpha": 1.0}))
+STYLE = {
+    "font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "legend.fontsize": 8, "legend.frameon": False,
+    "axes.spines.top": False, "axes.spines.right": False, "axes.grid": True, "grid.alpha": 0.3,
+    "grid.linewidth": 0.5, "hatch.linewidth": 0.6, "svg.fonttype": "none", "svg.hashsalt": "ssl3d",
+}
+
+
+@dataclass(frozen=True)
+class FigureFiles:
+    """What a figure function wrote: the PNG, the SVG, the caption to print under it, and the closed figure."""
+
+    png: Path
+    svg: Path
+    caption: str
+    figure: Figure
+
+
+def init_colours(inits: Iterable[str]) -> dict[str, str]:
+    """Init name -> colour: ``scratch`` grey, the others the palette in the order given (cycling past 18)."""
+    others = [init for init in dict.fromkeys(inits) if init != SCRATCH]
+    return {SCRATCH: SCRATCH_COLOUR, **{init: PALETTE[i % len(PALETTE)] for i, init in enumerate(others)}}
+
+
+def backbone_styles(backbones: Iterable[str]) -> dict[str, dict]:
+    """Backbone name -> line style and marker, in sorted order of the names."""
+    return {name: {"linestyle": LINESTYLES[i % len(LINESTYLES)], "marker": MARKERS[i % len(MARKERS)]}
+            for i, name in enumerate(sorted(set(backbones)))}
+
+
+def _styled(function):
+    """Draw and save under the suite's style, leaving the caller's rcParams alone."""
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        with matplotlib.rc_context(STYLE):
+            return function(*args, **kwargs)
+    return wrapper
+
+
+def _colours(colours: Mapping[str, str] | None, inits: Iterable[str]) -> dict[str, str]:
+    inits = set(inits)
+    if colours is None:
+        return init_colours(sorted(inits))
+    missing = sorted(inits - set(colours))
+    if missing:
+        raise ValueError(f"colours has no entry for init(s) {', '.join(missing)}")
+    return dict(colours)
+
+
+def _ordered_groups(frame: pd.DataFrame, colours: Mapping[str, str]) -> list[tuple[tuple[str, str], pd.DataFrame]]:
+    """The (init, backbone) groups of ``frame`` in the order of the colour map, then of the backbone."""
+    order = {init: i for i, init in enumerate(colours)}
+    return sorted(frame.groupby(["init", "backbone"], sort=False), key=lambda item: (order[item[0][0]], item[0][1]))
+
+
+def _label(init: str, backbone: str, styles: Mapping[str, dict]) -> str:
+    return f"{init} ({backbone})" if len(styles) > 1 else init
+
+
+def _subplots(ncols: int, width: float, height: float = 3.4) -> tuple[Figure, np.ndarray]:
+    fig, axes = plt.subplots(1, ncols, figsize=(width, height), layout="constrained", squeeze=False)
+    return fig, axes[0]
+
+
+def _save(fig: Figure, out: str | Path, caption: str, dpi: int) -> FigureFiles:
+    """Write ``<out>.png`` and ``<out>.svg`` atomically and close the figure."""
+    paths = {}
+    try:
+        for fmt in ("png", "svg"):
+            paths[fmt] = Path(f"{out}.{fmt}")
+            with atomic_path(paths[fmt]) as tmp:
+                fig.savefig(tmp, format=fmt, dpi=dpi, metadata={"Date": None} if fmt == "svg" else None)
+    finally:
+        plt.close(fig)
+    return FigureFiles(paths["png"], paths["svg"], caption, fig)
+
+
+def _mean_ci(values) -> dict[str, float]:
+    """Mean and 95 % Student-t interval of ``values`` (NaN bounds below two values)."""
+    values = np.asarray(values, dtype=float)
+    n, mean = len(values), float(np.mean(values))
+    if n < 2:
+        return {"mean": mean, "low": math.nan, "high": math.nan, "n": n}
+    half = stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1) * np.std(values, ddof=1) / math.sqrt(n)
+    return {"mean": mean, "low": mean - half, "high": mean + half, "n": n}
+
+
+def _summarise(runs: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """Mean and interval of ``value`` across the runs of each ``keys`` group."""
+    return pd.DataFrame([{**dict(zip(keys, key)), **_mean_ci(group["value"])}
+                         for key, group in runs.groupby(keys, sort=True)])
+
+
+def _paired_deltas(runs: pd.DataFrame) -> pd.DataFrame:
+    """Each pre-trained run minus the scratch run with the same backbone, label fraction, subset draw and seed."""
+    keys = ["backbone", "label_fraction", "subset", "seed"]
+    scratch = runs.loc[runs["init"] == SCRATCH, keys + ["value"]]
+    if scratch.duplicated(keys).any():
+        raise ValueError("several scratch runs share a backbone, label fraction, subset and seed: "
+                         "pass the per-case table of one experiment")
+    paired = runs[runs["init"] != SCRATCH].merge(scratch, on=keys, suffixes=("", "_scratch"))
+    return paired.assign(value=paired["value"] - paired["value_scratch"])
+
+
+def _ci_line(ax, summary: pd.DataFrame, colour: str, style: dict, label: str) -> None:
+    ax.plot(summary["label_fraction"], summary["mean"], color=colour, label=label, markersize=4, **style)
+    ax.fill_between(summary["label_fraction"], summary["low"], summary["high"], color=colour, alpha=0.15,
+                    linewidth=0)
+
+
+def _fraction_axis(ax, fractions: np.ndarray) -> None:
+    """Label fractions as percent ticks; a log axis when they span a decade or more."""
+    if fractions.max() / fractions.min() >= 10:
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xticks(fractions, labels=[f"{100 * fraction:g}%" for fraction in fractions])
+    ax.set_xlabel("labelled training cases (% of the training set)")
+
+
+def _figure_legend(fig: Figure, ax) -> None:
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside right upper")
+
+
+def _manifest(manifests: Mapping[str, dict], run: str) -> dict:
+    if run not in manifests:
+        raise ValueError(f"{run}: no manifest given for this run")
+    return manifests[run]
+
+
+def _range_text(counts: pd.Series) -> str:
+    low, high = int(counts.min()), int(counts.max())
+    return f"{low}" if low == high else f"{low}-{high}"
+
+
+@_styled
+def label_efficiency(per_case: pd.DataFrame, dataset: str, metric: str = "dice", out: str | Path = "label_efficiency",
+                     *, target: str = "mean", protocol: str = "finetune", colours: Mapping[str, str] | None = None,
+                     dpi: int = DPI) -> FigureFiles:
+    """How much each init gains as labels get scarce, and whether the gain over scratch exceeds run-to-run noise.
+
+    Left: the metric (each run's mean over test cases, for ``target``; ``mean`` is the run's mean over targets)
+    against the label fraction, mean and 95 % t-interval across runs, one line per (init, backbone). Right: the
+    difference to scratch on the same backbone, paired by subset draw and seed (the same training cases and
+    sampling seed), with its 95 % t-interval: an interval clear of zero is a gain beyond seed noise (PGL, Fig. 5).
+    """
+    rows = per_case[(per_case["dataset"] == dataset) & (per_case["metric"] == metric)
+                    & (per_case["protocol"] == protocol)]
+    if rows.empty:
+        raise ValueError(f"no {metric} rows for dataset {dataset!r} and protocol {protocol!r}")
+    runs = per_run_means(rows)
+    runs = runs[runs["target"] == target]
+    if runs.empty:
+        raise ValueError(f"no target {target!r} in the {metric} rows of {dataset!r}")
+    colours = _colours(colours, runs["init"])
+    styles = backbone_styles(runs["backbone"])
+    keys = ["init", "backbone", "label_fraction"]
+    summary, deltas = _summarise(runs, keys), _paired_deltas(runs)
+    delta_summary = _summarise(deltas, keys)
+
+    title = METRIC_TITLES.get(metric, metric)
+    fig, (ax, ax_delta) = _subplots(2, width=9.5)
+    for (init, backbone), line in _ordered_groups(summary, colours):
+        _ci_line(ax, line, colours[init], styles[backbone], _label(init, backbone, styles))
+    if not delta_summary.empty:
+        for (init, backbone), line in _ordered_groups(delta_summary, colours):
+            _ci_line(ax_delta, line, colours[init], styles[backbone], _label(init, backbone, styles))
+    ax_delta.axhline(0, color="0.3", linewidth=0.8, linestyle="--")
+    fractions = np.sort(runs["label_fraction"].unique())
+    for axis in (ax, ax_delta):
+        _fraction_axis(axis, fractions)
+    better = "lower" if metric in LOWER_IS_BETTER else "higher"
+    ax.set(title=f"{dataset}: {title} against labels", ylabel=f"{title} ({better} is better)")
+    ax_delta.set(title="difference to scratch (same backbone)", ylabel=f"Δ {title} vs scratch")
+    _figure_legend(fig, ax)
+
+    unpaired = sorted(set(runs.loc[runs["init"] != SCRATCH, "init"]) - set(deltas.get("init", [])))
+    caption = (f"{title} on {dataset} ({'mean over targets' if target == 'mean' else target}, {protocol}) against "
+               f"the fraction of labelled training cases. Each run's test cases are averaged first; points are the "
+               f"mean across {_range_text(summary['n'])} runs (seeds × subset draws) with a 95% t-interval (band). "
+               f"Right: each pre-trained run minus the scratch run on the same backbone with the same subset draw "
+               f"and seed, mean and 95% t-interval; {better} is better, and a band clear of the dashed zero line is a "
+               f"difference beyond run-to-run noise.")
+    if unpaired:
+        caption += f" No scratch run to pair with on their backbone: {', '.join(unpaired)}."
+    return _save(fig, out, caption, dpi)
+
+
+def _timed_steps(log: pd.DataFrame, manifest: dict, warmup: int, run: str) -> pd.DataFrame:
+    """The steps of one run after its warm-up (the first ``warmup`` steps, and the first ``warmup`` after a resume)."""
+    config = manifest["config"]
+    keep = log["step"] > warmup
+    resumed = manifest.get("resumed_from_step") or 0
+    if resumed:
+        keep &= ~log["step"].between(resumed + 1, resumed + warmup)
+    steps = log[keep]
+    if steps.empty:
+        raise ValueError(f"{run}: {len(log)} steps logged, none left after skipping {warmup} warm-up steps")
+    return steps.assign(init=config.get("variant", config["method"]), backbone=config["backbone"]["name"], run=run,
+                        device=manifest.get("device", "unknown device"),
+                        total_s=steps["data_s"] + steps["forward_s"] + steps["backward_s"])
+
+
+@_styled
+def pretrain_step_times(step_logs: Mapping[str, pd.DataFrame], manifests: Mapping[str, dict],
+                        out: str | Path = "pretrain_step_times", *, warmup: int = WARMUP_STEPS,
+                        colours: Mapping[str, str] | None = None, dpi: int = DPI) -> FigureFiles:
+    """What a pre-training step costs per method and backbone, where the time goes, and how much memory it needs.
+
+    Left: median time per step, stacked as data wait, forward and backward (with the optimizer step); the whiskers
+    are the interquartile range of the whole step around its median (the median of the sum, which can differ
+    slightly from the sum of the medians). Right: peak memory. Steps of all seeds of a method are pooled; the
+    first ``warmup`` steps of every run, and of every resume, are skipped.
+    """
+    steps = pd.concat([_timed_steps(log, _manifest(manifests, run), warmup, run)
+                       for run, log in step_logs.items()], ignore_index=True)
+    colours = _colours(colours, steps["init"])
+    groups = _ordered_groups(steps, colours)
+    x = np.arange(len(groups))
+    fig, (ax_time, ax_memory) = _subplots(2, width=max(7.0, 1.3 * len(groups) + 4.0), height=3.8)
+    bar_colours = [colours[init] for (init, _), _ in groups]
+    bottom = np.zeros(len(groups))
+    for column, _, style in STEP_PARTS:
+        heights = np.array([group[column].median() * 1000 for _, group in groups])
+        ax_time.bar(x, heights, bottom=bottom, color=bar_colours, edgecolor="white", linewidth=0.5, **style)
+        bottom += heights
+    totals = np.array([group["total_s"].quantile([0.25, 0.5, 0.75]).to_numpy() * 1000 for _, group in groups])
+    whiskers = ax_time.errorbar(x, totals[:, 1], yerr=[totals[:, 1] - totals[:, 0], totals[:, 2] - totals[:, 1]],
+                                fmt="o", color="black", markersize=3, capsize=3, linewidth=1,
+                                label="whole step: median, IQR")
+    ax_memory.bar(x, [group["peak_memory_mb"].max() for _, group in groups], color=bar_colours)
+    labels = [f"{init}\n{backbone}" for (init, backbone), _ in groups]
+    for axis in (ax_time, ax_memory):
+        axis.set_xticks(x, labels=labels, rotation=30, ha="right")
+        axis.grid(axis="x", visible=False)
+    ax_time.set(title="time per pre-training step", ylabel="median time per step (ms)")
+    ax_memory.set(title="peak memory", ylabel="peak memory (MiB)")
+    parts = [Patch(facecolor="0.35", edgecolor="white", label=label, **style) for _, label, style in STEP_PARTS]
+    fig.legend(handles=[*parts, whiskers], loc="outside lower center", ncols=len(parts) + 1)
+
+    runs = steps.groupby(["init", "backbone"])["run"].nunique()
+    devices = sorted(steps["device"].unique())
+    caption = (f"Pre-training cost per method and backbone ({_range_text(runs)} run(s) each, steps pooled), after "
+               f"skipping the first {warmup} steps of every run and of every resume as warm-up. Bars: median time "
+               f"waiting for data, in the forward pass (views to loss terms) and in the backward pass with the "
+               f"optimizer step; whiskers: interquartile range of the whole step. Right: peak memory (GPU memory "
+               f"allocated by torch on CUDA, the process's peak resident set on CPU). Device: {'; '.join(devices)}.")
+    if len(devices) > 1:
+        caption += " Runs on different devices are not comparable."
+    return _save(fig, out, caption, dpi)
+
+
+@_styled
+def region_size_curve(table: pd.DataFrame, out: str | Path = "hybridmim_region_size", *, full_size: int | None = None,
+                      init: str = "hybridmim", colours: Mapping[str, str] | None = None, dpi: int = DPI) -> FigureFiles:
+    """How much partial-region reconstruction saves in a HybridMIM step (HybridMIM, Fig. 6b).
+
+    ``table`` has one row per timed step: ``region_size`` (edge of the reconstructed cube, voxels) and
+    ``seconds`` (that step's time), as ``benchmarks/hybridmim_region_size.py`` measures them; one row per size
+    (its median) also works, without spread. ``full_size`` is the full-volume reconstruction (the crop's edge;
+    default: the largest size). Points are medians with interquartile whiskers, each region annotated with
+    full-volume time / region time: the speed-up partial reconstruction buys.
+    """
+    quartiles = table.groupby("region_size")["seconds"].quantile([0.25, 0.5, 0.75]).unstack() * 1000
+    sizes, (q25, median, q75) = quartiles.index.to_numpy(), quartiles.to_numpy().T
+    full_size = int(sizes.max()) if full_size is None else full_size
+    if full_size not in sizes:
+        raise ValueError(f"full_size {full_size} is not a region size of the table ({', '.join(map(str, sizes))})")
+    colour = _colours(colours, [init])[init]
+    full = median[sizes == full_size][0]
+
+    fig, (ax,) = _subplots(1, width=5.5)
+    ax.errorbar(sizes, median, yerr=[median - q25, q75 - median], fmt="-o", color=colour, markersize=4, capsize=3,
+                label="median, IQR over timed steps")
+    ax.plot([full_size], [full], linestyle="none", marker="*", markersize=14, color=colour, markeredgecolor="black",
+            label=f"full volume ({full_size}³)")
+    for size, value in zip(sizes, median):
+        if size != full_size:
+            ax.annotate(f"{full / value:.2f}×", (size, value), textcoords="offset points", xytext=(0, 8),
+                        ha="center")
+    ax.set_xticks(sizes, labels=[f"{size}³" for size in sizes])
+    ax.set_ylim(bottom=0)
+    ax.margins(x=0.08)
+    ax.set(title=f"{init}: time per step against reconstruction size", xlabel="reconstructed region (voxels)",
+           ylabel="time per step (ms)")
+    ax.legend(loc="upper left")
+
+    speedups = {size: full / value for size, value in zip(sizes, median) if size != full_size}
+    caption = (f"Time per {init} pre-training step against the size of the reconstructed region: median and "
+               f"interquartile range over the timed steps; the star is full-volume reconstruction ({full_size}³). "
+               f"Labels: full-volume time / region time")
+    if speedups:
+        best = max(speedups, key=speedups.get)
+        caption += f" (up to {speedups[best]:.2f}× at {best}³)"
+    return _save(fig, out, caption + ".", dpi)
+
+
+@_styled
+def training_curves(train_logs: Mapping[str, pd.DataFrame], manifests: Mapping[str, dict],
+                    out: str | Path = "training_curves", *, colours: Mapping[str, str] | None = None,
+                    dpi: int = DPI) -> FigureFiles:
+    """Whether an init converges faster or higher than scratch, and how much seeds disagree along the way.
+
+    ``train_logs`` and ``manifests`` map run names to each fine-tuning run's ``train_log.csv`` and
+    ``manifest.json`` (which says the run's init, backbone, seed, dataset and label fraction); pass the runs of one
+    dataset and label fraction. Left: training loss, a running mean over 5 % of the run's steps; right: validation
+    Dice at the validation steps. Thin lines are single runs, thick lines their mean per (init, backbone).
+    """
+    curves = []
+    for run, log in train_logs.items():
+        config = _manifest(manifests, run)["config"]
+        curves.append(pd.DataFrame({
+            "step": log["step"], "loss": log["loss"].rolling(max(1, len(log) // 20), min_periods=1).mean(),
+            "val_dice": pd.to_numeric(log["val_dice"], errors="coerce"), "run": run, "init": config["init"],
+            "backbone": config["backbone"]["name"], "dataset": config["dataset"],
+            "label_fraction": config["label_fraction"]}))
+    curves = pd.concat(curves, ignore_index=True)
+    settings = curves[["dataset", "label_fraction"]].drop_duplicates()
+    if len(settings) > 1:
+        raise ValueError("training_curves draws one dataset and label fraction; got "
+                         + ", ".join(f"{d} at {f:g}" for d, f in settings.itertuples(index=False)))
+    dataset, fraction = settings.iloc[0]
+    colours = _colours(colours, curves["init"])
+    styles = backbone_styles(curves["backbone"])
+
+    fig, (ax_loss, ax_dice) = _subplots(2, width=9.5)
+    for (init, backbone), group in _ordered_groups(curves, colours):
+        style = {"color": colours[init], "linestyle": styles[backbone]["linestyle"]}
+        for axis, column, marker in ((ax_loss, "loss", None), (ax_dice, "val_dice", styles[backbone]["marker"])):
+            points = group.dropna(subset=[column])
+            for _, one in points.groupby("run"):
+                axis.plot(one["step"], one[column], linewidth=0.7, alpha=0.4, **style)
+            mean = points.groupby("step")[column].mean()
+            axis.plot(mean.index, mean.to_numpy(), linewidth=2, marker=marker, markersize=4,
+                      label=_label(init, backbone, styles), **style)
+    for axis in (ax_loss, ax_dice):
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_loss.set(title="fine-tuning loss", xlabel="step", ylabel="training loss (Dice + cross-entropy)")
+    ax_dice.set(title="validation", xlabel="step", ylabel="validation Dice (mean over classes)")
+    _figure_legend(fig, ax_dice)
+
+    runs = curves.groupby(["init", "backbone"])["run"].nunique()
+    caption = (f"Fine-tuning on {dataset} with {100 * fraction:g}% of the labelled training cases: training loss "
+               f"(running mean over 5% of the steps) and validation Dice against step. Thin lines: single runs "
+               f"({_range_text(runs)} seed(s) per init); thick lines: their mean.")
+    return _save(fig, out, caption, dpi)
+
+
+def _volume(array, name: str) -> np.ndarray:
+    """A 3D array, from (X, Y, Z) or channel-first (1, X, Y, Z)."""
+    array = np.asarray(array)
+    if array.ndim == 4 and array.shape[0] == 1:
+        array = array[0]
+    if array.ndim != 3:
+        raise ValueError(f"{name}: expected a 3D volume (X, Y, Z) or (1, X, Y, Z), got shape {array.shape}")
+    return array
+
+
+def _overlay(labels: np.ndarray, class_colours: Mapping[int, str]) -> np.ndarray:
+    """An RGBA image: each class in its colour, background transparent."""
+    rgba = np.zeros((*labels.shape, 4))
+    for label, colour in class_colours.items():
+        rgba[labels == label] = (*to_rgb(colour), OVERLAY_ALPHA)
+    return rgba
+
+
+@_styled
+def qualitative_slices(image, reference, predictions: Mapping[str, np.ndarray], classes: Mapping[int, str],
+                       out: str | Path = "qualitative", *, colours: Mapping[str, str] | None = None,
+                       dpi: int = DPI) -> FigureFiles:
+    """What the inits' segmentations look like against the reference on one case: where they miss or over-segment.
+
+    One axial slice (the last axis; the slice with the most reference foreground), the image in grey (1st-99th
+    percentile window) with the labels overlaid, one colour per class; the reference first, then one panel per
+    init framed in the init's colour. Arrays are (X, Y, Z) or (1, X, Y, Z); X runs left to right, Y bottom to top.
+    """
+    image, reference = _volume(image, "image"), _volume(reference, "reference")
+    panels = {"reference": reference, **{init: _volume(pred, init) for init, pred in predictions.items()}}
+    wrong = [name for name, labels in panels.items() if labels.shape != image.shape]
+    if wrong:
+        raise ValueError(f"{', '.join(wrong)}: shape differs from the image's {image.shape}")
+    z = int(np.argmax((reference > 0).sum(axis=(0, 1))))
+    frames = {"reference": "black", **_colours(colours, predictions)}
+    class_colours = {label: CLASS_PALETTE[i % len(CLASS_PALETTE)] for i, label in enumerate(sorted(classes))}
+    plane = image[:, :, z].T
+    low, high = np.percentile(plane, [1, 99])
+
+    fig, axes = _subplots(len(panels), width=2.3 * len(panels) + 0.5, height=3.0)
+    for ax, (name, labels) in zip(axes, panels.items()):
+        ax.imshow(plane, cmap="gray", vmin=low, vmax=high, origin="lower", interpolation="nearest")
+        ax.imshow(_overlay(labels[:, :, z].T, class_colours), origin="lower", interpolation="nearest")
+        ax.set_title(name)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.grid(False)
+        for spine in ax.spines.values():
+            spine.set(visible=True, edgecolor=frames[name], linewidth=2)
+    fig.legend(handles=[Patch(color=class_colours[label], alpha=OVERLAY_ALPHA, label=classes[label])
+                        for label in class_colours], loc="outside lower center", ncols=min(len(classes), 6))
+
+    caption = (f"Axial slice {z} of {image.shape[2]} (the slice with the most reference foreground): the image in "
+               f"grey with labels overlaid, one colour per class; the reference, then the prediction of each init "
+               f"({', '.join(predictions)}).")
+    return _save(fig, out, caption, dpi)

@@ -1,0 +1,206 @@
+"""The report figures on synthetic tables: files written, captions, and the series each figure must show."""
+
+import itertools
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.colors import to_hex, to_rgb
+from matplotlib.container import BarContainer
+
+from ssl3d.evaluate.run import PER_CASE_COLUMNS
+from ssl3d.report.figures import (SCRATCH_COLOUR, _mean_ci, init_colours, label_efficiency, pretrain_step_times,
+                                  qualitative_slices, region_size_curve, training_curves)
+
+DPI = 30
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+LINES = [("scratch", "unet"), ("scratch", "hybridmim_unet"), ("byol", "unet"), ("hybridmim", "hybridmim_unet")]
+FRACTIONS = [0.1, 0.5, 1.0]
+
+
+def per_case_table() -> pd.DataFrame:
+    """byol = scratch + 0.1 on every case; hybridmim = scratch + 0.05 + 0.01 * seed (mean gain 0.06)."""
+    rows = []
+    for (init, backbone), fraction, seed, case, target in itertools.product(
+            LINES, FRACTIONS, range(3), range(3), ["liver", "spleen"]):
+        for subset in range(1 if fraction == 1 else 2):
+            value = 0.5 + 0.3 * fraction + 0.02 * seed + 0.05 * subset + 0.01 * case
+            value += {"scratch": 0.0, "byol": 0.1, "hybridmim": 0.05 + 0.01 * seed}[init]
+            rows.append({"dataset": "toy", "case_id": f"c{case}", "target": target, "metric": "dice", "value": value,
+                         "init": init, "backbone": backbone, "protocol": "finetune", "label_fraction": fraction,
+                         "subset": subset, "seed": seed, "run_id": f"{init}-{backbone}-{fraction}-{subset}-{seed}",
+                         "empty_reference": False, "empty_prediction": False, "empty_policy": "both_empty=nan"})
+    return pd.DataFrame(rows, columns=PER_CASE_COLUMNS)
+
+
+def step_logs() -> tuple[dict, dict]:
+    """Three pre-training runs of 40 steps; the first 10 and the 10 after a resume at step 20 are slow (warm-up)."""
+    logs, manifests = {}, {}
+    for variant, backbone, seed in [("byol", "unet", 0), ("hybridmim", "hybridmim_unet", 0),
+                                    ("hybridmim", "hybridmim_unet", 1)]:
+        step = np.arange(1, 41)
+        slow = (step <= 10) | ((step > 20) & (step <= 30))
+        logs[f"{variant}{seed}"] = pd.DataFrame({
+            "step": step, "loss": 1.0 / step, "loss_rec": 1.0 / step, "lr": 1e-3,
+            "data_s": np.where(slow, 5.0, 0.010), "forward_s": 0.020, "backward_s": 0.030,
+            "peak_memory_mb": 100.0 + step})
+        manifests[f"{variant}{seed}"] = {"config": {"variant": variant, "method": variant, "backbone": {"name": backbone},
+                                                    "seed": seed},
+                                         "device": "cpu: test", "resumed_from_step": 20}
+    return logs, manifests
+
+
+def train_logs(fractions=(0.5,)) -> tuple[dict, dict]:
+    logs, manifests = {}, {}
+    runs = [("scratch", "unet", 0), ("scratch", "unet", 1), ("byol", "unet", 0), ("byol", "unet", 1),
+            ("hybridmim", "hybridmim_unet", 0)]
+    for (init, backbone, seed), fraction in itertools.product(runs, fractions):
+        step = np.arange(1, 21)
+        name = f"{init}_{seed}_{fraction}"
+        logs[name] = pd.DataFrame({"step": step, "loss": 1.0 / step + 0.01 * seed, "lr": 0.01,
+                                   "val_dice": [0.5 + s / 100 if s % 5 == 0 else "" for s in step]})
+        manifests[name] = {"config": {"init": init, "backbone": {"name": backbone}, "seed": seed, "dataset": "toy",
+                                      "label_fraction": fraction}}
+    return logs, manifests
+
+
+def assert_written(result, *texts):
+    assert result.png.read_bytes().startswith(PNG_MAGIC)
+    svg = result.svg.read_text()
+    assert svg.lstrip().startswith("<?xml") and "</svg>" in svg
+    for text in texts:
+        assert text in svg, text
+    assert result.caption and result.caption.endswith(".")
+    assert sorted(p.name for p in result.png.parent.iterdir()) == sorted([result.png.name, result.svg.name])
+
+
+def labelled_lines(ax) -> dict:
+    return {line.get_label(): line for line in ax.get_lines() if not line.get_label().startswith("_")}
+
+
+def test_init_colours_keep_scratch_grey_and_ignore_it_when_numbering():
+    colours = init_colours(["scratch", "byol", "hybridmim"])
+    assert colours["scratch"] == SCRATCH_COLOUR and len(set(to_rgb(SCRATCH_COLOUR))) == 1
+    assert colours["byol"] == init_colours(["byol", "hybridmim"])["byol"] != colours["hybridmim"]
+    assert len(set(init_colours([f"m{i}" for i in range(12)]).values())) == 13
+
+
+def test_mean_ci_is_a_student_t_interval():
+    ci = _mean_ci([1.0, 2.0, 3.0])
+    assert ci["mean"] == 2.0 and ci["high"] - 2.0 == pytest.approx(4.302653 / math.sqrt(3), rel=1e-5)
+    assert math.isnan(_mean_ci([1.0])["low"])
+
+
+def test_label_efficiency(tmp_path):
+    result = label_efficiency(per_case_table(), "toy", out=tmp_path / "label_efficiency", dpi=DPI)
+    assert_written(result, "byol (unet)", "scratch (hybridmim_unet)", "hybridmim (hybridmim_unet)")
+    ax, ax_delta = result.figure.axes
+    legend = [text.get_text() for text in result.figure.legends[0].get_texts()]
+    assert sorted(legend) == sorted(f"{init} ({backbone})" for init, backbone in LINES)
+    assert ax.get_xscale() == "log"  # 0.1 to 1 spans a decade
+
+    lines = labelled_lines(ax)
+    np.testing.assert_allclose(lines["scratch (unet)"].get_ydata(), 0.5 + 0.3 * np.array(FRACTIONS) + 0.02
+                               + [0.025, 0.025, 0] + 0.01)  # seeds 0-2 and subsets 0-1 averaged, cases 0-2
+    deltas = labelled_lines(ax_delta)
+    assert set(deltas) == {"byol (unet)", "hybridmim (hybridmim_unet)"}  # no scratch line in the Δ panel
+    np.testing.assert_allclose(deltas["byol (unet)"].get_ydata(), 0.1)
+    np.testing.assert_allclose(deltas["hybridmim (hybridmim_unet)"].get_ydata(), 0.06)
+    assert "95% t-interval" in result.caption
+
+
+def test_label_efficiency_rejects_a_missing_dataset(tmp_path):
+    with pytest.raises(ValueError, match="dataset 'other'"):
+        label_efficiency(per_case_table(), "other", out=tmp_path / "x", dpi=DPI)
+
+
+def test_pretrain_step_times_stack_three_parts_and_skip_warmup(tmp_path):
+    logs, manifests = step_logs()
+    result = pretrain_step_times(logs, manifests, out=tmp_path / "steps", dpi=DPI)
+    assert_written(result, "data wait", "byol", "hybridmim")
+    ax_time, ax_memory = result.figure.axes
+    bars = [c for c in ax_time.containers if isinstance(c, BarContainer)]
+    assert len(bars) == 3 and all(len(c.patches) == 2 for c in bars)  # data, forward, backward for each method
+    heights = np.array([[patch.get_height() for patch in c.patches] for c in bars])
+    np.testing.assert_allclose(heights, [[10, 10], [20, 20], [30, 30]])  # ms: the slow warm-up steps are gone
+    assert [patch.get_height() for patch in ax_memory.patches] == [140.0, 140.0]
+    assert "first 10 steps" in result.caption
+    with pytest.raises(ValueError, match="none left after skipping 40"):
+        pretrain_step_times(logs, manifests, out=tmp_path / "steps", warmup=40, dpi=DPI)
+
+
+def test_region_size_curve_marks_full_volume_and_ratios(tmp_path):
+    table = pd.DataFrame([{"region_size": size, "seconds": size ** 3 * 1e-6 * (1 + 0.01 * i)}
+                          for size in (16, 24, 32) for i in (-1, 0, 1)])
+    result = region_size_curve(table, out=tmp_path / "region", dpi=DPI)
+    assert_written(result, "full volume (32³)")
+    (ax,) = result.figure.axes
+    full = labelled_lines(ax)["full volume (32³)"]
+    assert list(full.get_xdata()) == [32]
+    assert sorted(text.get_text() for text in ax.texts) == ["2.37×", "8.00×"]
+    assert "8.00× at 16³" in result.caption
+
+
+def test_training_curves_thin_lines_per_run_and_one_mean_per_init(tmp_path):
+    logs, manifests = train_logs()
+    result = training_curves(logs, manifests, out=tmp_path / "curves", dpi=DPI)
+    assert_written(result, "byol (unet)")
+    ax_loss, ax_dice = result.figure.axes
+    legend = {text.get_text() for text in result.figure.legends[0].get_texts()}
+    assert legend == {"scratch (unet)", "byol (unet)", "hybridmim (hybridmim_unet)"}
+    for axis in (ax_loss, ax_dice):
+        assert len(axis.get_lines()) == len(logs) + 3
+    np.testing.assert_allclose(labelled_lines(ax_dice)["byol (unet)"].get_xdata(), [5, 10, 15, 20])
+    with pytest.raises(ValueError, match="one dataset and label fraction"):
+        training_curves(*train_logs(fractions=(0.5, 1.0)), out=tmp_path / "mixed", dpi=DPI)
+
+
+def test_an_init_has_one_colour_across_figures(tmp_path):
+    colours = init_colours(["scratch", "hybridmim", "byol"])
+    efficiency = label_efficiency(per_case_table(), "toy", out=tmp_path / "a" / "eff", colours=colours, dpi=DPI)
+    curves = training_curves(*train_logs(), out=tmp_path / "b" / "curves", colours=colours, dpi=DPI)
+    for init, backbone in LINES:
+        label = f"{init} ({backbone})"
+        colour = to_hex(labelled_lines(efficiency.figure.axes[0])[label].get_color())
+        assert colour == colours[init]
+        if init == "scratch":
+            assert colour == SCRATCH_COLOUR
+        if label in labelled_lines(curves.figure.axes[1]):
+            assert to_hex(labelled_lines(curves.figure.axes[1])[label].get_color()) == colour
+    # without a map, figures showing the same pre-trained inits agree too
+    default = label_efficiency(per_case_table(), "toy", out=tmp_path / "c" / "eff", dpi=DPI)
+    steps = pretrain_step_times(*step_logs(), out=tmp_path / "d" / "steps", dpi=DPI)
+    memory = [to_hex(patch.get_facecolor()) for patch in steps.figure.axes[1].patches]
+    assert memory == [to_hex(labelled_lines(default.figure.axes[0])[label].get_color())
+                      for label in ("byol (unet)", "hybridmim (hybridmim_unet)")]
+
+
+def test_qualitative_slices_one_panel_per_init_and_the_reference(tmp_path):
+    shape = (16, 12, 6)
+    image = np.random.default_rng(0).normal(size=(1, *shape))
+    reference = np.zeros(shape, dtype=np.uint8)
+    reference[4:10, 3:8, 2:5] = 1
+    reference[2:12, 2:10, 4] = 2  # slice 4 has the most foreground
+    predictions = {"scratch": np.roll(reference, 1, axis=0), "byol": reference.copy(), "hybridmim": reference * 0}
+    result = qualitative_slices(image, reference, predictions, {1: "liver", 2: "spleen"}, out=tmp_path / "qual",
+                                dpi=DPI)
+    assert_written(result, "liver", "spleen", "reference", "hybridmim")
+    axes = result.figure.axes
+    assert len(axes) == len(predictions) + 1
+    assert [ax.get_title() for ax in axes] == ["reference", "scratch", "byol", "hybridmim"]
+    assert all(len(ax.images) == 2 for ax in axes)
+    overlay = axes[0].images[1].get_array()
+    assert overlay.shape == (shape[1], shape[0], 4) and (overlay[..., 3] > 0).sum() == 10 * 8
+    assert to_hex(axes[1].spines["left"].get_edgecolor()) == SCRATCH_COLOUR
+    assert "slice 4 of 6" in result.caption
+    with pytest.raises(ValueError, match="byol: shape differs"):
+        qualitative_slices(image, reference, {"byol": reference[:-1]}, {1: "liver"}, out=tmp_path / "bad", dpi=DPI)
+
+
+def test_label_efficiency_names_inits_without_a_scratch_run_to_pair_with(tmp_path):
+    table = per_case_table()
+    table = table[~((table["init"] == "scratch") & (table["backbone"] == "hybridmim_unet"))]
+    result = label_efficiency(table, "toy", out=tmp_path / "eff", dpi=DPI)
+    assert set(labelled_lines(result.figure.axes[1])) == {"byol (unet)"}
+    assert result.caption.endswith("No scratch run to pair with on their backbone: hybridmim.")
