@@ -1,0 +1,118 @@
+"""The paper experiment configs (config/experiments/{hybridmim,pgl,hdssl,mini}.yaml): each names real datasets the
+way the registry expects, builds its supervised rows, and plans with no data present (manual arms skipped,
+automatic ones fetched) and again with a placed manual copy (its arm joins the grid).
+
+The job count of each plan is printed (``pytest -s tests/test_experiment_configs.py`` shows them)."""
+
+import re
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from ssl3d.data.paper_splits import load_paper_split
+from ssl3d.data.recipes import get_recipe
+from ssl3d.data.registry import get_entry
+from ssl3d.nets import build_network
+from ssl3d.plan import dataset_recipe, pretrain_entries
+
+from conftest import REPO
+
+CONFIGS = ["hybridmim", "pgl", "hdssl", "mini"]
+_PLANS: dict[tuple[str, bool], subprocess.CompletedProcess] = {}
+
+
+def load(name: str) -> dict:
+    return yaml.safe_load((REPO / "config" / "experiments" / f"{name}.yaml").read_text())
+
+
+def manual(config: dict) -> dict[str, dict]:
+    return {name: settings for name, settings in config["datasets"].items() if settings.get("missing") == "skip"}
+
+
+def plan(name: str, tmp_path_factory, placed: bool) -> subprocess.CompletedProcess:
+    """`snakemake -n` of the config in a fresh working directory, with (placed) or without a dummy copy of every
+    manual dataset at its `path`; run once per (config, placed) for the module."""
+    if (name, placed) not in _PLANS:
+        workdir = tmp_path_factory.mktemp(f"{name}_{'placed' if placed else 'bare'}")
+        if placed:
+            for settings in manual(load(name)).values():
+                copy = workdir / settings["path"]
+                copy.mkdir(parents=True)
+                (copy / "placeholder.txt").write_text("a stand-in for the user's copy\n")
+        _PLANS[name, placed] = subprocess.run(
+            [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
+             "--configfile", str(REPO / "config" / "experiments" / f"{name}.yaml"), "-n"],
+            capture_output=True, text=True)
+    return _PLANS[name, placed]
+
+
+def job_counts(stdout: str) -> dict[str, int]:
+    """Rule -> number of jobs, from the first "Job stats" table of a dry run (with its `total`)."""
+    table = stdout.split("Job stats:", 1)[1].split("\n\n", 1)[0]
+    return {rule: int(count) for rule, count in re.findall(r"^(\w+)\s+(\d+)$", table, re.M)}
+
+
+def fetched(stdout: str) -> set[str]:
+    return set(re.findall(r"^rule fetch:\n\s+output: data/sources/([\w-]+)/verified\.json", stdout, re.M))
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_names_its_datasets_as_the_registry_expects(name):
+    config = load(name)
+    assert config["experiment"] == name
+    used = set(config["finetune"]["datasets"]) | set(config.get("pretrain", {}).get("datasets", []))
+    assert used == set(config["datasets"]), "a dataset that no arm uses is fetched for nothing"
+    for dataset, settings in config["datasets"].items():
+        assert settings["source"] == "registry", dataset
+        entry = get_entry(settings.get("entry", dataset))
+        assert entry.access in ("automatic", "manual"), f"{dataset}: {entry.access} cannot be obtained"
+        if entry.access == "manual":  # never downloaded: the user's copy at a path the config documents
+            assert settings.get("missing") == "skip" and settings["path"] == f"data/manual/{dataset}", dataset
+        else:
+            assert "path" not in settings and "missing" not in settings, dataset
+        get_recipe(dataset_recipe(config, dataset))
+        if "split" in settings:
+            assert "train" in load_paper_split(settings["split"]), f"{settings['split']}: a k-fold file"
+    # every pre-trained entry is fine-tuned (none pre-trained for nothing)
+    assert set(pretrain_entries(config)) <= set(config["finetune"]["inits"])
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_scratch_backbone_builds(name):
+    """The supervised rows are built only when their fine-tuning starts: a wrong field fails here instead."""
+    config = load(name)
+    for backbone in config["finetune"]["backbones"]:
+        build_network(backbone, in_channels=1, out_channels=2)
+        if backbone["name"] == "unetr":  # its position embedding fixes the input size
+            assert backbone["img_size"] == config["finetune"]["patch_size"] == config["inference"]["roi_size"]
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_plans_with_no_data_present(name, tmp_path_factory):
+    config = load(name)
+    result = plan(name, tmp_path_factory, placed=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"results/{name}/summary.md" in result.stdout
+    for dataset, settings in manual(config).items():
+        assert f"skipping dataset {dataset}: no copy at {settings['path']} (missing: skip)" in result.stderr
+    if "btcv" in config["datasets"]:
+        assert "skipping dataset btcv" in result.stderr
+    assert fetched(result.stdout) == set(config["datasets"]) - set(manual(config))
+    counts = job_counts(result.stdout)
+    assert counts["pretrain"] == len(pretrain_entries(config)) * len(config["pretrain"]["seeds"])
+    assert counts["finetune"] == counts["evaluate"] > 0
+    print(f"\n{name}: {counts['total']} jobs with no data present ({counts})")
+
+
+@pytest.mark.parametrize("name", [name for name in CONFIGS if manual(load(name))])
+def test_a_placed_manual_copy_brings_its_arm_back(name, tmp_path_factory):
+    config = load(name)
+    bare, placed = plan(name, tmp_path_factory, placed=False), plan(name, tmp_path_factory, placed=True)
+    assert placed.returncode == 0, placed.stdout[-3000:] + placed.stderr[-3000:]
+    assert "skipping dataset" not in placed.stderr
+    assert fetched(placed.stdout) == set(config["datasets"])
+    bare_counts, placed_counts = job_counts(bare.stdout), job_counts(placed.stdout)
+    assert placed_counts["finetune"] > bare_counts["finetune"]
+    print(f"\n{name}: {placed_counts['total']} jobs with every manual copy placed ({placed_counts})")
