@@ -1,0 +1,407 @@
+"""Reproduced versus published: each paper table in its own layout with our numbers beside the paper's, and the
+leaderboard of every init under one protocol. Both are DataFrames in long form (one line per cell, or per ranked
+row); the ``*_markdown`` functions render them, and writing CSV is the caller's job.
+
+Paper tables (:func:`paper_table`)
+    One line per published cell of the table (``report/published/<paper>.csv``). ``row`` numbers the printed rows
+    (method, init, backbone, setting, label fraction) and ``column`` the printed columns (dataset, target, metric),
+    both in order of first appearance in the published file, so the paper's grid is kept even for cells we have no
+    number for; :func:`paper_table_markdown` pivots the lines back into that grid.
+
+Matching a published cell to our per-case rows (those of one ``protocol``, ``finetune`` by default)
+    - dataset: equal.
+    - init: our init equals the published one (a method name or ``scratch``). An experiment entry named otherwise
+      (``hybridmim_unet`` is HybridMIM on its UNet) is tied to a published init by ``aliases``: our init -> the
+      published init, or -> (published init, setting) where the paper tells rows of one init apart by their
+      setting only (the loss ablation of HybridMIM's Table 4). A match on the setting wins over one without; two of
+      our inits matching one cell raise ``ValueError`` (their runs would be pooled).
+    - backbone: equal after ``backbones`` (published backbone -> ours), which names the stand-in where the paper's
+      network is not in the suite (``{"unetformer": "swinunetr"}``, PGL's ``resnet50_aspp``); without one such a
+      row matches nothing and says "not run".
+    - label fraction: equal where the paper gives one (where it gives none, our matching runs must have one).
+    - target: equal; the paper's ``avg`` is our ``mean``, each run's mean over the targets we evaluate
+      (:func:`ssl3d.analysis.aggregate.per_run_means`).
+    - metric: equal. PGL's ``hd`` (Hausdorff distance, percentile not stated) is not our ``hd95``, and speeds are
+      not per-case metrics: those cells say "metric not measured".
+    The setting text is not matched otherwise, so an unaliased init stands for every setting of its published init
+    (HybridMIM's generic and task-specific rows show the same runs).
+
+Numbers of a cell
+    ``ours`` is the mean over runs of each run's mean over its test cases (the summary table's number), ×100 where
+    the paper prints percent; ``delta`` = ours − published, in the paper's scale. The 95 % interval is the BCa
+    bootstrap over test cases, each case averaged over the runs first (:func:`ssl3d.analysis.stats.bootstrap_ci`
+    on :func:`ssl3d.analysis.stats.case_values`), the same interval as the leaderboard's. Not a t-interval across
+    runs: a reproduction has 1-3 seeds, where that interval is undefined or a dozen standard errors wide
+    (t(0.975, 1) = 12.7), and it is evaluated on another test split than the paper's, so test-case sampling is the
+    uncertainty the published number is read against. It leaves out seed-to-seed variation (the summary's sd across
+    runs shows it), so ``outside_ci`` (the published value lies outside our interval) is a flag to look into, not a
+    test. For the ``mean`` target the interval is over each case's mean over targets, so where a target is NaN its
+    centre can differ slightly from ``ours`` (a mean of target means).
+
+Status of a cell, first that applies: "method not implemented" (the published init is empty, e.g. TransVW, PGL,
+vox2vec, or neither ``scratch`` nor a registered method), "metric not measured", "not run" (no run matches), else the
+scale of the experiment that produced the per-case table, which only the caller knows: "demo scale" or "paper scale".
+
+Leaderboard (:func:`leaderboard`)
+    Every (init, backbone) row of each dataset × label fraction, ranked by the primary metric (1 = best) of its
+    mean over the case values, with the case bootstrap intervals of Dice and HD95, the Holm-corrected paired
+    Wilcoxon p-values against ``scratch`` on the row's own backbone and against the best row, and ``stale``.
+    The comparisons are :func:`ssl3d.analysis.stats.compare_inits`' (same tests, same pair-once family, same Holm),
+    built here from its parts because ``compare_inits`` raises when ``scratch`` is trained on several backbones
+    but not on a row's (Models Genesis on its own UNet in the HybridMIM grid); such a row has no p vs scratch.
+
+Staleness
+    A fine-tuning run is stale when the pre-training it starts from was made by an older version of its method
+    (``Method.version``, bumped when a change alters results). Fine-tuning manifests do not record the version:
+    it is read from the pre-training run's manifest (``method_version``, and ``config.method``), found through the
+    fine-tuning manifest's ``config.pretrained`` run id, so ``manifests`` must hold both kinds. A fine-tuning
+    manifest that records ``method`` and ``method_version`` itself is read directly. Versions are only bumped, so a
+    recorded version other than the current one is an older one. Unknown (a manifest missing, a method no longer
+    registered) is NA; a row is stale when any of its runs is.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Mapping
+from functools import cache
+
+import numpy as np
+import pandas as pd
+
+from ssl3d.analysis.aggregate import METRIC_TITLES, per_run_means
+from ssl3d.analysis.stats import LOWER_IS_BETTER, _holm, bootstrap_ci, case_values, wilcoxon_test
+from ssl3d.evaluate.metrics import METRICS
+from ssl3d.pretrain.registry import methods
+
+__all__ = ["NOT_IMPLEMENTED", "NOT_MEASURED", "NOT_RUN", "TIERS", "leaderboard", "leaderboard_markdown",
+           "method_footnotes", "paper_table", "paper_table_markdown"]
+
+SCRATCH = "scratch"
+TIERS = {"demo": "demo scale", "paper": "paper scale"}
+NOT_IMPLEMENTED, NOT_MEASURED, NOT_RUN = "method not implemented", "metric not measured", "not run"
+FACTORS = {"percent": 100.0, "fraction": 1.0, "mm": 1.0}  # our per-case values -> the paper's scale
+MIN_DECIMALS = {"fraction": 3}
+ROW_KEY = ["method", "init", "backbone", "setting", "label_fraction"]
+COLUMN_KEY = ["dataset", "target", "metric"]
+TARGETS = {"avg": "mean"}  # the paper's target name -> ours
+LEADERBOARD_METRICS = ("dice", "hd95")
+ROW = ["init", "backbone"]
+CONFIDENCE = 0.95
+N_RESAMPLES = 10_000
+
+Alias = str | tuple[str, str]
+
+
+# --- paper tables ---------------------------------------------------------------------------------------------
+
+def _implemented(init: str) -> bool:
+    return init == SCRATCH or init in methods()
+
+
+def _published_cells(published: pd.DataFrame, paper: str, table: str) -> pd.DataFrame:
+    """The table's cells in published order, numbered by printed row and column (order of first appearance)."""
+    cells = published[(published["paper"] == paper) & (published["table"] == table)].reset_index(drop=True)
+    if cells.empty:
+        raise ValueError(f"no published cells for {paper} {table}")
+    return cells.assign(row=cells.groupby(ROW_KEY, sort=False, dropna=False).ngroup(),
+                        column=cells.groupby(COLUMN_KEY, sort=False, dropna=False).ngroup())
+
+
+def _aliased_runs(runs: pd.DataFrame, aliases: Mapping[str, Alias]) -> pd.DataFrame:
+    """``runs`` with the published init (``as_init``) and, for an alias with one, setting (``as_setting``) that
+    each of our inits stands for."""
+    alias = runs["init"].map(lambda init: aliases.get(init, init))
+    return runs.assign(as_init=alias.map(lambda a: a[0] if isinstance(a, tuple) else a),
+                       as_setting=alias.map(lambda a: a[1] if isinstance(a, tuple) else None))
+
+
+def _matching_runs(runs: pd.DataFrame, cell, backbones: Mapping[str, str]) -> pd.DataFrame:
+    """Our per-run means matching a published cell (rules in the module docstring)."""
+    match = ((runs["dataset"] == cell.dataset) & (runs["as_init"] == cell.init)
+             & (runs["backbone"] == backbones.get(cell.backbone, cell.backbone))
+             & (runs["target"] == TARGETS.get(cell.target, cell.target)) & (runs["metric"] == cell.metric))
+    if not math.isnan(cell.label_fraction):
+        match &= np.isclose(runs["label_fraction"].astype(float), cell.label_fraction)
+    found = runs[match & (runs["as_setting"].isna() | (runs["as_setting"] == cell.setting))]
+    if (found["as_setting"] == cell.setting).any():
+        found = found[found["as_setting"] == cell.setting]
+    if len(found[["init", "label_fraction"]].drop_duplicates()) > 1:
+        raise ValueError(f"{cell.paper} {cell.table}, row {cell.method!r} ({cell.setting}), {cell.target} "
+                         f"{cell.metric}: several of our inits or label fractions match "
+                         f"({sorted(set(zip(found['init'], found['label_fraction'])))}); their runs would be pooled. "
+                         "Tie one init to the row with a setting in aliases")
+    return found
+
+
+def _status(cell, found: pd.DataFrame, tier: str) -> str:
+    if not _implemented(cell.init):
+        return NOT_IMPLEMENTED
+    if cell.metric not in METRICS:
+        return NOT_MEASURED
+    return NOT_RUN if found.empty else TIERS[tier]
+
+
+def _reproduce(cell, found: pd.DataFrame, interval) -> dict:
+    """Our number for one matched cell, in the paper's scale, with its interval and run counts."""
+    factor = FACTORS[cell.scale]
+    init, backbone, fraction = found[["init", "backbone", "label_fraction"]].iloc[0]
+    ci = interval(cell.dataset, float(fraction), TARGETS.get(cell.target, cell.target), cell.metric, init, backbone)
+    ours = found["value"].astype(float).mean() * factor
+    low, high = ci["low"] * factor, ci["high"] * factor
+    return {"ours": ours, "ci_low": low, "ci_high": high, "delta": ours - cell.value,
+            "outside_ci": bool(cell.value < low or cell.value > high) if not math.isnan(low) else pd.NA,
+            "n_runs": found["run_id"].nunique(), "n_seeds": found["seed"].nunique(),
+            "n_subsets": found["subset"].nunique(), "n_cases": ci["n"], "our_init": init, "our_backbone": backbone}
+
+
+def _case_interval(per_case: pd.DataFrame, confidence: float, n_resamples: int):
+    """A cached ``(dataset, fraction, target, metric, init, backbone) -> bootstrap_ci`` over one row's case values."""
+    values = cache(lambda dataset, fraction, target, metric: case_values(per_case, dataset, fraction, target, metric))
+
+    def interval(dataset, fraction, target, metric, init, backbone) -> dict:
+        table = values(dataset, fraction, target, metric)
+        row = table[(table["init"] == init) & (table["backbone"] == backbone)]
+        return bootstrap_ci(row["value"], confidence, n_resamples)
+    return interval
+
+
+def paper_table(per_case: pd.DataFrame, published: pd.DataFrame, paper: str, table: str, tier: str = "demo", *,
+                aliases: Mapping[str, Alias] | None = None, backbones: Mapping[str, str] | None = None,
+                protocol: str = "finetune", confidence: float = CONFIDENCE,
+                n_resamples: int = N_RESAMPLES) -> pd.DataFrame:
+    """Our numbers for one published table, one line per published cell in the paper's order (module docstring:
+    matching, interval, statuses). ``tier``: "demo" or "paper", the scale of the config behind ``per_case``.
+
+    Columns: paper, table, row, column, the published key (method, init, backbone, setting, label_fraction,
+    dataset, target, metric, scale), published, published_pm, ours, ci_low, ci_high, delta, outside_ci (NA
+    without an interval), n_runs, n_seeds, n_subsets, n_cases, our_init, our_backbone, status, source_line,
+    inferred (the published cell's own: the INFERENCES.md keys it depends on).
+    """
+    if tier not in TIERS:
+        raise ValueError(f"tier must be one of {tuple(TIERS)}, got {tier!r}")
+    ours = per_case[per_case["protocol"] == protocol]
+    runs = _aliased_runs(per_run_means(ours), aliases or {})
+    interval = _case_interval(ours, confidence, n_resamples)
+    lines = []
+    for cell in _published_cells(published, paper, table).itertuples(index=False):
+        found = _matching_runs(runs, cell, backbones or {})
+        status = _status(cell, found, tier)
+        numbers = _reproduce(cell, found, interval) if status == TIERS[tier] else {}
+        lines.append({**cell._asdict(), "published": cell.value, "published_pm": cell.pm, **numbers,
+                      "status": status})
+    columns = ["paper", "table", "row", "column", *ROW_KEY, *COLUMN_KEY, "scale", "published", "published_pm",
+               "ours", "ci_low", "ci_high", "delta", "outside_ci", "n_runs", "n_seeds", "n_subsets", "n_cases",
+               "our_init", "our_backbone", "status", "source_line", "inferred"]
+    frame = pd.DataFrame(lines).reindex(columns=columns)
+    counts = ["n_runs", "n_seeds", "n_subsets", "n_cases"]
+    frame[counts] = frame[counts].astype("Int64")
+    frame["outside_ci"] = frame["outside_ci"].astype("boolean")
+    return frame.sort_values(["row", "column"], ignore_index=True)
+
+
+def method_footnotes(inits) -> dict[str, str]:
+    """init -> the first paragraph of its method module's docstring (what the method is, and for a stand-in what
+    stands in: "UNetFormer-style masked volume modelling ... on MONAI's SwinUNETR."), for the registered inits."""
+    known = methods()
+    notes = {}
+    for init in dict.fromkeys(inits):
+        if init in known:
+            doc = inspect.getdoc(inspect.getmodule(known[init])) or ""
+            notes[init] = " ".join(doc.split("\n\n")[0].split())
+    return notes
+
+
+def _decimals(values: pd.Series) -> int:
+    """Decimals the paper printed for one scale, at most 4, and at least 3 for fractions (a tenth of a percent):
+    the CSV keeps each value as a number, so trailing zeros are lost, and the most decimals of any value stand for
+    all."""
+    printed = max((len(f"{v:.6g}".partition(".")[2]) for v in values.dropna()), default=0)
+    return min(4, max(printed, MIN_DECIMALS.get(values.name, 0)))
+
+
+def _number(value: float, decimals: int, sign: bool = False) -> str:
+    return f"{value:{'+' if sign else ''}.{decimals}f}".replace("-", "−")
+
+
+def _runs_text(line) -> str:
+    seeds = f"{int(line.n_seeds)} seed{'s' if line.n_seeds != 1 else ''}"
+    return seeds + (f" × {int(line.n_subsets)} subsets" if line.n_subsets > 1 else "")
+
+
+def _cell_text(line, decimals: int) -> str:
+    published = _number(line.published, decimals) + (f" ± {_number(line.published_pm, decimals)}"
+                                                      if not math.isnan(line.published_pm) else "")
+    if line.status not in TIERS.values():
+        return f"{published} → {line.status}"
+    interval = (f" [{_number(line.ci_low, decimals)}, {_number(line.ci_high, decimals)}]"
+                if not math.isnan(line.ci_low) else "")
+    dagger = " †" if line.outside_ci is not pd.NA and line.outside_ci else ""
+    return (f"{published} → {_number(line.ours, decimals)}{interval} "
+            f"(Δ {_number(line.delta, decimals, sign=True)}, {_runs_text(line)}){dagger}")
+
+
+def _column_labels(table: pd.DataFrame) -> pd.Series:
+    """Per column: target, with the dataset and metric added where the table has several."""
+    heads = table.drop_duplicates("column").set_index("column")
+    parts = [heads[key] for key in ("dataset", "target", "metric") if key == "target" or heads[key].nunique() > 1]
+    return pd.concat(parts, axis=1).astype(str).agg(" ".join, axis=1)
+
+
+def paper_table_markdown(table: pd.DataFrame, footnotes: Mapping[str, str] | None = None) -> str:
+    """The table of :func:`paper_table` as Markdown in the paper's grid: a legend, the table (one cell
+    ``published → ours [95% CI] (Δ, runs) †``), and a note per method init (``footnotes``; by default
+    :func:`method_footnotes`: what each method is, including what stands in for a paper without public code)."""
+    footnotes = method_footnotes(table["init"]) if footnotes is None else footnotes
+    decimals = {scale: _decimals(values.rename(scale)) for scale, values in table.groupby("scale")["published"]}
+    cells = table.assign(cell=[_cell_text(line, decimals[line.scale]) for line in table.itertuples(index=False)])
+    grid = (cells.pivot(index="row", columns="column", values="cell").fillna("")  # a cell the paper left blank
+            .rename(columns=_column_labels(table)))
+    keys = table.drop_duplicates("row").set_index("row")[ROW_KEY].rename(columns={"label_fraction": "fraction"})
+    body = keys.join(grid).reset_index(drop=True)
+    counts = table["status"].value_counts()
+    lines = [f"# {table['paper'].iloc[0]} · {table['table'].iloc[0]}: published → reproduced", "",
+             "Cell: published (± as printed) → ours [95% bootstrap CI over test cases] (Δ = ours − published; "
+             "training runs behind it); † the published value lies outside our CI. Ours is the mean over runs of "
+             "each run's mean over its test cases, in the paper's scale. Other cells name why there is no number.",
+             "Cells: " + ", ".join(f"{n} {status}" for status, n in counts.items()) + ".", "",
+             body.to_markdown(index=False), ""]
+    notes = [f"- `{init}`: {text}" for init, text in footnotes.items() if init in set(table["init"])]
+    return "\n".join(lines + (["Methods:", "", *notes, ""] if notes else []))
+
+
+# --- leaderboard ----------------------------------------------------------------------------------------------
+
+def _run_stale(run_id: str, manifests: Mapping[str, dict]) -> bool | None:
+    """Whether one fine-tuning run starts from a pre-training of an older method version; None when unknown."""
+    manifest = manifests.get(run_id)
+    if manifest is None:
+        return None
+    if manifest["config"].get("init") == SCRATCH:
+        return False
+    if "method_version" not in manifest:
+        manifest = manifests.get(manifest["config"].get("pretrained"))
+        if manifest is None or "method_version" not in manifest:
+            return None
+    method = methods().get(manifest.get("method") or manifest["config"].get("method"))
+    return None if method is None else str(manifest["method_version"]) != str(method.version)
+
+
+def _stale(run_ids, manifests: Mapping[str, dict] | None):
+    """A row is stale when any run is (Kleene logic: NA when none is known stale and some are unknown)."""
+    if manifests is None:
+        return pd.NA
+    return pd.array([_run_stale(run_id, manifests) for run_id in run_ids], dtype="boolean").any(skipna=False)
+
+
+def _best(means: pd.Series, metric: str):
+    return means.idxmin() if metric in LOWER_IS_BETTER else means.idxmax()
+
+
+def _comparisons(values: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Holm-corrected paired Wilcoxon p-values of each row against scratch on its backbone and against the best
+    row: the family and tests of :func:`ssl3d.analysis.stats.compare_inits`, without its error for a backbone that
+    has no scratch row. Columns init, backbone, p_vs_scratch, p_vs_best."""
+    wide = values.pivot(index="case_id", columns=ROW, values="value")
+    rows = list(wide.columns)
+    best = _best(wide.mean(), metric)
+    scratch = {row: (SCRATCH, row[1]) for row in rows if row[0] != SCRATCH and (SCRATCH, row[1]) in rows}
+    pairs = list(dict.fromkeys([frozenset(pair) for pair in scratch.items()]
+                               + [frozenset((row, best)) for row in rows if row != best]))
+    p = [wilcoxon_test(*wide[list(pair)].dropna().to_numpy().T)["p"] for pair in pairs]
+    p_holm = dict(zip(pairs, _holm(p)))
+    return pd.DataFrame([{"init": row[0], "backbone": row[1],
+                          "p_vs_scratch": p_holm.get(frozenset((row, scratch[row])), math.nan) if row in scratch
+                          else math.nan,
+                          "p_vs_best": p_holm.get(frozenset((row, best)), math.nan)} for row in rows])
+
+
+def _intervals(values: pd.DataFrame, metric: str, confidence: float, n_resamples: int) -> pd.DataFrame:
+    """Per row: mean over its case values and the bootstrap interval, as columns <metric>, <metric>_low/_high."""
+    def one(group: pd.DataFrame) -> pd.Series:
+        ci = bootstrap_ci(group["value"], confidence, n_resamples)
+        return pd.Series({metric: ci["mean"], f"{metric}_low": ci["low"], f"{metric}_high": ci["high"],
+                          f"n_cases_{metric}": ci["n"]})
+    return values.groupby(ROW)[["value"]].apply(one).reset_index()
+
+
+def _block(rows: pd.DataFrame, dataset: str, fraction: float, metrics: list[str], target: str,
+           manifests: Mapping[str, dict] | None, confidence: float, n_resamples: int) -> pd.DataFrame:
+    """The leaderboard lines of one dataset × label fraction."""
+    here = rows[(rows["dataset"] == dataset) & np.isclose(rows["label_fraction"].astype(float), fraction)]
+    board = here.groupby(ROW).agg(n_runs=("run_id", "nunique"), n_seeds=("seed", "nunique"),
+                                  n_subsets=("subset", "nunique"), run_ids=("run_id", "unique")).reset_index()
+    primary = metrics[0]
+    for metric in [m for m in metrics if m in set(here["metric"])]:
+        values = case_values(here, dataset, fraction, target, metric)
+        board = board.merge(_intervals(values, metric, confidence, n_resamples), on=ROW, how="left")
+        if metric == primary:
+            board = board.merge(_comparisons(values, metric), on=ROW, how="left")
+    board["rank"] = board[primary].rank(ascending=primary in LOWER_IS_BETTER, method="min").astype("Int64")
+    board["stale"] = pd.array([_stale(ids, manifests) for ids in board.pop("run_ids")], dtype="boolean")
+    return board.assign(dataset=dataset, label_fraction=fraction).sort_values(["rank", *ROW], ignore_index=True)
+
+
+def leaderboard(per_case: pd.DataFrame, manifests: Mapping[str, dict] | None = None, metric_primary: str = "dice",
+                *, protocol: str = "finetune", target: str = "mean", confidence: float = CONFIDENCE,
+                n_resamples: int = N_RESAMPLES) -> pd.DataFrame:
+    """Every (init, backbone) ranked within each dataset × label fraction of one protocol (module docstring).
+
+    ``manifests``: run id -> manifest, of the fine-tuning runs and of the pre-training runs they start from (for
+    ``stale``; None: stale is NA). Columns: dataset, label_fraction, rank (1 = best ``metric_primary``; ties share
+    the lower rank), init, backbone, n_runs, n_seeds, n_subsets, then per metric (the primary, Dice and HD95, those
+    present) its case-bootstrap mean, _low, _high and n_cases_, p_vs_scratch, p_vs_best (Holm; primary metric),
+    stale. ``attrs`` records metric_primary, protocol, target and confidence for the Markdown legend.
+    """
+    rows = per_case[per_case["protocol"] == protocol]
+    if rows.empty:
+        raise ValueError(f"no per-case rows of protocol {protocol!r}")
+    metrics = list(dict.fromkeys([metric_primary, *LEADERBOARD_METRICS]))
+    if metric_primary not in set(rows["metric"]):
+        raise ValueError(f"no {metric_primary} rows to rank by")
+    blocks = rows[["dataset", "label_fraction"]].drop_duplicates().sort_values(["dataset", "label_fraction"])
+    board = pd.concat([_block(rows, dataset, float(fraction), metrics, target, manifests, confidence, n_resamples)
+                       for dataset, fraction in blocks.itertuples(index=False)], ignore_index=True)
+    first = ["dataset", "label_fraction", "rank", *ROW, "n_runs", "n_seeds", "n_subsets"]
+    board = board[first + [c for c in board.columns if c not in first + ["stale"]] + ["stale"]]
+    board.attrs = {"metric_primary": metric_primary, "protocol": protocol, "target": target,
+                   "confidence": confidence}
+    return board
+
+
+def _p_text(p: float) -> str:
+    return "–" if math.isnan(p) else "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _interval_text(line: pd.Series, metric: str) -> str:
+    decimals = 2 if metric in LOWER_IS_BETTER else 3
+    if math.isnan(line[metric]):
+        return "–"
+    interval = (f" [{line[f'{metric}_low']:.{decimals}f}, {line[f'{metric}_high']:.{decimals}f}]"
+                if not math.isnan(line[f"{metric}_low"]) else "")
+    return f"{line[metric]:.{decimals}f}{interval}"
+
+
+def leaderboard_markdown(board: pd.DataFrame) -> str:
+    """The leaderboard as Markdown: a legend, then one ranked table per dataset × label fraction."""
+    attrs = {"metric_primary": "dice", "protocol": "finetune", "target": "mean", "confidence": CONFIDENCE,
+             **board.attrs}
+    metrics = [m for m in dict.fromkeys([attrs["metric_primary"], *LEADERBOARD_METRICS]) if m in board.columns]
+    target = "the mean over targets" if attrs["target"] == "mean" else attrs["target"]
+    lines = ["# Leaderboard", "",
+             f"Protocol `{attrs['protocol']}`, {target}; ranked by {METRIC_TITLES.get(attrs['metric_primary'])} "
+             f"(1 = best). Values: mean over test cases (each averaged over the row's runs) "
+             f"[{attrs['confidence']:.0%} BCa bootstrap CI over cases]. p: paired Wilcoxon signed-rank on the cases "
+             f"({METRIC_TITLES.get(attrs['metric_primary'])}), Holm-corrected within each table, against scratch on "
+             "the same backbone and against the best row; – where not tested. Stale: pre-trained with an older "
+             "version of its method (? unknown).", ""]
+    for (dataset, fraction), block in board.groupby(["dataset", "label_fraction"], sort=False):
+        table = pd.DataFrame({
+            "rank": block["rank"], "init": block["init"], "backbone": block["backbone"],
+            **{METRIC_TITLES.get(m, m): [_interval_text(line, m) for _, line in block.iterrows()] for m in metrics},
+            "p vs scratch": block["p_vs_scratch"].map(_p_text), "p vs best": block["p_vs_best"].map(_p_text),
+            "runs": block["n_runs"],
+            "stale": block["stale"].map(lambda s: "?" if s is pd.NA else "stale" if s else "")})
+        lines += [f"## {dataset} · label fraction {fraction:g}", "", table.to_markdown(index=False), ""]
+    return "\n".join(lines)
