@@ -281,8 +281,9 @@ def test_stale_flag(per_case, board):
     del missing["pt-now"]
     unknown = leaderboard(per_case, missing, **FAST)
     assert unknown[unknown.init == "unetformer_mim"].stale.isna().all()
-    recorded = {run_id: {**m, "method": "hybridmim", "method_version": "1"} if m["config"].get("init") == "hybridmim"
-                else m for run_id, m in manifests_for(per_case).items()}
+    # fine-tuning manifests record the checkpoint's method and version in their transfer block (load_pretrained)
+    recorded = {run_id: {**m, "transfer": {"method": "hybridmim", "method_version": "1"}}
+                if m["config"].get("init") == "hybridmim" else m for run_id, m in manifests_for(per_case).items()}
     assert not leaderboard(per_case, recorded, **FAST).stale.any()
 
 

@@ -7,7 +7,7 @@ fine-tuning runs the same check when it loads the checkpoint and records the rep
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -26,6 +26,8 @@ class TransferReport:
     loaded: int                  # downstream tensors initialised (parameters and buffers)
     fractions: dict[str, float]  # per part: fraction of the downstream parameters (by count) initialised
     unused: list[str]            # pre-trained tensors under a transfer prefix that the downstream net has no use for
+    method: str | None = None           # the checkpoint's method and its version, so that a fine-tuning run's
+    method_version: str | None = None   # manifest says which code pre-trained it (the leaderboard flags stale runs)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -90,4 +92,4 @@ def load_pretrained(downstream: torch.nn.Module, checkpoint_path, backbone: str)
     except TransferError as err:
         raise TransferError(f"{checkpoint_path}: {err}") from err
     downstream.load_state_dict(load, strict=False)
-    return report
+    return replace(report, method=checkpoint["method"], method_version=str(checkpoint["method_version"]))

@@ -280,12 +280,15 @@ def _run_stale(run_id: str, manifests: Mapping[str, dict]) -> bool | None:
         return None
     if manifest["config"].get("init") == SCRATCH:
         return False
-    if "method_version" not in manifest:
-        manifest = manifests.get(manifest["config"].get("pretrained"))
-        if manifest is None or "method_version" not in manifest:
+    recorded = manifest.get("transfer") or {}  # fine-tuning manifests record the checkpoint's method and version
+    if recorded.get("method_version") is None:
+        pretraining = manifests.get(manifest["config"].get("pretrained"))  # older runs: the pre-training manifest
+        if pretraining is None or "method_version" not in pretraining:
             return None
-    method = methods().get(manifest.get("method") or manifest["config"].get("method"))
-    return None if method is None else str(manifest["method_version"]) != str(method.version)
+        recorded = {"method": pretraining.get("method") or pretraining["config"].get("method"),
+                    "method_version": pretraining["method_version"]}
+    method = methods().get(recorded["method"])
+    return None if method is None else str(recorded["method_version"]) != str(method.version)
 
 
 def _stale(run_ids, manifests: Mapping[str, dict] | None):
