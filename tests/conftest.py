@@ -19,7 +19,9 @@ from ssl3d.io import write_json
 
 REPO = Path(__file__).resolve().parents[1]
 # The real CT fixture lives outside the repository (../shared/data beside the checkout, or $SSL3D_SHARED_DATA).
-SHARED_CT = Path(os.environ.get("SSL3D_SHARED_DATA", REPO.parent / "shared" / "data")) / "totalsegmentator-example"
+SHARED_DATA = Path(os.environ.get("SSL3D_SHARED_DATA", REPO.parent / "shared" / "data"))
+SHARED_CT = SHARED_DATA / "totalsegmentator-example"
+SHARED_PAPERS = SHARED_DATA.parent / "papers"  # the papers' text extractions, beside the data
 TINY_SHAPE = (64, 64, 32)
 TINY_RECIPE = {"name": "tiny_ct", "spacing": [4.0, 4.0, 4.0], "crop_foreground_above": -500, "window": [-175, 250]}
 

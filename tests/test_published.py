@@ -1,24 +1,18 @@
 """The papers' published results as package data (ssl3d.report.published): schema, known cells, and every number
-checked against the papers' text (../shared/papers, or $SSL3D_SHARED_DATA's parent / papers)."""
+checked against the papers' text (conftest.SHARED_PAPERS, required test input like the shared CT)."""
 
 from __future__ import annotations
 
 import csv
-import os
 import re
-from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, SHARED_PAPERS
 from ssl3d.report import published
 from ssl3d.report.published import COLUMNS, PAPER_TEXTS, PAPERS, PublishedSchemaError, load_published, \
     published_tables, validate_rows
 
-# The papers' text extractions live beside the shared data (as SHARED_CT in conftest).
-PAPERS_DIR = (Path(os.environ["SSL3D_SHARED_DATA"]).parent if "SSL3D_SHARED_DATA" in os.environ
-              else REPO.parent / "shared") / "papers"
-needs_papers = pytest.mark.skipif(not PAPERS_DIR.is_dir(), reason=f"paper texts not found at {PAPERS_DIR}")
 FOLDER = REPO / "src" / "ssl3d" / "report" / "published"
 
 # Every table (and figure with printed numbers) of each paper, as found in its text; the CSVs must hold exactly these.
@@ -50,7 +44,7 @@ def raw_rows(paper: str) -> list[dict[str, str]]:
 
 
 def text_lines(paper: str) -> list[str]:
-    return (PAPERS_DIR / PAPER_TEXTS[paper]).read_text(encoding="utf-8").splitlines()
+    return (SHARED_PAPERS / PAPER_TEXTS[paper]).read_text(encoding="utf-8").splitlines()
 
 
 def cell(frame, **where):
@@ -213,7 +207,6 @@ def test_hdssl_known_cells():
 # ------------------------------------------------------------------------------------------------ the paper texts
 
 
-@needs_papers
 @pytest.mark.parametrize("paper, line, value", [
     ("hybridmim", 89, "83.00"), ("hybridmim", 99, "25.31"), ("hybridmim", 145, "84.41"), ("hybridmim", 156, "86.39"),
     ("pgl", 88, "80.85"), ("pgl", 108, "76.05"), ("pgl", 130, "95.60"), ("pgl", 145, "6.16"),
@@ -225,7 +218,6 @@ def test_spot_checks(paper, line, value):
     assert re.search(rf"(?<![\d.]){re.escape(value)}(?!\d)", text_lines(paper)[line - 1])
 
 
-@needs_papers
 @pytest.mark.parametrize("paper", PAPERS)
 def test_every_number_is_on_its_source_line(paper):
     lines = text_lines(paper)
@@ -239,7 +231,6 @@ def test_every_number_is_on_its_source_line(paper):
             assert row["method"] in text, f"{paper}.csv row {i}: method {row['method']!r} not on its line"
 
 
-@needs_papers
 @pytest.mark.parametrize("paper", PAPERS)
 def test_table_lines_are_transcribed_whole_and_in_order(paper):
     """On every table line (not prose), the numbers printed are exactly the CSV's values (and ± values) of that line,
@@ -267,7 +258,6 @@ def _mentioned(text: str, kind: str) -> set[int]:
     return found
 
 
-@needs_papers
 @pytest.mark.parametrize("paper", PAPERS)
 def test_every_table_the_text_mentions_is_transcribed(paper):
     text = "\n".join(line for line in text_lines(paper) if not line.startswith("- ["))  # not the references
@@ -281,7 +271,6 @@ def test_every_table_the_text_mentions_is_transcribed(paper):
 NOT_RECOVERABLE_LINES = {"hybridmim": set(), "pgl": set(), "hdssl": {47, 48, 49}}
 
 
-@needs_papers
 @pytest.mark.parametrize("paper", PAPERS)
 def test_every_table_line_is_transcribed(paper):
     """Every line of a text table with three or more numbers is a source_line of the CSV (or listed as left out)."""

@@ -91,8 +91,8 @@ def prepare_dataset(name: str, settings: dict, data_root: Path = Path("data")) -
                               spacing=tuple(settings["spacing"]))
         return out / "dataset.json"
     if source == "folder":
-        options = {key: settings[key] for key in ("images", "labels", "labels_map", "modality") if key in settings}
-        return convert("folder", Path(settings["images"]), out, **options)
+        options = {key: settings[key] for key in ("labels", "labels_map", "modality") if key in settings}
+        return convert("folder", Path(settings["images"]), out, **options)  # the images (folder or glob) are the source
     entry = get_entry(settings.get("entry", name))
     return convert(entry.layout, _verified_source(name, data_root), out,
                    **{**entry.layout_options, **settings.get("options", {})})

@@ -21,6 +21,7 @@ from importlib import resources
 import numpy as np
 from sklearn.model_selection import KFold, train_test_split
 
+from ssl3d.data.splits import nested_draws
 from ssl3d.io import write_json
 from ssl3d.plan import fraction_key
 
@@ -64,14 +65,6 @@ def decathlon_split(datalist: list[str], val_frac: float, seed: int) -> tuple[li
     np.random.RandomState(seed).shuffle(indices)
     n_validation = int(len(datalist) * val_frac)
     return [datalist[i] for i in indices[n_validation:]], [datalist[i] for i in indices[:n_validation]]
-
-
-def _nested_draws(train: list[str], sizes: dict[str, int], seed: int) -> dict[str, list[list[str]]]:
-    """One nested draw per size: the first ``size`` cases of a ``default_rng([seed, 1, 0])`` permutation of the
-    sorted ``train``, so a smaller subset lies inside a larger one (the rule of :mod:`ssl3d.data.splits`)."""
-    train = sorted(train)
-    order = [train[i] for i in np.random.default_rng([seed, 1, 0]).permutation(len(train))]
-    return {key: [sorted(order[:size])] for key, size in sizes.items()}
 
 
 def _split(train: list[str], validation: list[str], test: list[str], **subsets) -> dict:
@@ -123,7 +116,7 @@ def pgl_half(dataset: str) -> dict:
     split = _split(train, held_out, test)
     if dataset == "btcv":
         sizes = {fraction_key(f): math.ceil(f * len(train)) for f in PGL_BTCV_FRACTIONS}
-        split["label_fractions"] = {**_nested_draws(train, sizes, seed=0), **split["label_fractions"]}
+        split["label_fractions"] = {**nested_draws(train, sizes, seed=0), **split["label_fractions"]}
         meta["label_fractions"] = ("PGL BCV 20% / 50% (PGL Fig. 5): not stated how drawn; chosen: ceil(f * "
                                    "n_train) cases, nested, from a default_rng([0, 1, 0]) permutation of train")
     return {"meta": meta, **split}
@@ -173,7 +166,7 @@ def hdssl_amos_mri_5fold() -> dict:
     }
     folds = []
     for train, validation, test in _kfold(AMOS_MRI_LABELLED, 5, 6, seed=42):
-        counts = _nested_draws(train, {str(n): n for n in AMOS_FEW_SHOT}, seed=42)
+        counts = nested_draws(train, {str(n): n for n in AMOS_FEW_SHOT}, seed=42)
         folds.append(_split(train, validation, test, label_counts=counts))
     return {"meta": meta, "folds": folds}
 

@@ -50,14 +50,16 @@ def nested_subsets(train: list[str], seed: int, label_fractions: list[float], n_
     for fraction in label_fractions:
         if not 0 < fraction <= 1:
             raise ValueError(f"splits.label_fractions: {fraction} is not in (0, 1]")
-    subsets = {}
-    for fraction in sorted(set(label_fractions)):
-        count = max(1, math.ceil(fraction * len(train) - 1e-9))
-        subsets[fraction_key(fraction)] = []
-        for draw in range(n_subsets):
-            perm = np.random.default_rng([seed, 1, draw]).permutation(len(train))
-            subsets[fraction_key(fraction)].append(sorted(train[i] for i in perm[:count]))
-    return subsets
+    counts = {fraction_key(f): max(1, math.ceil(f * len(train) - 1e-9)) for f in sorted(set(label_fractions))}
+    return nested_draws(train, counts, seed, n_subsets)
+
+
+def nested_draws(train: list[str], counts: dict[str, int], seed: int, n_subsets: int = 1) -> dict:
+    """Key -> one case list per draw d: the first ``count`` cases of a ``default_rng([seed, 1, d])`` permutation of
+    the sorted ``train`` (sorted), so a smaller subset of a draw lies inside a larger one."""
+    train = sorted(train)
+    orders = [np.random.default_rng([seed, 1, draw]).permutation(len(train)) for draw in range(n_subsets)]
+    return {key: [sorted(train[i] for i in order[:count]) for order in orders] for key, count in counts.items()}
 
 
 def from_paper_split(name: str, paper: dict, labelled: list[str], seed: int, label_fractions: list[float],
