@@ -149,6 +149,20 @@ def test_compare_inits_uses_the_reference_on_the_rows_backbone_and_lowest_distan
     assert set(result.loc[result.versus == "best", "other_init"]) == {"hm"}
 
 
+def test_a_row_on_a_backbone_without_the_reference_is_compared_with_the_best_only():
+    rng = np.random.default_rng(4)
+    base = rng.uniform(0.5, 0.8, 10)
+    per_case = table(rows("scratch", base), rows("mg", base + 0.02), rows("hm", base + 0.1, backbone="hm"))
+    result = compare_inits(per_case, **WHERE)
+    assert list(zip(result.init, result.versus, result.other_init)) == [
+        ("mg", "reference", "scratch"), ("mg", "best", "hm"), ("scratch", "best", "hm")]
+    np.testing.assert_allclose(result.p_holm, multipletests(result.p, method="holm")[1])
+    across = compare_inits(per_case, ("scratch", "unet"), **WHERE)  # a named row is every row's reference
+    assert ("hm", "reference", "scratch") in set(zip(across.init, across.versus, across.other_init))
+    with pytest.raises(ValueError, match="no row for reference init 'byol'"):
+        compare_inits(per_case, "byol", **WHERE)
+
+
 def test_significance_matrix_is_holm_over_all_pairs():
     per_case = comparison_table()
     matrix = significance_matrix(per_case, **WHERE)

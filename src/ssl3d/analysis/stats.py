@@ -43,7 +43,8 @@ import pandas as pd
 from scipy import stats
 from statsmodels.stats.multitest import multipletests
 
-__all__ = ["MIN_PAIRS", "bootstrap_ci", "case_values", "cliffs_delta", "compare_inits", "friedman_nemenyi",
+__all__ = ["MIN_PAIRS", "bootstrap_ci", "case_values", "cliffs_delta", "compare_inits", "compare_rows",
+           "friedman_nemenyi",
            "nemenyi_cd", "paired_case_values", "rank_biserial", "significance_matrix", "wilcoxon_test"]
 
 ROW = ["init", "backbone"]
@@ -220,29 +221,19 @@ def _row_means(values: pd.DataFrame) -> pd.Series:
     return values.groupby(ROW, sort=False)["value"].mean()
 
 
-def _reference_for(row: tuple[str, str], reference: RowKey, rows: list[tuple[str, str]]) -> tuple[str, str]:
-    """The reference row a row is compared with: ``reference`` itself if it names one row; for an init on several
-    backbones (``scratch``), the one on the row's own backbone, so that an init is measured against the supervised
-    baseline of its architecture."""
-    if isinstance(reference, tuple) or sum(r[0] == reference for r in rows) <= 1:
-        return _resolve(reference, rows)
-    if (reference, row[1]) in rows:
-        return reference, row[1]
-    raise ValueError(f"init {reference!r} has several backbones and none is {row[1]!r}; pass (init, backbone)")
-
-
-def compare_inits(per_case: pd.DataFrame, reference: RowKey = "scratch", *, dataset: str, label_fraction: float,
-                  metric: str = "dice", target: str = "mean") -> pd.DataFrame:
-    """Every row (init, backbone) against the reference and against the best row, one line per comparison.
-
-    The best row is the one with the best mean over its cases (highest; lowest for distances such as HD95). A
-    pair is tested once: the best row's comparison with the reference is listed under ``versus="reference"``
-    and not again under ``"best"``. Differences are row minus comparator (positive: the row scores higher).
-    ``p_holm`` is Holm-corrected across the tested comparisons of this table (one family per dataset, fraction,
-    metric and target). Columns: dataset, label_fraction, metric, target, init, backbone, versus, other_init,
-    other_backbone, n_cases, mean, other_mean and the fields of :func:`wilcoxon_test` except n_pairs, plus p_holm.
+def _reference_for(row: tuple[str, str], reference: RowKey, rows: list[tuple[str, str]]) -> tuple[str, str] | None:
+    """The reference row a row is compared with: ``(init, backbone)`` as given; for an init name, that init on the
+    row's own backbone, so that an init is measured against the supervised baseline of its architecture and not
+    against another network's (None where that backbone has no such row: the row is compared with the best only).
     """
-    values = case_values(per_case, dataset, label_fraction, target, metric)
+    if isinstance(reference, tuple):
+        return reference
+    return (reference, row[1]) if (reference, row[1]) in rows else None
+
+
+def compare_rows(values: pd.DataFrame, reference: RowKey = "scratch", metric: str = "dice") -> pd.DataFrame:
+    """The tests of :func:`compare_inits` on a case-value table (:func:`case_values`), without its context
+    columns and without checking that the reference exists (the leaderboard ranks tables without scratch)."""
     rows = _rows(values)
     means = _row_means(values)
     best = means.idxmin() if metric in LOWER_IS_BETTER else means.idxmax()
@@ -251,7 +242,7 @@ def compare_inits(per_case: pd.DataFrame, reference: RowKey = "scratch", *, data
                              ("best", lambda row: best)):
         for row in rows:
             other = other_of(row)
-            if row != other and frozenset((row, other)) not in seen:
+            if other is not None and row != other and frozenset((row, other)) not in seen:
                 seen.add(frozenset((row, other)))
                 comparisons.append((versus, row, other))
     lines = []
@@ -259,14 +250,38 @@ def compare_inits(per_case: pd.DataFrame, reference: RowKey = "scratch", *, data
         pair = _pair(values, row, other)
         test = wilcoxon_test(pair["a"], pair["b"])
         n_cases = test.pop("n_pairs")
-        lines.append({"dataset": dataset, "label_fraction": label_fraction, "metric": metric, "target": target,
-                      "init": row[0], "backbone": row[1], "versus": versus, "other_init": other[0],
+        lines.append({"init": row[0], "backbone": row[1], "versus": versus, "other_init": other[0],
                       "other_backbone": other[1], "n_cases": n_cases, "mean": pair["a"].mean(),
                       "other_mean": pair["b"].mean(), **test})
     table = pd.DataFrame(lines)
     if not table.empty:
         table["p_holm"] = _holm(table["p"])
     return table
+
+
+def compare_inits(per_case: pd.DataFrame, reference: RowKey = "scratch", *, dataset: str, label_fraction: float,
+                  metric: str = "dice", target: str = "mean") -> pd.DataFrame:
+    """Every row (init, backbone) against the reference and against the best row, one line per comparison.
+
+    ``reference``: an init name, compared on each row's own backbone (a row on a backbone the reference init was
+    not trained on is compared with the best row only), or ``(init, backbone)``, one row every other is compared
+    with. The best row is the one with the best mean over its cases (highest; lowest for distances such as HD95).
+    A pair is tested once: the best row's comparison with the reference is listed under ``versus="reference"``
+    and not again under ``"best"``. Differences are row minus comparator (positive: the row scores higher).
+    ``p_holm`` is Holm-corrected across the tested comparisons of this table (one family per dataset, fraction,
+    metric and target). Columns: dataset, label_fraction, metric, target, init, backbone, versus, other_init,
+    other_backbone, n_cases, mean, other_mean and the fields of :func:`wilcoxon_test` except n_pairs, plus p_holm.
+    Raises ``ValueError`` when the reference names no row of the table.
+    """
+    values = case_values(per_case, dataset, label_fraction, target, metric)
+    rows = _rows(values)
+    if isinstance(reference, tuple):
+        _resolve(reference, rows)
+    elif reference not in {init for init, _ in rows}:
+        raise ValueError(f"no row for reference init {reference!r}; rows: {rows}")
+    table = compare_rows(values, reference, metric)
+    context = {"dataset": dataset, "label_fraction": label_fraction, "metric": metric, "target": target}
+    return table.assign(**context)[[*context, *table.columns]] if not table.empty else table
 
 
 def _labels(rows: list[tuple[str, str]]) -> list[str]:

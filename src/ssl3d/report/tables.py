@@ -46,9 +46,9 @@ Leaderboard (:func:`leaderboard`)
     Every (init, backbone) row of each dataset × label fraction, ranked by the primary metric (1 = best) of its
     mean over the case values, with the case bootstrap intervals of Dice and HD95, the Holm-corrected paired
     Wilcoxon p-values against ``scratch`` on the row's own backbone and against the best row, and ``stale``.
-    The comparisons are :func:`ssl3d.analysis.stats.compare_inits`' (same tests, same pair-once family, same Holm),
-    built here from its parts because ``compare_inits`` raises when ``scratch`` is trained on several backbones
-    but not on a row's (Models Genesis on its own UNet in the HybridMIM grid); such a row has no p vs scratch.
+    The comparisons are :func:`ssl3d.analysis.stats.compare_inits`' (same tests, same pair-once family, same Holm);
+    a row on a backbone scratch was not trained on (Models Genesis on its own UNet in the HybridMIM grid) has no
+    p vs scratch.
 
 Staleness
     A fine-tuning run is stale when the pre-training it starts from was made by an older version of its method
@@ -71,7 +71,7 @@ import numpy as np
 import pandas as pd
 
 from ssl3d.analysis.aggregate import METRIC_TITLES, per_run_means
-from ssl3d.analysis.stats import LOWER_IS_BETTER, _holm, bootstrap_ci, case_values, wilcoxon_test
+from ssl3d.analysis.stats import LOWER_IS_BETTER, bootstrap_ci, case_values, compare_rows
 from ssl3d.evaluate.metrics import METRICS
 from ssl3d.pretrain.registry import methods
 
@@ -303,21 +303,18 @@ def _best(means: pd.Series, metric: str):
 
 
 def _comparisons(values: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """Holm-corrected paired Wilcoxon p-values of each row against scratch on its backbone and against the best
-    row: the family and tests of :func:`ssl3d.analysis.stats.compare_inits`, without its error for a backbone that
-    has no scratch row. Columns init, backbone, p_vs_scratch, p_vs_best."""
-    wide = values.pivot(index="case_id", columns=ROW, values="value")
-    rows = list(wide.columns)
-    best = _best(wide.mean(), metric)
-    scratch = {row: (SCRATCH, row[1]) for row in rows if row[0] != SCRATCH and (SCRATCH, row[1]) in rows}
-    pairs = list(dict.fromkeys([frozenset(pair) for pair in scratch.items()]
-                               + [frozenset((row, best)) for row in rows if row != best]))
-    p = [wilcoxon_test(*wide[list(pair)].dropna().to_numpy().T)["p"] for pair in pairs]
-    p_holm = dict(zip(pairs, _holm(p)))
-    return pd.DataFrame([{"init": row[0], "backbone": row[1],
-                          "p_vs_scratch": p_holm.get(frozenset((row, scratch[row])), math.nan) if row in scratch
-                          else math.nan,
-                          "p_vs_best": p_holm.get(frozenset((row, best)), math.nan)} for row in rows])
+    """Each row's Holm-corrected p-values against scratch on its backbone and against the best row
+    (:func:`ssl3d.analysis.stats.compare_rows`: a pair tested once, one family). Columns init, backbone,
+    p_vs_scratch, p_vs_best."""
+    tests = compare_rows(values, SCRATCH, metric)
+    p = {} if tests.empty else {frozenset([(t.init, t.backbone), (t.other_init, t.other_backbone)]): t.p_holm
+                                for t in tests.itertuples()}
+    means = values.groupby(ROW)["value"].mean()
+    best = _best(means, metric)
+    return pd.DataFrame([{"init": init, "backbone": backbone,
+                          "p_vs_scratch": p.get(frozenset([(init, backbone), (SCRATCH, backbone)]), math.nan),
+                          "p_vs_best": p.get(frozenset([(init, backbone), best]), math.nan)}
+                         for init, backbone in means.index])
 
 
 def _intervals(values: pd.DataFrame, metric: str, confidence: float, n_resamples: int) -> pd.DataFrame:
