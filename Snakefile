@@ -12,3 +12,4 @@ rule all:
     input:
         f"{RESULTS}/summary.md",
         f"{RESULTS}/skipped.json",
+        f"reports/{config['experiment']}",

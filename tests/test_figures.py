@@ -10,8 +10,10 @@ from matplotlib.colors import to_hex, to_rgb
 from matplotlib.container import BarContainer
 
 from ssl3d.evaluate.run import PER_CASE_COLUMNS
-from ssl3d.report.figures import (SCRATCH_COLOUR, _mean_ci, init_colours, label_efficiency, pretrain_step_times,
-                                  qualitative_slices, region_size_curve, training_curves)
+from ssl3d.analysis.stats import friedman_nemenyi, significance_matrix
+from ssl3d.report.figures import (SCRATCH_COLOUR, _mean_ci, critical_difference, init_colours, label_efficiency,
+                                  pretrain_step_times, qualitative_slices, region_size_curve, significance_heatmap,
+                                  training_curves)
 
 DPI = 30
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -204,3 +206,57 @@ def test_label_efficiency_names_inits_without_a_scratch_run_to_pair_with(tmp_pat
     result = label_efficiency(table, "toy", out=tmp_path / "eff", dpi=DPI)
     assert set(labelled_lines(result.figure.axes[1])) == {"byol (unet)"}
     assert result.caption.endswith("No scratch run to pair with on their backbone: hybridmim.")
+
+
+def test_label_efficiency_bands_stay_inside_the_metric_range(tmp_path):
+    table = per_case_table()
+    table.loc[(table["init"] == "byol") & (table["seed"] == 0), "value"] = 0.0  # seed disagreement: a wide interval
+    result = label_efficiency(table, "toy", out=tmp_path / "clipped", dpi=DPI)
+    ax, ax_delta = result.figure.axes
+    for axis, (low, high) in ((ax, (0, 1)), (ax_delta, (-1, 1))):
+        bands = np.concatenate([band.get_paths()[0].vertices[:, 1] for band in axis.collections])
+        assert bands.min() >= low and bands.max() <= high
+    assert ax.collections[0].get_paths()  # the bands are drawn
+
+
+def test_significance_heatmap_prints_every_tested_pair_and_hatches_the_untested(tmp_path):
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.5, 0.8, 10)
+    per_case = pd.DataFrame([
+        {"dataset": "toy", "case_id": f"c{i}", "target": "liver", "metric": "dice", "value": value, "init": init,
+         "backbone": "unet", "protocol": "finetune", "label_fraction": 1.0, "subset": 0, "seed": 0,
+         "run_id": init, "empty_reference": False, "empty_prediction": False, "empty_policy": "nan"}
+        for init, values in (("scratch", base), ("byol", base + 0.1 + rng.normal(0, 0.01, 10)),
+                             ("mg", base + rng.normal(0, 0.05, 10)), ("few", base[:3]))
+        for i, value in enumerate(values)], columns=PER_CASE_COLUMNS)
+    matrix = significance_matrix(per_case, "toy", 1.0)
+    result = significance_heatmap(matrix, out=tmp_path / "significance", dpi=DPI)
+    assert_written(result, "byol", "few")
+    (ax, _colour_bar) = result.figure.axes
+    texts = {(round(t.get_position()[1]), round(t.get_position()[0])): t for t in ax.texts}
+    names = list(matrix.index)
+    for i, j in itertools.permutations(range(len(names)), 2):
+        p = matrix.iloc[i, j]
+        expected = "–" if math.isnan(p) else "<0.001" if p < 0.001 else f"{p:.3f}"
+        assert texts[i, j].get_text() == expected
+        assert (texts[i, j].get_fontweight() == "bold") == (p < 0.05)
+    few = names.index("few")
+    assert all(math.isnan(p) for p in matrix.iloc[few]) and len(ax.patches) == 2 * (len(names) - 1)
+    assert "3 tested pairs" in result.caption
+
+
+def test_critical_difference_joins_only_inits_closer_than_the_cd(tmp_path):
+    scores = pd.DataFrame({"best": [0.9, 0.91, 0.88, 0.92, 0.9, 0.93], "tie_a": [0.7, 0.72, 0.71, 0.69, 0.7, 0.73],
+                           "tie_b": [0.71, 0.71, 0.7, 0.7, 0.71, 0.72], "worst": [0.5, 0.4, 0.45, 0.5, 0.42, 0.4]})
+    result = friedman_nemenyi(scores)
+    drawn = critical_difference(result, out=tmp_path / "cd", dpi=DPI)
+    assert_written(drawn, "best", "tie_a", "worst", f"CD = {result['cd']:.2f}")
+    (ax,) = drawn.figure.axes
+    cd_bar = [line for line in ax.get_lines() if list(line.get_ydata()) == [0.55, 0.55]]
+    assert len(cd_bar) == 1 and np.ptp(cd_bar[0].get_xdata()) == pytest.approx(result["cd"])
+    groups = [line.get_xdata() for line in ax.get_lines() if line.get_linewidth() == 3]
+    ranks = result["ranks"]
+    joined = [{name for name, rank in ranks.items() if xs[0] < rank < xs[1]} for xs in groups]
+    assert {"tie_a", "tie_b"} <= set().union(*joined)
+    assert not any({"best", "worst"} <= group for group in joined)
+    assert ranks["best"] == 1 and ranks["worst"] == 4

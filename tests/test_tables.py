@@ -156,7 +156,7 @@ def test_statuses(per_case, published):
     paper = paper_table(per_case, published, "hybridmim", "Table 1", tier="paper", **FAST)
     assert (paper.status == table.status.replace({"demo scale": "paper scale"})).all()
     with pytest.raises(ValueError, match="tier"):
-        paper_table(per_case, published, "hybridmim", "Table 1", tier="mini")
+        paper_table(per_case, published, "hybridmim", "Table 1", tier="full")
 
 
 def test_aliases_and_backbone_stand_ins(per_case, published):

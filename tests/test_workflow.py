@@ -113,6 +113,31 @@ def test_rerun_has_nothing_to_do_and_an_override_makes_new_runs(micro_run):
     assert "finetune" in dry.stdout and "rule prepare:" not in dry.stdout and "pretrain " not in dry.stdout
 
 
+@pytest.mark.slow
+def test_the_report_links_every_figure_and_table_and_regenerates_without_training(micro_run):
+    report = micro_run / "reports" / "micro"
+    page = (report / "index.html").read_text()
+    links = set(re.findall(r'(?:href|src)="([^"#][^"]*)"', page))
+    assert [link for link in links if not (report / link).is_file()] == []
+    shown = {link.removeprefix("figures/").removesuffix(".png") for link in links if link.endswith(".png")}
+    assert shown == {"label_efficiency_phantom", "training_curves_phantom_0p5", "training_curves_phantom_1",
+                     "pretrain_step_times", "qualitative_phantom", "critical_difference"}  # 2 test cases: no p-values
+    assert page.count("<figcaption>") == len(shown)
+    runs = pd.read_csv(report / "tables" / "runs.csv")
+    assert sorted(runs.value_counts("stage").items()) == [("finetune", 12), ("pretrain", 2)]
+    assert all((report / "manifests" / stage / f"{run}.json").is_file() for stage, run in zip(runs.stage, runs.run))
+    assert len(pd.read_csv(report / "tables" / "leaderboard.csv")) == 3 * 2  # inits x label fractions
+    cells = pd.read_csv(report / "tables" / "paper_tables.csv")
+    assert set(cells.status) <= {"not run", "method not implemented", "metric not measured"}  # no paper dataset here
+
+    (report / "index.html").unlink()
+    result = snakemake(micro_run, MICRO, "--forcerun", "report", "--", "reports/micro")
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = re.search(r"Job stats:\n(.*?)\ntotal", result.stdout + result.stderr, re.S).group(1)
+    assert re.findall(r"^(\w+)\s+\d+$", jobs, re.M) == ["report"]
+    assert (report / "index.html").is_file()
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda c: c["finetune"].update(stepz=3), "'stepz' was unexpected"),
     (lambda c: c["splits"].update(label_fractions=[0.5, 1.5]), r"instance\['splits'\]\['label_fractions'\]"),

@@ -109,6 +109,12 @@ def cmd_summarise(args):
     write_summary(args.per_case, args.out_csv, args.out_md)
 
 
+def cmd_report(args):
+    from ssl3d.report.build import ReportOptions, build_report
+
+    build_report(args.results, args.out, ReportOptions.from_config(args.options, n_resamples=args.resamples))
+
+
 def parser() -> argparse.ArgumentParser:
     main = argparse.ArgumentParser(prog="ssl3d", description=__doc__)
     main.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -187,6 +193,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out-csv", required=True)
     p.add_argument("--out-md", required=True)
     p.set_defaults(func=cmd_summarise)
+
+    p = sub.add_parser("report", help="the HTML report of an experiment, rebuilt from its results (trains nothing)")
+    p.add_argument("--results", required=True, help="the experiment's results folder, e.g. results/demo")
+    p.add_argument("--out", required=True, help="the report folder to (re)write, e.g. reports/demo")
+    p.add_argument("--options", type=_json, default={}, help="JSON: the config's report block, e.g. "
+                   '\'{"tier": "paper", "aliases": {"hybridmim_unet": "hybridmim"}}\'')
+    p.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples per interval")
+    p.set_defaults(func=cmd_report)
     return main
 
 

@@ -35,3 +35,26 @@ rule skipped:
     localrule: True
     run:
         write_record(output[0], log[0], params.skipped, f"{len(params.skipped)} dataset(s) skipped")
+
+
+rule report:
+    input:
+        f"{RESULTS}/per_case.csv",
+        f"{RESULTS}/skipped.json",
+        expand(f"{RESULTS}/finetune/{{run}}/model.pt", run=RUNS),  # the runs' manifests and logs come with them
+    output:
+        report(
+            directory(f"reports/{config['experiment']}"),
+            htmlindex="index.html",
+            caption="../report/report.rst",
+            category="Report",
+        ),
+    params:
+        results=input_dir,  # results/<experiment>, the folder of per_case.csv
+        options=json.dumps(config.get("report", {})),
+    log:
+        f"{RESULTS}/logs/report.log",
+    conda:
+        "../../environment.yml"
+    shell:
+        "python -m ssl3d report --results {params.results} --out {output} --options {params.options:q} > {log} 2>&1"

@@ -53,23 +53,36 @@ def summarise(per_case: pd.DataFrame) -> pd.DataFrame:
                                else column).reset_index(drop=True)
 
 
-def summary_markdown(summary: pd.DataFrame, empty_policy: str) -> str:
-    lines = ["# Results summary", "",
-             "Mean ± sd across training runs (seeds × subset draws) of each run's mean over its test cases; "
-             "columns are label fractions. The `mean` target is each run's mean over targets.",
-             f"Empty-mask policy: `{empty_policy}`.", ""]
+SUMMARY_LEGEND = ("Mean ± sd across training runs (seeds × subset draws) of each run's mean over its test cases; "
+                  "columns are label fractions. The `mean` target is each run's mean over targets.")
+
+
+def summary_blocks(summary: pd.DataFrame) -> list[tuple[str, str, list[tuple[str, pd.DataFrame]]]]:
+    """The summary as display tables: per dataset · backbone · protocol, its title, the runs behind each cell, and
+    one table per metric (rows init × target, columns label fractions, cells ``mean ± sd``)."""
+    blocks = []
     for (dataset, backbone, protocol), block in summary.groupby(["dataset", "backbone", "protocol"], sort=False):
         runs = block.iloc[0]
-        lines += [f"## {dataset} · {backbone} · {protocol}", "",
-                  f"{int(runs.n_seeds)} seed(s) × {int(runs.n_subsets)} subset draw(s) per cell, "
-                  f"{int(runs.n_test_cases)} test cases.", ""]
+        tables = []
         for metric in [m for m in METRICS if m in set(block["metric"])]:
             rows = block[block["metric"] == metric].copy()
             rows["cell"] = [f"{m:.3f} ± {s:.3f}" if pd.notna(s) else f"{m:.3f}" for m, s in zip(rows["mean"], rows["sd"])]
             table = rows.pivot(index=["init", "target"], columns="label_fraction", values="cell")
             table = table.reindex(pd.MultiIndex.from_frame(rows[["init", "target"]].drop_duplicates()))
             table.columns = [f"{fraction:g}" for fraction in table.columns]
-            lines += [f"### {METRIC_TITLES[metric]}", "", table.reset_index().to_markdown(index=False), ""]
+            tables.append((METRIC_TITLES[metric], table.reset_index()))
+        blocks.append((f"{dataset} · {backbone} · {protocol}",
+                       f"{int(runs.n_seeds)} seed(s) × {int(runs.n_subsets)} subset draw(s) per cell, "
+                       f"{int(runs.n_test_cases)} test cases.", tables))
+    return blocks
+
+
+def summary_markdown(summary: pd.DataFrame, empty_policy: str) -> str:
+    lines = ["# Results summary", "", SUMMARY_LEGEND, f"Empty-mask policy: `{empty_policy}`.", ""]
+    for title, runs, tables in summary_blocks(summary):
+        lines += [f"## {title}", "", runs, ""]
+        for metric, table in tables:
+            lines += [f"### {metric}", "", table.to_markdown(index=False), ""]
     return "\n".join(lines)
 
 

@@ -44,7 +44,7 @@ from scipy import stats
 from statsmodels.stats.multitest import multipletests
 
 __all__ = ["MIN_PAIRS", "bootstrap_ci", "case_values", "cliffs_delta", "compare_inits", "compare_rows",
-           "friedman_nemenyi",
+           "format_p", "friedman_nemenyi",
            "nemenyi_cd", "paired_case_values", "rank_biserial", "significance_matrix", "wilcoxon_test"]
 
 ROW = ["init", "backbone"]
@@ -213,6 +213,11 @@ def _holm(p_values) -> np.ndarray:
     if tested.any():
         corrected[tested] = multipletests(p[tested], method="holm")[1]
     return corrected
+
+
+def format_p(p: float) -> str:
+    """A p-value as tables and figures print it: three decimals, ``<0.001`` below, ``–`` where not tested."""
+    return "–" if math.isnan(p) else "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
 # --- comparison tables ----------------------------------------------------------------------------------------

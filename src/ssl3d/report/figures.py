@@ -37,15 +37,17 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.colors import to_rgb  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
+from matplotlib.patches import Patch, Rectangle  # noqa: E402
 from matplotlib.ticker import MaxNLocator, NullLocator  # noqa: E402
 from scipy import stats  # noqa: E402
 
 from ssl3d.analysis.aggregate import METRIC_TITLES, per_run_means  # noqa: E402
+from ssl3d.analysis.stats import MIN_PAIRS, format_p  # noqa: E402
 from ssl3d.io import atomic_path  # noqa: E402
 
-__all__ = ["DPI", "SCRATCH", "SCRATCH_COLOUR", "WARMUP_STEPS", "FigureFiles", "backbone_styles", "init_colours",
-           "label_efficiency", "pretrain_step_times", "qualitative_slices", "region_size_curve", "training_curves"]
+__all__ = ["DPI", "SCRATCH", "SCRATCH_COLOUR", "WARMUP_STEPS", "FigureFiles", "backbone_styles",
+           "critical_difference", "init_colours", "label_efficiency", "pretrain_step_times", "qualitative_slices",
+           "region_size_curve", "significance_heatmap", "timed_steps", "training_curves"]
 
 SCRATCH = "scratch"
 SCRATCH_COLOUR = "#7f7f7f"
@@ -58,6 +60,7 @@ CLASS_PALETTE = ["#e41a1c", "#377eb8", "#4daf4a", "#984ea3", "#ff7f00", "#ffff33
 OVERLAY_ALPHA = 0.5
 CONFIDENCE = 0.95
 WARMUP_STEPS = 10
+METRIC_RANGES = {"dice": (0.0, 1.0), "iou": (0.0, 1.0), "nsd": (0.0, 1.0), "hd95": (0.0, math.inf)}
 DPI = 150
 LOWER_IS_BETTER = {"hd95"}
 # Parts of a pre-training step (step_log.csv columns), drawn as stacked segments in the init's colour
@@ -167,10 +170,13 @@ def _paired_deltas(runs: pd.DataFrame) -> pd.DataFrame:
     return paired.assign(value=paired["value"] - paired["value_scratch"])
 
 
-def _ci_line(ax, summary: pd.DataFrame, colour: str, style: dict, label: str) -> None:
+def _ci_line(ax, summary: pd.DataFrame, colour: str, style: dict, label: str,
+             bounds: tuple[float, float] = (-math.inf, math.inf)) -> None:
+    """The mean line and its interval band, the band clipped to the values the metric can take (with two runs the
+    t-interval is ±12.7 standard errors and would otherwise reach Dice below 0)."""
     ax.plot(summary["label_fraction"], summary["mean"], color=colour, label=label, markersize=4, **style)
-    ax.fill_between(summary["label_fraction"], summary["low"], summary["high"], color=colour, alpha=0.15,
-                    linewidth=0)
+    ax.fill_between(summary["label_fraction"], summary["low"].clip(*bounds), summary["high"].clip(*bounds),
+                    color=colour, alpha=0.15, linewidth=0)
 
 
 def _fraction_axis(ax, fractions: np.ndarray) -> None:
@@ -224,11 +230,13 @@ def label_efficiency(per_case: pd.DataFrame, dataset: str, metric: str = "dice",
 
     title = METRIC_TITLES.get(metric, metric)
     fig, (ax, ax_delta) = _subplots(2, width=9.5)
+    low, high = METRIC_RANGES.get(metric, (-math.inf, math.inf))
     for (init, backbone), line in _ordered_groups(summary, colours):
-        _ci_line(ax, line, colours[init], styles[backbone], _label(init, backbone, styles))
+        _ci_line(ax, line, colours[init], styles[backbone], _label(init, backbone, styles), (low, high))
     if not delta_summary.empty:
         for (init, backbone), line in _ordered_groups(delta_summary, colours):
-            _ci_line(ax_delta, line, colours[init], styles[backbone], _label(init, backbone, styles))
+            _ci_line(ax_delta, line, colours[init], styles[backbone], _label(init, backbone, styles),
+                     (low - high, high - low))
     ax_delta.axhline(0, color="0.3", linewidth=0.8, linestyle="--")
     fractions = np.sort(runs["label_fraction"].unique())
     for axis in (ax, ax_delta):
@@ -241,7 +249,8 @@ def label_efficiency(per_case: pd.DataFrame, dataset: str, metric: str = "dice",
     unpaired = sorted(set(runs.loc[runs["init"] != SCRATCH, "init"]) - set(deltas.get("init", [])))
     caption = (f"{title} on {dataset} ({'mean over targets' if target == 'mean' else target}, {protocol}) against "
                f"the fraction of labelled training cases. Each run's test cases are averaged first; points are the "
-               f"mean across {_range_text(summary['n'])} runs (seeds × subset draws) with a 95% t-interval (band). "
+               f"mean across {_range_text(summary['n'])} runs (seeds × subset draws) with a 95% t-interval (band, "
+               f"clipped to the values {title} can take). "
                f"Right: each pre-trained run minus the scratch run on the same backbone with the same subset draw "
                f"and seed, mean and 95% t-interval; {better} is better, and a band clear of the dashed zero line is a "
                f"difference beyond run-to-run noise.")
@@ -250,7 +259,7 @@ def label_efficiency(per_case: pd.DataFrame, dataset: str, metric: str = "dice",
     return _save(fig, out, caption, dpi)
 
 
-def _timed_steps(log: pd.DataFrame, manifest: dict, warmup: int, run: str) -> pd.DataFrame:
+def timed_steps(log: pd.DataFrame, manifest: dict, warmup: int, run: str) -> pd.DataFrame:
     """The steps of one run after its warm-up (the first ``warmup`` steps, and the first ``warmup`` after a resume)."""
     config = manifest["config"]
     keep = log["step"] > warmup
@@ -276,7 +285,7 @@ def pretrain_step_times(step_logs: Mapping[str, pd.DataFrame], manifests: Mappin
     slightly from the sum of the medians). Right: peak memory. Steps of all seeds of a method are pooled; the
     first ``warmup`` steps of every run, and of every resume, are skipped.
     """
-    steps = pd.concat([_timed_steps(log, _manifest(manifests, run), warmup, run)
+    steps = pd.concat([timed_steps(log, _manifest(manifests, run), warmup, run)
                        for run, log in step_logs.items()], ignore_index=True)
     colours = _colours(colours, steps["init"])
     groups = _ordered_groups(steps, colours)
@@ -465,4 +474,95 @@ def qualitative_slices(image, reference, predictions: Mapping[str, np.ndarray], 
     caption = (f"Axial slice {z} of {image.shape[2]} (the slice with the most reference foreground): the image in "
                f"grey with labels overlaid, one colour per class; the reference, then the prediction of each init "
                f"({', '.join(predictions)}).")
+    return _save(fig, out, caption, dpi)
+
+
+@_styled
+def significance_heatmap(matrix: pd.DataFrame, out: str | Path = "significance", *, alpha: float = 0.05,
+                         title: str | None = None, dpi: int = DPI) -> FigureFiles:
+    """Which pairs of inits differ beyond chance on one dataset and label fraction.
+
+    ``matrix`` is :func:`ssl3d.analysis.stats.significance_matrix`'s: Holm-corrected p-values of every pair of rows,
+    NaN on the diagonal and where a pair could not be tested. Colour is −log10 p (darker: stronger evidence); each
+    cell prints its p-value, in bold below ``alpha``; untested cells are hatched grey.
+    """
+    p = matrix.to_numpy(dtype=float)
+    fig, (ax,) = _subplots(1, width=1.0 * len(matrix) + 3.2, height=0.8 * len(matrix) + 1.6)
+    ax.set_facecolor("0.92")
+    strength = np.ma.masked_invalid(-np.log10(np.clip(p, 1e-3, 1)))
+    image = ax.imshow(strength, cmap="Blues", vmin=0, vmax=3, interpolation="nearest")
+    untested = np.isnan(p) & ~np.eye(len(p), dtype=bool)
+    for i, j in zip(*np.nonzero(untested)):
+        ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="//", edgecolor="0.6", linewidth=0))
+    for i, j in np.ndindex(p.shape):
+        if i != j:
+            bold = {"fontweight": "bold"} if p[i, j] < alpha else {}
+            ax.text(j, i, format_p(p[i, j]), ha="center", va="center", fontsize=8,
+                    color="white" if p[i, j] < 0.01 else "black", **bold)
+    ticks = np.arange(len(matrix))
+    ax.set_xticks(ticks, labels=matrix.columns, rotation=30, ha="right")
+    ax.set_yticks(ticks, labels=matrix.index)
+    ax.grid(False)
+    ax.set_title(title or "paired Wilcoxon, Holm-corrected p")
+    fig.colorbar(image, ax=ax, label="−log10 p (Holm)", shrink=0.8)
+
+    caption = (f"Holm-corrected p-values of two-sided paired Wilcoxon signed-rank tests between every pair of inits "
+               f"on the same test cases (each case averaged over an init's runs first; Holm over the "
+               f"{int(np.count_nonzero(~np.isnan(np.triu(p, 1)[np.triu_indices(len(p), 1)])))} tested pairs). Darker cells are stronger evidence of "
+               f"a difference; bold: p < {alpha:g}. The matrix is symmetric and shows no direction: the leaderboard "
+               f"says which init is higher. Hatched cells could not be tested (fewer than {MIN_PAIRS} cases whose "
+               f"values differ).")
+    return _save(fig, out, caption, dpi)
+
+
+def _cd_groups(ranks: np.ndarray, cd: float) -> list[tuple[int, int]]:
+    """Maximal runs of consecutive (sorted) ranks whose spread is below the critical difference: inits that the
+    Nemenyi test does not tell apart, as (first, last) index pairs."""
+    groups = []
+    for first in range(len(ranks)):
+        last = max(j for j in range(first, len(ranks)) if ranks[j] - ranks[first] < cd)
+        if last > first and not any(a <= first and last <= b for a, b in groups):
+            groups.append((first, last))
+    return groups
+
+
+@_styled
+def critical_difference(result: Mapping, out: str | Path = "critical_difference", *, dpi: int = DPI) -> FigureFiles:
+    """Which inits rank differently across datasets, beyond what the Nemenyi test attributes to chance.
+
+    ``result`` is :func:`ssl3d.analysis.stats.friedman_nemenyi`'s. A Demšar (2006) critical-difference diagram:
+    average ranks on the axis (1 = best, left), the critical difference as a bar, and thick lines joining inits
+    whose average ranks differ by less than it. Drawn by hand: no plotting library for CD diagrams is a dependency.
+    """
+    ranks = result["ranks"].sort_values()
+    names, values, k = list(ranks.index), ranks.to_numpy(dtype=float), int(result["k"])
+    half = (len(names) + 1) // 2
+    fig, (ax,) = _subplots(1, width=8.0, height=1.6 + 0.32 * half + 0.12 * len(names))
+    ax.set_xlim(0.5, k + 0.5)
+    ax.hlines(0, 1, k, color="black", linewidth=1)
+    for tick in range(1, k + 1):
+        ax.vlines(tick, 0, 0.08, color="black", linewidth=1)
+        ax.text(tick, 0.14, str(tick), ha="center", va="bottom")
+    ax.plot([1, 1 + result["cd"]], [0.55, 0.55], color="black", linewidth=2, solid_capstyle="butt")
+    ax.text(1 + result["cd"] / 2, 0.62, f"CD = {result['cd']:.2f}", ha="center", va="bottom")
+    for i, (name, rank) in enumerate(zip(names, values)):
+        left = i < half
+        depth = -0.35 * ((i if left else len(names) - 1 - i) + 1)
+        edge = 0.6 if left else k + 0.4
+        ax.plot([rank, rank, edge], [0, depth, depth], color="0.2", linewidth=0.8)
+        ax.plot([rank], [0], marker="o", color="black", markersize=4)
+        ax.text(edge + (-0.05 if left else 0.05), depth, f"{name} ({rank:.2f})", ha="right" if left else "left",
+                va="center")
+    for level, (first, last) in enumerate(_cd_groups(values, result["cd"])):
+        ax.plot([values[first] - 0.03, values[last] + 0.03], [-0.12 - 0.1 * level] * 2, color="black", linewidth=3,
+                solid_capstyle="butt", label="not significantly different" if level == 0 else None)
+    ax.set_ylim(-0.35 * (half + 1), 1.0)
+    ax.axis("off")
+    ax.set_title("average rank across blocks (1 = best)")
+
+    caption = (f"Average rank of each init over {result['n_blocks']} blocks (a block is one dataset × label "
+               f"fraction; 1 = best). Friedman χ² = {result['statistic']:.2f}, p = {result['p']:.3g}. Inits joined "
+               f"by a thick line differ by less than the Nemenyi critical difference (CD = {result['cd']:.2f} at "
+               f"α = {result['alpha']:g}, the bar) and are not significantly different. With few blocks the test "
+               f"has little power: an absent difference is not evidence of equivalence.")
     return _save(fig, out, caption, dpi)

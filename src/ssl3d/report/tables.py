@@ -40,7 +40,8 @@ Numbers of a cell
 
 Status of a cell, first that applies: "method not implemented" (the published init is empty, e.g. TransVW, PGL,
 vox2vec, or neither ``scratch`` nor a registered method), "metric not measured", "not run" (no run matches), else the
-scale of the experiment that produced the per-case table, which only the caller knows: "demo scale" or "paper scale".
+scale of the experiment that produced the per-case table, which only the caller knows: "demo scale", "mini scale" or
+"paper scale" (the experiment config's ``report.tier``).
 
 Leaderboard (:func:`leaderboard`)
     Every (init, backbone) row of each dataset × label fraction, ranked by the primary metric (1 = best) of its
@@ -71,15 +72,16 @@ import numpy as np
 import pandas as pd
 
 from ssl3d.analysis.aggregate import METRIC_TITLES, per_run_means
-from ssl3d.analysis.stats import LOWER_IS_BETTER, bootstrap_ci, case_values, compare_rows
+from ssl3d.analysis.stats import LOWER_IS_BETTER, MIN_PAIRS, bootstrap_ci, case_values, compare_rows, format_p
 from ssl3d.evaluate.metrics import METRICS
 from ssl3d.pretrain.registry import methods
 
-__all__ = ["NOT_IMPLEMENTED", "NOT_MEASURED", "NOT_RUN", "TIERS", "leaderboard", "leaderboard_markdown",
-           "method_footnotes", "paper_table", "paper_table_markdown"]
+__all__ = ["NOT_IMPLEMENTED", "NOT_MEASURED", "NOT_RUN", "PAPER_TABLE_LEGEND", "TIERS", "leaderboard",
+           "leaderboard_blocks", "leaderboard_legend", "leaderboard_markdown", "method_footnotes", "paper_table",
+           "paper_table_grid", "paper_table_markdown", "status_counts"]
 
 SCRATCH = "scratch"
-TIERS = {"demo": "demo scale", "paper": "paper scale"}
+TIERS = {"demo": "demo scale", "mini": "mini scale", "paper": "paper scale"}
 NOT_IMPLEMENTED, NOT_MEASURED, NOT_RUN = "method not implemented", "metric not measured", "not run"
 FACTORS = {"percent": 100.0, "fraction": 1.0, "mm": 1.0}  # our per-case values -> the paper's scale
 MIN_DECIMALS = {"fraction": 3}
@@ -172,7 +174,7 @@ def paper_table(per_case: pd.DataFrame, published: pd.DataFrame, paper: str, tab
                 protocol: str = "finetune", confidence: float = CONFIDENCE,
                 n_resamples: int = N_RESAMPLES) -> pd.DataFrame:
     """Our numbers for one published table, one line per published cell in the paper's order (module docstring:
-    matching, interval, statuses). ``tier``: "demo" or "paper", the scale of the config behind ``per_case``.
+    matching, interval, statuses). ``tier``: "demo", "mini" or "paper", the scale of the config behind ``per_case``.
 
     Columns: paper, table, row, column, the published key (method, init, backbone, setting, label_fraction,
     dataset, target, metric, scale), published, published_pm, ours, ci_low, ci_high, delta, outside_ci (NA
@@ -249,24 +251,36 @@ def _column_labels(table: pd.DataFrame) -> pd.Series:
     return pd.concat(parts, axis=1).astype(str).agg(" ".join, axis=1)
 
 
-def paper_table_markdown(table: pd.DataFrame, footnotes: Mapping[str, str] | None = None) -> str:
-    """The table of :func:`paper_table` as Markdown in the paper's grid: a legend, the table (one cell
-    ``published → ours [95% CI] (Δ, runs) †``), and a note per method init (``footnotes``; by default
-    :func:`method_footnotes`: what each method is, including what stands in for a paper without public code)."""
-    footnotes = method_footnotes(table["init"]) if footnotes is None else footnotes
+PAPER_TABLE_LEGEND = (
+    "Cell: published (± as printed) → ours [95% bootstrap CI over test cases] (Δ = ours − published; training runs "
+    "behind it); † the published value lies outside our CI. Ours is the mean over runs of each run's mean over its "
+    "test cases, in the paper's scale. Other cells name why there is no number.")
+
+
+def paper_table_grid(table: pd.DataFrame) -> pd.DataFrame:
+    """The lines of :func:`paper_table` pivoted back into the paper's grid: the printed row keys, then one column
+    per printed column, each cell ``published → ours [95% CI] (Δ, runs) †`` or the reason there is no number."""
     decimals = {scale: _decimals(values.rename(scale)) for scale, values in table.groupby("scale")["published"]}
     cells = table.assign(cell=[_cell_text(line, decimals[line.scale]) for line in table.itertuples(index=False)])
     grid = (cells.pivot(index="row", columns="column", values="cell").fillna("")  # a cell the paper left blank
             .rename(columns=_column_labels(table)))
     keys = table.drop_duplicates("row").set_index("row")[ROW_KEY].rename(columns={"label_fraction": "fraction"})
-    body = keys.join(grid).reset_index(drop=True)
-    counts = table["status"].value_counts()
+    return keys.join(grid).reset_index(drop=True)
+
+
+def status_counts(table: pd.DataFrame) -> str:
+    """"12 not run, 4 demo scale": how many cells of a paper table have each status."""
+    return ", ".join(f"{n} {status}" for status, n in table["status"].value_counts().items())
+
+
+def paper_table_markdown(table: pd.DataFrame, footnotes: Mapping[str, str] | None = None) -> str:
+    """The table of :func:`paper_table` as Markdown in the paper's grid (:func:`paper_table_grid`): a legend, the
+    table, and a note per method init (``footnotes``; by default :func:`method_footnotes`: what each method is,
+    including what stands in for a paper without public code)."""
+    footnotes = method_footnotes(table["init"]) if footnotes is None else footnotes
     lines = [f"# {table['paper'].iloc[0]} · {table['table'].iloc[0]}: published → reproduced", "",
-             "Cell: published (± as printed) → ours [95% bootstrap CI over test cases] (Δ = ours − published; "
-             "training runs behind it); † the published value lies outside our CI. Ours is the mean over runs of "
-             "each run's mean over its test cases, in the paper's scale. Other cells name why there is no number.",
-             "Cells: " + ", ".join(f"{n} {status}" for status, n in counts.items()) + ".", "",
-             body.to_markdown(index=False), ""]
+             PAPER_TABLE_LEGEND, f"Cells: {status_counts(table)}.", "",
+             paper_table_grid(table).to_markdown(index=False), ""]
     notes = [f"- `{init}`: {text}" for init, text in footnotes.items() if init in set(table["init"])]
     return "\n".join(lines + (["Methods:", "", *notes, ""] if notes else []))
 
@@ -370,10 +384,6 @@ def leaderboard(per_case: pd.DataFrame, manifests: Mapping[str, dict] | None = N
     return board
 
 
-def _p_text(p: float) -> str:
-    return "–" if math.isnan(p) else "<0.001" if p < 0.001 else f"{p:.3f}"
-
-
 def _interval_text(line: pd.Series, metric: str) -> str:
     decimals = 2 if metric in LOWER_IS_BETTER else 3
     if math.isnan(line[metric]):
@@ -383,25 +393,38 @@ def _interval_text(line: pd.Series, metric: str) -> str:
     return f"{line[metric]:.{decimals}f}{interval}"
 
 
-def leaderboard_markdown(board: pd.DataFrame) -> str:
-    """The leaderboard as Markdown: a legend, then one ranked table per dataset × label fraction."""
+def leaderboard_legend(board: pd.DataFrame) -> str:
+    """What the leaderboard's columns mean, from the settings it was ranked under (``board.attrs``)."""
     attrs = {"metric_primary": "dice", "protocol": "finetune", "target": "mean", "confidence": CONFIDENCE,
              **board.attrs}
-    metrics = [m for m in dict.fromkeys([attrs["metric_primary"], *LEADERBOARD_METRICS]) if m in board.columns]
+    primary = METRIC_TITLES.get(attrs["metric_primary"])
     target = "the mean over targets" if attrs["target"] == "mean" else attrs["target"]
-    lines = ["# Leaderboard", "",
-             f"Protocol `{attrs['protocol']}`, {target}; ranked by {METRIC_TITLES.get(attrs['metric_primary'])} "
-             f"(1 = best). Values: mean over test cases (each averaged over the row's runs) "
-             f"[{attrs['confidence']:.0%} BCa bootstrap CI over cases]. p: paired Wilcoxon signed-rank on the cases "
-             f"({METRIC_TITLES.get(attrs['metric_primary'])}), Holm-corrected within each table, against scratch on "
-             "the same backbone and against the best row; – where not tested. Stale: pre-trained with an older "
-             "version of its method (? unknown).", ""]
+    return (f"Protocol `{attrs['protocol']}`, {target}; ranked by {primary} (1 = best). Values: mean over test cases "
+            f"(each averaged over the row's runs) [{attrs['confidence']:.0%} BCa bootstrap CI over cases]. p: paired "
+            f"Wilcoxon signed-rank on the cases ({primary}), Holm-corrected within each table, against scratch on "
+            "the same backbone and against the best row; – where not tested (no scratch on that backbone, or fewer "
+            f"than {MIN_PAIRS} cases whose values differ: the test could not reach 0.05). Stale: pre-trained with an "
+            "older version of its method (? unknown).")
+
+
+def leaderboard_blocks(board: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """The leaderboard as display tables, one per dataset × label fraction: (title, table of text cells)."""
+    primary = board.attrs.get("metric_primary", "dice")
+    metrics = [m for m in dict.fromkeys([primary, *LEADERBOARD_METRICS]) if m in board.columns]
+    blocks = []
     for (dataset, fraction), block in board.groupby(["dataset", "label_fraction"], sort=False):
-        table = pd.DataFrame({
+        blocks.append((f"{dataset} · label fraction {fraction:g}", pd.DataFrame({
             "rank": block["rank"], "init": block["init"], "backbone": block["backbone"],
             **{METRIC_TITLES.get(m, m): [_interval_text(line, m) for _, line in block.iterrows()] for m in metrics},
-            "p vs scratch": block["p_vs_scratch"].map(_p_text), "p vs best": block["p_vs_best"].map(_p_text),
+            "p vs scratch": block["p_vs_scratch"].map(format_p), "p vs best": block["p_vs_best"].map(format_p),
             "runs": block["n_runs"],
-            "stale": block["stale"].map(lambda s: "?" if s is pd.NA else "stale" if s else "")})
-        lines += [f"## {dataset} · label fraction {fraction:g}", "", table.to_markdown(index=False), ""]
+            "stale": block["stale"].map(lambda s: "?" if s is pd.NA else "stale" if s else "")})))
+    return blocks
+
+
+def leaderboard_markdown(board: pd.DataFrame) -> str:
+    """The leaderboard as Markdown: a legend, then one ranked table per dataset × label fraction."""
+    lines = ["# Leaderboard", "", leaderboard_legend(board), ""]
+    for title, table in leaderboard_blocks(board):
+        lines += [f"## {title}", "", table.to_markdown(index=False), ""]
     return "\n".join(lines)

@@ -1,0 +1,416 @@
+"""One HTML report per experiment, rebuilt from the results already on disk: nothing is trained. Beyond tables and
+statistics, the only computation is inference on one test case per row for the qualitative figure.
+
+A static page built by the suite rather than Snakemake's ``--report``: a reader needs each paper table in its own
+layout, the leaderboard ranked per dataset and a caption under every figure, which Snakemake's report shows as a
+list of attachments. The page's folder is still a ``report()`` output of the workflow's ``report`` rule, so
+``snakemake --report report.zip`` carries it beside Snakemake's runtime statistics.
+
+``reports/<experiment>/`` holds:
+
+* ``index.html``: the page (the jinja2 template ``templates/report.html.j2``), linking everything below.
+* ``figures/<name>.png`` and ``.svg``: every figure of :mod:`ssl3d.report.figures`.
+* ``tables/``: ``summary``, ``leaderboard``, ``paper_tables`` (every published cell with ours beside it),
+  ``reproduction_status``, ``significance_<dataset>_<fraction>``, ``friedman`` and ``runs`` as CSV, and the
+  Markdown renderings of the summary, the leaderboard and each paper table.
+* ``manifests/<stage>/<run>.json``: the manifest of every run behind the numbers.
+
+Which runs: the fine-tuning runs of the per-case table (a results folder also keeps runs of earlier configs, which
+the table no longer holds) and the pre-training runs they start from. The folder is built beside its destination
+and renamed into place, so an interrupted build leaves the previous report whole.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jinja2
+import numpy as np
+import pandas as pd
+
+from ssl3d import __version__
+from ssl3d.analysis.aggregate import SUMMARY_LEGEND, read_per_case, summarise, summary_blocks
+from ssl3d.analysis.stats import LOWER_IS_BETTER, case_values, friedman_nemenyi, significance_matrix
+from ssl3d.io import read_json, write_text
+from ssl3d.report import figures, tables
+from ssl3d.report.published import load_published, published_tables
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ExperimentResults", "ReportOptions", "build_report", "read_results", "reproduction_status", "run_table"]
+
+SCRATCH = "scratch"
+STAGES = ("pretrain", "finetune")
+TEMPLATE = "report.html.j2"
+
+
+@dataclass(frozen=True)
+class ReportOptions:
+    """The experiment config's ``report`` block (schema: ``workflow/schemas/config.schema.yaml``).
+
+    ``tier``: the scale the paper tables call our numbers (demo, mini or paper). ``aliases``: our init -> the
+    published init, or -> [init, setting]; ``backbones``: published backbone -> ours (the stand-in);
+    both as :func:`ssl3d.report.tables.paper_table` reads them. ``n_resamples``: bootstrap resamples per interval.
+    """
+    tier: str = "demo"
+    aliases: Mapping[str, str | list[str]] = field(default_factory=dict)
+    backbones: Mapping[str, str] = field(default_factory=dict)
+    n_resamples: int = tables.N_RESAMPLES
+
+    @classmethod
+    def from_config(cls, block: Mapping | None, **overrides) -> ReportOptions:
+        unknown = set(block or {}) - {"tier", "aliases", "backbones"}
+        if unknown:
+            raise ValueError(f"report: unknown key(s) {sorted(unknown)}; allowed: tier, aliases, backbones")
+        options = cls(**(block or {}), **overrides)
+        if options.tier not in tables.TIERS:
+            raise ValueError(f"report.tier must be one of {sorted(tables.TIERS)}, got {options.tier!r}")
+        return options
+
+    def paper_aliases(self) -> dict[str, str | tuple[str, str]]:
+        return {init: tuple(alias) if isinstance(alias, list) else alias for init, alias in self.aliases.items()}
+
+
+@dataclass
+class ExperimentResults:
+    """What an experiment left on disk: the per-case table and, per run (``<stage>/<run name>``), its folder,
+    manifest and step or training log."""
+    name: str
+    per_case: pd.DataFrame
+    run_dirs: dict[str, Path]
+    manifests: dict[str, dict]
+    step_logs: dict[str, pd.DataFrame]
+    train_logs: dict[str, pd.DataFrame]
+    skipped: dict[str, str]
+
+    def by_run_id(self) -> dict[str, dict]:
+        return {manifest["run_id"]: manifest for manifest in self.manifests.values()}
+
+    def runs_of(self, stage: str) -> list[str]:
+        return [run for run in self.run_dirs if run.startswith(f"{stage}/")]
+
+
+def read_results(results_dir: str | Path) -> ExperimentResults:
+    """The results of ``results/<experiment>``: ``per_case.csv``, and the manifests and logs of the runs behind it
+    (module docstring). A run of the table without its manifest raises ``FileNotFoundError`` naming the folder."""
+    results_dir = Path(results_dir)
+    per_case = read_per_case(results_dir / "per_case.csv")
+    wanted = set(per_case["run_id"].astype(str))
+    finetune = {path.parent: read_json(path) for path in sorted(results_dir.glob("finetune/*/manifest.json"))}
+    finetune = {folder: m for folder, m in finetune.items() if m["run_id"] in wanted}
+    missing = wanted - {m["run_id"] for m in finetune.values()}
+    if missing:
+        raise FileNotFoundError(f"{results_dir}/finetune: no manifest for run(s) {sorted(missing)} of per_case.csv; "
+                                "re-run the workflow (snakemake) to finish them")
+    pretrained = {m["config"].get("pretrained") for m in finetune.values()} - {None}
+    pretrain = {path.parent: read_json(path) for path in sorted(results_dir.glob("pretrain/*/manifest.json"))}
+    pretrain = {folder: m for folder, m in pretrain.items() if m["run_id"] in pretrained}
+    run_dirs, manifests, step_logs, train_logs = {}, {}, {}, {}
+    for stage, found, log_name, logs in (("pretrain", pretrain, "step_log.csv", step_logs),
+                                          ("finetune", finetune, "train_log.csv", train_logs)):
+        for folder, manifest in found.items():
+            run = f"{stage}/{folder.name}"
+            run_dirs[run], manifests[run] = folder, manifest
+            if (folder / log_name).is_file():
+                logs[run] = pd.read_csv(folder / log_name)
+    skipped_file = results_dir / "skipped.json"
+    skipped = read_json(skipped_file) if skipped_file.is_file() else {}
+    return ExperimentResults(results_dir.name, per_case, run_dirs, manifests, step_logs, train_logs, skipped)
+
+
+# --- tables ---------------------------------------------------------------------------------------------------
+
+def run_table(results: ExperimentResults) -> pd.DataFrame:
+    """One line per run: what it is (stage, init or method, backbone, dataset, label fraction, seed), its identity
+    (config hash, code version, git commit) and where and how fast it ran (device, versions, time, memory)."""
+    lines = []
+    for run, manifest in results.manifests.items():
+        config, packages = manifest["config"], manifest.get("packages", {})
+        stage, name = run.split("/", 1)
+        lines.append({
+            "stage": stage, "run": name,
+            "init": config.get("init") or config.get("variant") or config.get("method"),
+            "backbone": config["backbone"]["name"],
+            "dataset": config.get("dataset") or "+".join(member["dataset"] for member in config.get("pool", [])),
+            "label_fraction": config.get("label_fraction"), "seed": manifest.get("seed"),
+            "config_hash": manifest["config_hash"], "code_version": manifest.get("code_version"),
+            "git_commit": (manifest.get("git_commit") or "")[:10], "device": manifest.get("device"),
+            "torch": packages.get("torch"), "monai": packages.get("monai"), "python": manifest.get("python"),
+            "steps": manifest.get("steps"), "wall_seconds": manifest.get("wall_seconds"),
+            "steps_per_second": manifest.get("steps_per_second"), "peak_memory_mb": manifest.get("peak_memory_mb")})
+    return pd.DataFrame(lines)
+
+
+def reproduction_status(cells: pd.DataFrame) -> pd.DataFrame:
+    """Paper × table: how many published cells have each status (not run, demo / mini / paper scale, method not
+    implemented, metric not measured) and, of those we have numbers for, how many published values lie inside and
+    outside our 95 % interval."""
+    statuses = [tables.NOT_RUN, *tables.TIERS.values(), tables.NOT_IMPLEMENTED, tables.NOT_MEASURED]
+    counts = pd.crosstab([cells["paper"], cells["table"]], cells["status"]).reindex(columns=statuses, fill_value=0)
+    with_ci = cells[cells["outside_ci"].notna()]
+    ci = pd.crosstab([with_ci["paper"], with_ci["table"]], with_ci["outside_ci"].astype(bool))
+    counts["inside CI"] = ci.get(False, pd.Series(dtype=int)).reindex(counts.index, fill_value=0)
+    counts["outside CI"] = ci.get(True, pd.Series(dtype=int)).reindex(counts.index, fill_value=0)
+    counts = counts.loc[:, (counts != 0).any() | counts.columns.isin([tables.NOT_RUN, "inside CI", "outside CI"])]
+    order = {pair: i for i, pair in enumerate(published_tables())}
+    return counts.sort_index(key=lambda index: index.map(lambda pair: order.get(pair, len(order)))
+                             if isinstance(index, pd.MultiIndex) else index).reset_index()
+
+
+def _friedman_scores(board: pd.DataFrame) -> pd.DataFrame:
+    """Blocks (dataset × label fraction) × rows (``init (backbone)``) of the leaderboard's primary metric, keeping
+    the rows every block has (the Friedman test needs complete blocks)."""
+    primary = board.attrs.get("metric_primary", "dice")
+    labelled = board.assign(row=board["init"] + " (" + board["backbone"] + ")")
+    scores = labelled.pivot_table(index=["dataset", "label_fraction"], columns="row", values=primary)
+    return scores.dropna(axis=1)
+
+
+# --- figures --------------------------------------------------------------------------------------------------
+
+@dataclass
+class Figure:
+    """A figure of the page: its section, title, files (relative to the report) and caption."""
+    section: str
+    title: str
+    png: str
+    svg: str
+    caption: str
+
+
+def _colours(per_case: pd.DataFrame) -> dict[str, str]:
+    """One colour per init for every figure: scratch first, then the inits in the order the table has them."""
+    inits = list(dict.fromkeys([SCRATCH, *per_case["init"]]))
+    return figures.init_colours(inits)
+
+
+def _slug(*parts) -> str:
+    return "_".join(str(part).replace(".", "p").replace(" ", "_").replace("/", "_") for part in parts)
+
+
+def _representative_case(per_case: pd.DataFrame, dataset: str, fraction: float) -> str:
+    """The test case whose Dice, averaged over every row, is the median one: neither the easiest nor the hardest."""
+    values = case_values(per_case, dataset, fraction, "mean", "dice").groupby("case_id")["value"].mean()
+    return str(values.sort_values().index[(len(values) - 1) // 2])
+
+
+def _qualitative(results: ExperimentResults, dataset: str, out: Path, colours: Mapping[str, str]):
+    """Predictions of one representative test case by the first run (lowest subset, seed) of each row, at the
+    dataset's largest label fraction."""
+    import torch
+
+    from ssl3d.data.cache import load_cached_case, read_index
+    from ssl3d.evaluate.run import load_model
+    from ssl3d.nets import predict_volume
+
+    rows = results.per_case[(results.per_case["dataset"] == dataset) & (results.per_case["protocol"] == "finetune")]
+    fraction = float(rows["label_fraction"].max())
+    rows = rows[np.isclose(rows["label_fraction"].astype(float), fraction)]
+    case_id = _representative_case(rows, dataset, fraction)
+    first_runs = rows.sort_values(["subset", "seed"]).drop_duplicates(["init", "backbone"])
+    folders = {m["run_id"]: results.run_dirs[run] for run, m in results.manifests.items() if run.startswith("finetune/")}
+    several = first_runs["backbone"].nunique() > 1
+    predictions, panel_colours, case, classes = {}, {}, None, {}
+    for line in first_runs.itertuples():
+        folder = folders[line.run_id]
+        model, checkpoint = load_model(folder / "model.pt", torch.device("cpu"))
+        inputs, inference = read_json(folder / "config.json")["inputs"], checkpoint["spec"]["inference"]
+        if case is None:
+            index = read_index(inputs["cache_index"])
+            case = load_cached_case(index["dir"] / index["cases"][case_id]["file"])
+        name = f"{line.init} ({line.backbone})" if several else line.init
+        predictions[name] = predict_volume(model, case["image"], inference["roi_size"], inference["overlap"],
+                                           inference["sw_batch_size"], torch.device("cpu"))
+        panel_colours[name], classes = colours[line.init], checkpoint["classes"]
+    files = figures.qualitative_slices(case["image"], case["label"], predictions, classes, out, colours=panel_colours)
+    return files, f"{dataset}: case {case_id}, label fraction {fraction:g}"
+
+
+def _warmup(step_logs: Mapping[str, pd.DataFrame]) -> int:
+    """The figures' warm-up, shortened for runs too short to keep any step after it (a smoke-test config)."""
+    return min(figures.WARMUP_STEPS, min(len(log) for log in step_logs.values()) // 2)
+
+
+def _region_size_table(results: ExperimentResults) -> pd.DataFrame | None:
+    """Timed HybridMIM steps by reconstruction size, where the experiment pre-trains HybridMIM with several sizes
+    on one backbone (the Table 4 / Fig. 6b ablation); None otherwise."""
+    timed = []
+    for run, manifest in results.manifests.items():
+        config = manifest["config"]
+        if config.get("method") != "hybridmim" or run not in results.step_logs:
+            continue
+        size = (manifest.get("method_config") or {}).get("reconstruction_size") or config.get("patch_size", [0])[0]
+        steps = figures.timed_steps(results.step_logs[run], manifest, _warmup(results.step_logs), run)
+        timed.append(pd.DataFrame({"backbone": config["backbone"]["name"], "region_size": int(size),
+                                   "seconds": steps["total_s"]}))
+    if not timed:
+        return None
+    table = pd.concat(timed, ignore_index=True)
+    sizes = table.groupby("backbone")["region_size"].nunique()
+    if sizes.max() < 2:
+        return None
+    return table[table["backbone"] == sizes.idxmax()]
+
+
+def _figures(results: ExperimentResults, board: pd.DataFrame, out: Path) -> tuple[list[Figure], dict]:
+    """Every figure the results allow, with the Friedman result when there is one."""
+    out.mkdir(parents=True, exist_ok=True)
+    colours = _colours(results.per_case)
+    made: list[Figure] = []
+
+    def add(section: str, title: str, draw: Callable[[Path], figures.FigureFiles], stem: str) -> None:
+        files = draw(out / stem)
+        made.append(Figure(section, title, f"figures/{files.png.name}", f"figures/{files.svg.name}",
+                           files.caption))
+
+    finetune = results.per_case[results.per_case["protocol"] == "finetune"]
+    for dataset in finetune["dataset"].unique():
+        add("Label efficiency", dataset, lambda stem: figures.label_efficiency(finetune, dataset, out=stem,
+                                                                               colours=colours),
+            _slug("label_efficiency", dataset))
+    for (dataset, fraction), block in board.groupby(["dataset", "label_fraction"], sort=False):
+        if len(block) < 2:
+            continue
+        matrix = significance_matrix(finetune, dataset, fraction)
+        matrix.to_csv(out.parent / "tables" / f"{_slug('significance', dataset, f'{fraction:g}')}.csv")
+        if matrix.notna().any().any():  # else no pair could be tested (the leaderboard's legend says why)
+            add("Significance", f"{dataset} · label fraction {fraction:g}",
+                lambda stem: figures.significance_heatmap(matrix, out=stem), _slug("significance", dataset,
+                                                                                    f"{fraction:g}"))
+    friedman = {}
+    scores = _friedman_scores(board)
+    if scores.shape[0] >= 2 and scores.shape[1] >= 3:
+        friedman = friedman_nemenyi(scores, higher_is_better=board.attrs.get("metric_primary", "dice")
+                                    not in LOWER_IS_BETTER)
+        add("Significance", "across datasets and label fractions",
+            lambda stem: figures.critical_difference(friedman, out=stem), "critical_difference")
+    if results.step_logs:
+        step_manifests = {run: results.manifests[run] for run in results.step_logs}
+        add("Pre-training cost", "time and memory per step",
+            lambda stem: figures.pretrain_step_times(results.step_logs, step_manifests, out=stem, colours=colours,
+                                                     warmup=_warmup(results.step_logs)),
+            "pretrain_step_times")
+    region = _region_size_table(results)
+    if region is not None:
+        add("Pre-training cost", "HybridMIM time per step against reconstruction size (Fig. 6b)",
+            lambda stem: figures.region_size_curve(region, out=stem, colours=colours), "hybridmim_region_size")
+    logs = pd.DataFrame([{"run": run, "dataset": m["config"]["dataset"], "fraction": m["config"]["label_fraction"]}
+                         for run, m in results.manifests.items() if run in results.train_logs])
+    for (dataset, fraction), runs in (logs.groupby(["dataset", "fraction"], sort=False) if len(logs) else []):
+        add("Training curves", f"{dataset} · label fraction {fraction:g}",
+            lambda stem: figures.training_curves({run: results.train_logs[run] for run in runs["run"]},
+                                                 results.manifests, out=stem, colours=colours),
+            _slug("training_curves", dataset, f"{fraction:g}"))
+    for dataset in finetune["dataset"].unique():
+        files, title = _qualitative(results, dataset, out / _slug("qualitative", dataset), colours)
+        made.append(Figure("Qualitative", title, f"figures/{files.png.name}", f"figures/{files.svg.name}",
+                           files.caption))
+    return made, friedman
+
+
+# --- the page -------------------------------------------------------------------------------------------------
+
+def _html(frame: pd.DataFrame) -> str:
+    return frame.to_html(index=False, border=0, na_rep="–", classes="data", escape=True)
+
+
+def _paper_sections(cells: pd.DataFrame) -> list[dict]:
+    """Per published table: its grid, the counts of cell statuses, and whether any cell has our number (a table
+    with none is folded away on the page)."""
+    sections = []
+    for (paper, table), lines in cells.groupby(["paper", "table"], sort=False):
+        footnotes = tables.method_footnotes(lines["init"])
+        sections.append({"paper": paper, "table": table, "grid": _html(tables.paper_table_grid(lines)),
+                         "counts": tables.status_counts(lines), "has_numbers": lines["ours"].notna().any(),
+                         "markdown": f"tables/{_slug('paper', paper, table)}.md",
+                         "notes": {init: text for init, text in footnotes.items()}})
+    return sections
+
+
+def _records(runs: pd.DataFrame) -> list[dict]:
+    """The run table's lines for the page, NaN as None, each with the path of its manifest in the report."""
+    lines = runs.astype(object).where(runs.notna(), None).to_dict("records")
+    return [{**line, "manifest": f"manifests/{line['stage']}/{line['run']}.json"} for line in lines]
+
+
+def _write_tables(folder: Path, named: Mapping[str, pd.DataFrame]) -> None:
+    for name, frame in named.items():
+        frame.to_csv(folder / f"{name}.csv", index=False)
+
+
+def _environment(runs: pd.DataFrame) -> dict[str, str]:
+    """Each provenance column's distinct values across runs: one value is the whole story, several a warning."""
+    return {column: ", ".join(sorted(map(str, runs[column].dropna().unique())))
+            for column in ("git_commit", "code_version", "device", "torch", "monai", "python") if column in runs}
+
+
+def build_report(results_dir: str | Path, out_dir: str | Path, options: ReportOptions | None = None) -> Path:
+    """Build ``out_dir`` (``reports/<experiment>``) from ``results_dir`` (``results/<experiment>``); returns the
+    path of ``index.html``. Progress is logged per stage."""
+    options = options or ReportOptions()
+    out_dir = Path(out_dir)
+    started = time.perf_counter()
+
+    def progress(message: str) -> None:
+        log.info("report %s: %s (%.1f s)", out_dir.name, message, time.perf_counter() - started)
+
+    results = read_results(results_dir)
+    progress(f"read {len(results.per_case)} per-case rows of {len(results.manifests)} runs")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    build = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    try:
+        table_dir = build / "tables"
+        table_dir.mkdir()
+        summary = summarise(results.per_case)
+        board = tables.leaderboard(results.per_case, results.by_run_id(), n_resamples=options.n_resamples)
+        progress("leaderboard")
+        published = load_published()
+        cells = pd.concat([tables.paper_table(results.per_case, published, paper, table, options.tier,
+                                              aliases=options.paper_aliases(), backbones=options.backbones,
+                                              n_resamples=options.n_resamples)
+                           for paper, table in published_tables()], ignore_index=True)
+        progress(f"{cells[['paper', 'table']].drop_duplicates().shape[0]} paper tables")
+        status = reproduction_status(cells)
+        runs = run_table(results)
+        made, friedman = _figures(results, board, build / "figures")
+        progress(f"{len(made)} figures")
+
+        _write_tables(table_dir, {"summary": summary, "leaderboard": board, "paper_tables": cells,
+                                  "reproduction_status": status, "runs": runs})
+        write_text(table_dir / "leaderboard.md", tables.leaderboard_markdown(board))
+        for (paper, table), lines in cells.groupby(["paper", "table"], sort=False):
+            write_text(table_dir / f"{_slug('paper', paper, table)}.md", tables.paper_table_markdown(lines))
+        if friedman:
+            ranks = friedman["ranks"].rename("average_rank").rename_axis("row").reset_index()
+            _write_tables(table_dir, {"friedman": ranks.assign(cd=friedman["cd"], p=friedman["p"])})
+        for run, folder in results.run_dirs.items():
+            target = build / "manifests" / f"{run}.json"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(folder / "manifest.json", target)
+
+        template = jinja2.Environment(loader=jinja2.PackageLoader("ssl3d.report", "templates"),
+                                      autoescape=jinja2.select_autoescape(), undefined=jinja2.StrictUndefined)
+        page = template.get_template(TEMPLATE).render(
+            experiment=results.name, tier=tables.TIERS[options.tier], version=__version__,
+            environment=_environment(runs), skipped=results.skipped,
+            summary_legend=SUMMARY_LEGEND, summary=[(title, runs_text, [(metric, _html(t)) for metric, t in blocks])
+                                                    for title, runs_text, blocks in summary_blocks(summary)],
+            leaderboard_legend=tables.leaderboard_legend(board),
+            leaderboard=[(title, _html(block)) for title, block in tables.leaderboard_blocks(board)],
+            friedman=friedman, paper_legend=tables.PAPER_TABLE_LEGEND, papers=_paper_sections(cells),
+            status=_html(status), figures=made, sections=list(dict.fromkeys(f.section for f in made)),
+            run_columns=list(runs.columns), runs=_records(runs))
+        write_text(build / "index.html", page)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        build.rename(out_dir)
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+    progress(f"wrote {out_dir / 'index.html'}")
+    return out_dir / "index.html"
