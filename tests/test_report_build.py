@@ -60,3 +60,22 @@ def test_only_the_runs_behind_the_per_case_table_are_read(tmp_path):
     (tmp_path / "finetune/b/manifest.json").unlink()
     with pytest.raises(FileNotFoundError, match=r"no manifest for run\(s\) \['byol-unet-0-0'\]"):
         read_results(tmp_path)
+
+
+def test_hybridmim_runs_with_several_reconstruction_sizes_give_the_region_size_table():
+    from ssl3d.report.build import ExperimentResults, _region_size_table
+
+    def run(size, backbone="hybridmim_unet", method="hybridmim"):
+        config = {"method": method, "backbone": {"name": backbone}, "patch_size": [64, 64, 64]}
+        return {"run_id": f"{method}{size}{backbone}", "config": config, "method_config": {"reconstruction_size": size}}
+
+    log = pd.DataFrame({"step": range(1, 31), "data_s": 0.01, "forward_s": 0.1, "backward_s": 0.2})
+    manifests = {"pretrain/a": run(32), "pretrain/b": run(None), "pretrain/c": run(32, backbone="swinunetr"),
+                 "pretrain/d": run(None, method="models_genesis")}
+    results = ExperimentResults("x", table(), {}, manifests, {run: log for run in manifests}, {}, {})
+    region = _region_size_table(results)
+    assert sorted(region.region_size.unique()) == [32, 64]  # None: the whole 64³ crop
+    assert set(region.backbone) == {"hybridmim_unet"} and len(region) == 2 * 20  # 10 warm-up steps skipped
+    assert region.seconds.to_numpy() == pytest.approx(0.31)
+    assert _region_size_table(ExperimentResults("x", table(), {}, {"pretrain/a": run(32)}, {"pretrain/a": log},
+                                                {}, {})) is None
