@@ -158,3 +158,32 @@ def test_pooled_pretraining_per_dataset_recipes_and_skipped_arms(demo_config, tm
     (tmp_path / "absent").mkdir()
     assert not skipped_datasets(demo_config)
     assert {run["spec"]["dataset"] for run in finetune_runs(demo_config).values()} == {"phantom", "btcv"}
+
+
+def test_a_k_fold_split_makes_each_fold_a_run_and_leaves_single_split_runs_as_they_were(demo_config):
+    from ssl3d.plan import dataset_folds
+
+    single = finetune_runs(demo_config)
+    demo_config["datasets"]["phantom"]["split"] = "hdssl_btcv_3fold"
+    folded = finetune_runs(demo_config)
+    assert dataset_folds(demo_config, "phantom") == [0, 1, 2] and len(folded) == 3 * len(single)
+    assert {run["spec"]["fold"] for run in folded.values()} == {0, 1, 2}
+    assert all(name.startswith(f"phantom_fold{run['spec']['fold']}_") for name, run in folded.items())
+    demo_config["datasets"]["phantom"]["folds"] = [2]
+    assert {run["spec"]["fold"] for run in finetune_runs(demo_config).values()} == {2}
+    demo_config["datasets"]["phantom"]["folds"] = [3]
+    with pytest.raises(ValueError, match=r"datasets.phantom.folds: \[3\] not folds of hdssl_btcv_3fold \(0..2\)"):
+        finetune_runs(demo_config)
+    demo_config["datasets"]["phantom"]["split"] = "btcv_dataset_0"
+    with pytest.raises(ValueError, match="a single split, not k-fold; remove folds"):
+        finetune_runs(demo_config)
+    del demo_config["datasets"]["phantom"]["split"], demo_config["datasets"]["phantom"]["folds"]
+    assert finetune_runs(demo_config) == single and all("fold" not in run["spec"] for run in single.values())
+
+
+def test_per_case_tables_written_before_folds_read_as_fold_0(tmp_path):
+    from ssl3d.analysis.aggregate import read_per_case
+
+    old = pd.DataFrame([dict.fromkeys(PER_CASE_COLUMNS, 0)]).drop(columns="fold")
+    old.to_csv(tmp_path / "per_case.csv", index=False)
+    assert read_per_case(tmp_path / "per_case.csv")["fold"].tolist() == [0]

@@ -78,3 +78,25 @@ def test_a_paper_split_keeps_its_cases_and_gets_nested_fractions():
     assert full == [split["train"]] * 2 and set(small[0]) <= set(full[0])
     with pytest.raises(ValueError, match="split 'btcv_dataset_0': 1 of its cases are not labelled cases"):
         from_paper_split("btcv_dataset_0", paper, BTCV_LABELLED[1:], 0, [1.0], 1)
+
+
+def test_a_k_fold_paper_split_gives_one_split_per_fold_and_a_run_reads_its_own():
+    from ssl3d.data.paper_splits import load_paper_split
+    from ssl3d.data.splits import from_paper_split, run_split
+
+    paper = load_paper_split("hdssl_btcv_3fold")
+    labelled = sorted({case for fold in paper["folds"] for part in ("train", "validation", "test")
+                       for case in fold[part]})
+    split = from_paper_split("hdssl_btcv_3fold", paper, labelled, seed=0, label_fractions=[0.2, 1.0], n_subsets=1)
+    assert len(split["folds"]) == 3
+    for fold, (ours, theirs) in enumerate(zip(split["folds"], paper["folds"])):
+        assert ours["test"] == sorted(theirs["test"]) and ours["train"] == sorted(theirs["train"])
+        assert ours["label_fractions"]["0.2"][0] == training_cases(run_split(split, fold), 0.2, 0)
+        assert len(ours["label_fractions"]["0.2"][0]) == 4  # ceil(0.2 * 19)
+    assert sorted(case for fold in split["folds"] for case in fold["test"]) == labelled  # each case tested once
+    with pytest.raises(ValueError, match=r"folds 0..2; the run asks for fold None"):
+        run_split(split, None)
+    with pytest.raises(ValueError, match="fold 3"):
+        run_split(split, 3)
+    with pytest.raises(ValueError, match="asks for fold 0, but the file is a single split"):
+        run_split(splits(), 0)

@@ -40,6 +40,29 @@ def skipped_datasets(config: dict) -> dict[str, str]:
             if settings.get("missing") == "skip" and not Path(settings["path"]).exists()}
 
 
+def dataset_folds(config: dict, dataset: str) -> list[int | None]:
+    """The folds a dataset is fine-tuned on: ``[None]`` for a single split (generated or committed), else the
+    dataset's ``folds`` of its committed k-fold ``split`` (default: every fold). Reads the committed file with the
+    standard library (this module's rule)."""
+    settings = config["datasets"][dataset]
+    n_folds = 0
+    if "split" in settings:
+        committed = Path(__file__).parent / "data" / "splits" / f"{settings['split']}.json"
+        if not committed.is_file():
+            raise ValueError(f"datasets.{dataset}.split: no committed split {settings['split']!r} "
+                             f"(they are in {committed.parent})")
+        n_folds = len(json.loads(committed.read_text()).get("folds", []))
+    if not n_folds:
+        if "folds" in settings:
+            raise ValueError(f"datasets.{dataset}.folds: its split is a single split, not k-fold; remove folds")
+        return [None]
+    folds = settings.get("folds", list(range(n_folds)))
+    wrong = [fold for fold in folds if not 0 <= fold < n_folds]
+    if wrong:
+        raise ValueError(f"datasets.{dataset}.folds: {wrong} not folds of {settings['split']} (0..{n_folds - 1})")
+    return folds
+
+
 def _data_spec(config: dict, dataset: str) -> dict:
     return {"dataset": dataset, "data": config["datasets"][dataset], "recipe": dataset_recipe(config, dataset)}
 
@@ -110,8 +133,9 @@ def _init_backbones(config: dict) -> list[tuple[str, dict]]:
 
 
 def finetune_runs(config: dict) -> dict[str, dict]:
-    """Run name -> resolved spec, for every (dataset of ``finetune.datasets``, init and backbone, label fraction,
-    subset, seed) of the fine-tuning grid; skipped datasets (``skipped_datasets``) have no runs.
+    """Run name -> resolved spec, for every (dataset of ``finetune.datasets`` and fold, init and backbone, label
+    fraction, subset, seed) of the fine-tuning grid; skipped datasets (``skipped_datasets``) have no runs. A fold
+    (:func:`dataset_folds`) is named only for a k-fold split: ``btcv_fold2_scratch_...``.
 
     An init other than ``scratch`` names an entry of ``pretrain.methods``; the run's spec then holds the identity
     of the pre-training run it starts from (fine-tuning seed i uses pre-training seed i mod the number of
@@ -125,8 +149,9 @@ def finetune_runs(config: dict) -> dict[str, dict]:
     pretrain_seeds = config.get("pretrain", {}).get("seeds", [])
     runs = {}
     datasets = [dataset for dataset in finetune["datasets"] if dataset not in skipped_datasets(config)]
-    for dataset, (init, backbone), fraction, subset, (i, seed) in itertools.product(
-            datasets, _init_backbones(config), config["splits"]["label_fractions"],
+    grid = [(dataset, fold) for dataset in datasets for fold in dataset_folds(config, dataset)]
+    for (dataset, fold), (init, backbone), fraction, subset, (i, seed) in itertools.product(
+            grid, _init_backbones(config), config["splits"]["label_fractions"],
             range(config["splits"]["subsets"]), enumerate(finetune["seeds"])):
         if fraction == 1 and subset > 0 or init != "scratch" and not pretrained:  # no pool: skipped
             continue
@@ -143,10 +168,13 @@ def finetune_runs(config: dict) -> dict[str, dict]:
             "inference": config["inference"],
             "code_version": __version__,
         }
+        if fold is not None:  # absent for a single split, so those identities stay what they were
+            spec["fold"] = fold
         entry = {}
         if init != "scratch":
             entry["pretrain_run"], spec["pretrained"] = pretrained[(init, pretrain_seeds[i % len(pretrain_seeds)])]
         run_id = canonical_hash(spec)
-        name = f"{dataset}_{init}_{backbone['name']}_frac{fraction_key(fraction)}_sub{subset}_seed{seed}_{run_id}"
+        where = dataset if fold is None else f"{dataset}_fold{fold}"
+        name = f"{where}_{init}_{backbone['name']}_frac{fraction_key(fraction)}_sub{subset}_seed{seed}_{run_id}"
         runs[name] = {"run_id": run_id, "spec": spec, **entry}
     return runs

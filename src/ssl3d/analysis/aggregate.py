@@ -2,7 +2,8 @@
 
 Cases are averaged within a run first (a run is one seed of one subset draw), then runs are summarised: the sd
 is the spread between training runs, which is what a reader compares methods against. The ``mean`` target is
-each run's mean over its targets.
+each run's mean over its targets. The folds of a k-fold split are runs too (each tests other cases), so a cell
+pools them with the seeds, as the papers report a mean ± sd over folds.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ METRIC_TITLES = {"dice": "Dice", "iou": "IoU", "hd95": "HD95 (mm)", "nsd": "NSD"
 
 def read_per_case(path: str | Path) -> pd.DataFrame:
     table = pd.read_csv(path)
+    if "fold" not in table.columns:  # written before k-fold splits: every run had the one split
+        table["fold"] = 0
     missing = [column for column in PER_CASE_COLUMNS if column not in table.columns]
     if missing:
         raise ValueError(f"{path}: not a per-case results table (missing columns {missing})")

@@ -62,28 +62,51 @@ def nested_draws(train: list[str], counts: dict[str, int], seed: int, n_subsets:
     return {key: [sorted(train[i] for i in order[:count]) for order in orders] for key, count in counts.items()}
 
 
-def from_paper_split(name: str, paper: dict, labelled: list[str], seed: int, label_fractions: list[float],
-                     n_subsets: int) -> dict:
-    """A committed paper split (``ssl3d.data.paper_splits``) with the suite's nested label fractions of its train
-    cases. Where the paper's test cases have no public labels (BTCV's 0061-0080), its validation cases are the
-    test set, as the papers report them; the file says so."""
-    missing = sorted(set(paper["train"] + paper["validation"]) - set(labelled))
+def _from_paper_part(name: str, part: dict, meta: dict, labelled: list[str], seed: int,
+                     label_fractions: list[float], n_subsets: int) -> dict:
+    """One train / validation / test of a paper split (the split, or one fold of it) with nested label fractions."""
+    missing = sorted(set(part["train"] + part["validation"]) - set(labelled))
     if missing:
         raise ValueError(f"split {name!r}: {len(missing)} of its cases are not labelled cases of the dataset "
                          f"({', '.join(missing[:5])}...); is the dataset complete?")
-    test, note = paper["test"], paper["meta"].get("note", "")
+    test, note = part["test"], meta.get("note", "")
     if not set(test) <= set(labelled):
-        test = paper["validation"]
+        test = part["validation"]
         note = f"the test cases are the paper's validation cases: its test cases have no labels here. {note}"
     return {
         "seed": seed,
-        "rule": f"paper split {name!r}: {paper['meta']['rule']} {FRACTION_RULE}",
+        "rule": f"paper split {name!r}: {meta['rule']} {FRACTION_RULE}",
         "note": note.strip(),
-        "train": sorted(paper["train"]),
-        "validation": sorted(paper["validation"]),
+        "train": sorted(part["train"]),
+        "validation": sorted(part["validation"]),
         "test": sorted(test),
-        "label_fractions": nested_subsets(sorted(paper["train"]), seed, label_fractions, n_subsets),
+        "label_fractions": nested_subsets(sorted(part["train"]), seed, label_fractions, n_subsets),
     }
+
+
+def from_paper_split(name: str, paper: dict, labelled: list[str], seed: int, label_fractions: list[float],
+                     n_subsets: int) -> dict:
+    """A committed paper split (``ssl3d.data.paper_splits``) with the suite's nested label fractions of its train
+    cases; a k-fold split gives ``{"folds": [...]}``, one such split per fold. Where the paper's test cases have
+    no public labels (BTCV's 0061-0080), its validation cases are the test set, as the papers report them; the
+    file says so."""
+    parts = paper.get("folds")
+    if parts is None:
+        return _from_paper_part(name, paper, paper["meta"], labelled, seed, label_fractions, n_subsets)
+    return {"folds": [_from_paper_part(f"{name} fold {k}", part, paper["meta"], labelled, seed, label_fractions,
+                                       n_subsets) for k, part in enumerate(parts)]}
+
+
+def run_split(splits: dict, fold: int | None, path: str = "split file") -> dict:
+    """The train / validation / test of one run: the file itself, or fold ``fold`` of a k-fold file."""
+    if "folds" not in splits:
+        if fold is not None:
+            raise ValueError(f"{path}: the run asks for fold {fold}, but the file is a single split")
+        return splits
+    if fold is None or not 0 <= fold < len(splits["folds"]):
+        raise ValueError(f"{path}: a k-fold split with folds 0..{len(splits['folds']) - 1}; the run asks for "
+                         f"fold {fold}")
+    return splits["folds"][fold]
 
 
 def training_cases(splits: dict, label_fraction: float, subset: int) -> list[str]:

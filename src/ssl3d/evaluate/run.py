@@ -14,6 +14,7 @@ import pandas as pd
 import torch
 
 from ssl3d.data.cache import load_cached_case, read_index
+from ssl3d.data.splits import run_split
 from ssl3d.evaluate.metrics import EmptyPolicy, case_metrics
 from ssl3d.io import atomic_path, read_json
 from ssl3d.nets import build_network, predict_volume
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 
 PER_CASE_COLUMNS = ["dataset", "case_id", "target", "metric", "value", "init", "backbone", "protocol",
                     "label_fraction", "subset", "seed", "run_id", "empty_reference", "empty_prediction",
-                    "empty_policy"]
+                    "empty_policy", "fold"]
 
 
 def load_model(model_path: str | Path, device: torch.device) -> tuple[torch.nn.Module, dict]:
@@ -42,7 +43,7 @@ def evaluate_run(run_config: str | Path, model_path: str | Path, out_csv: str | 
         raise ValueError(f"{model_path}: model of run {checkpoint['run_id']}, but {run_config} is run "
                          f"{config['run_id']}")
     index = read_index(inputs["cache_index"])
-    test_ids = read_json(inputs["splits"])["test"]
+    test_ids = run_split(read_json(inputs["splits"]), spec.get("fold"), inputs["splits"])["test"]
     inference = spec["inference"]
     policy_text = ";".join(f"{key}={value}" for key, value in policy.as_dict().items())
     rows = []
@@ -55,7 +56,7 @@ def evaluate_run(run_config: str | Path, model_path: str | Path, out_csv: str | 
             rows.append({"dataset": spec["dataset"], "case_id": case_id, **row, "init": spec["init"],
                          "backbone": spec["backbone"]["name"], "protocol": spec["protocol"],
                          "label_fraction": spec["label_fraction"], "subset": spec["subset"], "seed": spec["seed"],
-                         "run_id": config["run_id"], "empty_policy": policy_text})
+                         "run_id": config["run_id"], "empty_policy": policy_text, "fold": spec.get("fold", 0)})
         log.info("evaluated %s (%d/%d)", case_id, number, len(test_ids))
     table = pd.DataFrame(rows, columns=PER_CASE_COLUMNS)
     with atomic_path(out_csv) as tmp:

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from ssl3d.checkpoint import resume, save_checkpoint
 from ssl3d.data.cache import load_cached_case, read_index
 from ssl3d.data.sampling import SeededSamples
-from ssl3d.data.splits import training_cases
+from ssl3d.data.splits import run_split, training_cases
 from ssl3d.io import atomic_path, read_json, write_json
 from ssl3d.manifest import run_manifest
 from ssl3d.nets import build_network, predict_volume
@@ -84,7 +84,7 @@ def finetune(run_config: str | Path, out_dir: str | Path, device: str = "cpu", l
     set_determinism(seed=spec["seed"])
 
     index = read_index(inputs["cache_index"])
-    splits = read_json(inputs["splits"])
+    splits = run_split(read_json(inputs["splits"]), spec.get("fold"), inputs["splits"])
     classes = {int(k): v for k, v in index["classes"].items()}
     n_classes = len(classes)
     train_cases = load_cases(index, training_cases(splits, spec["label_fraction"], spec["subset"]))
