@@ -85,6 +85,9 @@ BRATS_CHANNELS = ("flair", "t1", "t1ce", "t2")  # file suffixes, in MSD Task01 B
 BRATS_MODALITY = {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"}
 BRATS_LABELS = {0: "background", 1: "necrotic_and_non_enhancing_tumour_core", 2: "peritumoral_edema",
                 4: "enhancing_tumour"}
+# The regions BraTS is scored on (and HybridMIM's Tables 3-4 report), each a union of label values; written to
+# dataset.json, so that evaluation scores them instead of the three labels
+BRATS_REGIONS = {"TC": [1, 4], "WT": [1, 2, 4], "ET": [4]}
 BRATS_MISNAMED_SEG = "W39_1998.09.19_Segm.nii"  # case 355's segmentation in common copies
 AMOS_LAST_CT_ID = 500
 BACKGROUND_ONLY = {0: "background"}
@@ -388,7 +391,7 @@ def _brats2020(source: Path, out: _Output, skip_misnamed_seg: bool = False) -> d
             seg = case / BRATS_MISNAMED_SEG
         out.add(case.name, case, seg, write=_stack_brats)
     return {"name": "BraTS2020", "description": "BraTS 2020 training data; channels in MSD Task01 order",
-            "tensorImageSize": "4D", "modality": BRATS_MODALITY, "labels": BRATS_LABELS}
+            "tensorImageSize": "4D", "modality": BRATS_MODALITY, "labels": BRATS_LABELS, "regions": BRATS_REGIONS}
 
 
 def _luna16(source: Path, out: _Output) -> dict:

@@ -10,7 +10,7 @@ A broken file must fail with its name and the fix, not deep inside a transform: 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import nibabel as nib
@@ -40,6 +40,7 @@ class Dataset:
     modality: dict[str, str]
     labelled: tuple[Case, ...]
     unlabelled: tuple[Case, ...]
+    regions: dict[str, list[int]] = field(default_factory=dict)  # evaluated target -> the label values it joins
 
     def case(self, case_id: str) -> Case:
         for case in self.labelled + self.unlabelled:
@@ -85,11 +86,13 @@ def read_dataset(root: str | Path) -> Dataset:
         modality=meta.get("modality", {}),
         labelled=labelled,
         unlabelled=unlabelled,
+        regions=meta.get("regions", {}),
     )
 
 
-def load_nifti(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """Return (voxels, affine); every voxel is read so that truncation is detected here."""
+def load_nifti(path: str | Path, channels: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Return (voxels, affine); every voxel is read so that truncation is detected here. ``channels``: an image
+    may be 4D, its channels on the last axis (MSD's BrainTumour and the converted BraTS)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
@@ -99,8 +102,9 @@ def load_nifti(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     except Exception as err:  # nibabel raises many types (EOFError, zlib.error, ImageFileError, ...)
         raise DataError(f"{path}: cannot be read as NIfTI ({type(err).__name__}: {err}); the file is corrupt "
                         "or truncated, re-download or regenerate it") from err
-    if data.ndim != 3:
-        raise DataError(f"{path}: expected a 3D volume, found shape {data.shape}")
+    if data.ndim != 3 and not (channels and data.ndim == 4):
+        expected = "a 3D volume or a 4D one with channels last" if channels else "a 3D volume"
+        raise DataError(f"{path}: expected {expected}, found shape {data.shape}")
     return data, img.affine
 
 
@@ -116,7 +120,7 @@ def check_same_grid(image_path: Path, image_shape, image_affine, label_path: Pat
 
 def validate_case(case: Case) -> None:
     """Read the case's files fully and check them; raises DataError naming the file."""
-    image, image_affine = load_nifti(case.image)
+    image, image_affine = load_nifti(case.image, channels=True)
     if case.label is not None:
         label, label_affine = load_nifti(case.label)
-        check_same_grid(case.image, image.shape, image_affine, case.label, label.shape, label_affine)
+        check_same_grid(case.image, image.shape[:3], image_affine, case.label, label.shape, label_affine)

@@ -149,12 +149,14 @@ def remap_labels(label: np.ndarray, label_map: dict[int, int]) -> np.ndarray:
 
 def apply_recipe(image: np.ndarray, affine: np.ndarray, recipe: Recipe, label: np.ndarray | None = None,
                  label_map: dict[int, int] | None = None) -> dict[str, np.ndarray]:
-    """Run ``recipe`` on one volume (and its label). Returns image (X, Y, Z) float32, label uint8, affine, spacing.
+    """Run ``recipe`` on one volume (and its label). Returns image (X, Y, Z) float32 (a 4D image, channels last
+    as NIfTI stores them, gives (C, X, Y, Z): every intensity step is channel-wise), label uint8, affine, spacing.
 
     ``label_map`` maps source label values to the benchmark's classes; unlisted values become background.
     """
     affine_t = torch.as_tensor(affine, dtype=torch.float64)
-    data = {"image": MetaTensor(torch.as_tensor(image, dtype=torch.float32)[None], affine=affine_t)}
+    channels_first = np.moveaxis(image, -1, 0) if image.ndim == 4 else image[None]
+    data = {"image": MetaTensor(torch.as_tensor(channels_first, dtype=torch.float32), affine=affine_t)}
     if label is not None:
         if label_map:
             label = remap_labels(label, label_map)
@@ -162,7 +164,8 @@ def apply_recipe(image: np.ndarray, affine: np.ndarray, recipe: Recipe, label: n
     out = recipe_transform(recipe, label is not None)(data)
     out_affine = out["image"].affine.numpy().astype(np.float64)
     result = {
-        "image": out["image"].numpy()[0].astype(np.float32),
+        "image": out["image"].numpy().squeeze(0).astype(np.float32) if image.ndim == 3
+        else out["image"].numpy().astype(np.float32),
         "affine": out_affine,
         "spacing": np.sqrt((out_affine[:3, :3] ** 2).sum(axis=0)),
     }

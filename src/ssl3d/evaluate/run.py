@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -33,6 +34,20 @@ def load_model(model_path: str | Path, device: torch.device) -> tuple[torch.nn.M
     return model.to(device), checkpoint
 
 
+def target_metrics(pred: np.ndarray, ref: np.ndarray, classes: dict[int, str], regions: dict[str, list[int]],
+                   spacing: tuple[float, float, float], nsd_tolerance_mm: dict[str, float] | float,
+                   policy: EmptyPolicy) -> list[dict]:
+    """The metric rows of one case: per class, or per region where the dataset declares regions (BraTS's TC, WT
+    and ET: each the union of its classes, in the prediction and in the reference, scored as one binary mask)."""
+    if not regions:
+        return case_metrics(pred, ref, classes, spacing, nsd_tolerance_mm, policy)
+    rows = []
+    for name, members in regions.items():
+        rows += case_metrics(np.isin(pred, members).astype(np.uint8), np.isin(ref, members).astype(np.uint8),
+                             {1: name}, spacing, nsd_tolerance_mm, policy)
+    return rows
+
+
 def evaluate_run(run_config: str | Path, model_path: str | Path, out_csv: str | Path,
                  nsd_tolerance_mm: dict[str, float] | float, policy: EmptyPolicy, device: str = "cpu") -> Path:
     config = read_json(run_config)
@@ -51,8 +66,8 @@ def evaluate_run(run_config: str | Path, model_path: str | Path, out_csv: str | 
         case = load_cached_case(index["dir"] / index["cases"][case_id]["file"])
         pred = predict_volume(model, case["image"], inference["roi_size"], inference["overlap"],
                               inference["sw_batch_size"], device)
-        for row in case_metrics(pred, case["label"][0], checkpoint["classes"], tuple(case["spacing"]),
-                                nsd_tolerance_mm, policy):
+        for row in target_metrics(pred, case["label"][0], checkpoint["classes"], index.get("regions", {}),
+                                  tuple(case["spacing"]), nsd_tolerance_mm, policy):
             rows.append({"dataset": spec["dataset"], "case_id": case_id, **row, "init": spec["init"],
                          "backbone": spec["backbone"]["name"], "protocol": spec["protocol"],
                          "label_fraction": spec["label_fraction"], "subset": spec["subset"], "seed": spec["seed"],

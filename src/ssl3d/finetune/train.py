@@ -90,9 +90,14 @@ def finetune(run_config: str | Path, out_dir: str | Path, device: str = "cpu", l
     train_cases = load_cases(index, training_cases(splits, spec["label_fraction"], spec["subset"]))
     val_cases = load_cases(index, splits["validation"])
 
-    model = build_network(spec["backbone"], in_channels=1, out_channels=n_classes + 1)
+    in_channels = index.get("channels", 1)
+    model = build_network(spec["backbone"], in_channels=in_channels, out_channels=n_classes + 1)
     transfer = None
     if spec["init"] != "scratch":
+        if in_channels != 1:  # every method pre-trains on one-channel volumes (pretraining_pool)
+            raise ValueError(f"{inputs['cache_index']}: {in_channels}-channel images, but {spec['init']} was "
+                             "pre-trained on one channel and its first layer cannot take them; fine-tune from "
+                             "scratch on this dataset")
         transfer = load_pretrained(model, inputs["pretrained"], spec["backbone"]["name"]).as_dict()
         log.info("initialised from %s (%s): %s", spec["init"], inputs["pretrained"], transfer["fractions"])
     model = model.to(device)
@@ -138,7 +143,7 @@ def finetune(run_config: str | Path, out_dir: str | Path, device: str = "cpu", l
 
     model_path = out_dir / "model.pt"
     save_checkpoint(model_path, {
-        "run_id": run_id, "spec": spec, "classes": classes, "in_channels": 1,
+        "run_id": run_id, "spec": spec, "classes": classes, "in_channels": in_channels,
         "selected_step": state["best"]["step"], "validation_dice": state["best"]["score"],
         "weights": state["best"]["weights"],
     })

@@ -61,6 +61,9 @@ def pretraining_pool(cache_indexes: list[str], cases: list[str]) -> list[np.ndar
     volumes = []
     for path, which in zip(cache_indexes, cases, strict=True):
         index = read_index(path)
+        if index.get("channels", 1) != 1:
+            raise ValueError(f"{path}: {index['channels']}-channel images; the pre-training methods take "
+                             "one-channel volumes, so a multi-channel dataset (BraTS) can only be fine-tuned")
         volumes += [load_cached_case(index["dir"] / case["file"])["image"] for case in index["cases"].values()
                     if which == "all" or not case["labelled"]]
     if not volumes:
