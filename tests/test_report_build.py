@@ -73,9 +73,9 @@ def test_hybridmim_runs_with_several_reconstruction_sizes_give_the_region_size_t
     manifests = {"pretrain/a": run(32), "pretrain/b": run(None), "pretrain/c": run(32, backbone="swinunetr"),
                  "pretrain/d": run(None, method="models_genesis")}
     results = ExperimentResults("x", table(), {}, manifests, {run: log for run in manifests}, {}, {})
-    region = _region_size_table(results)
+    region = _region_size_table(results, 10)
     assert sorted(region.region_size.unique()) == [32, 64]  # None: the whole 64³ crop
     assert set(region.backbone) == {"hybridmim_unet"} and len(region) == 2 * 20  # 10 warm-up steps skipped
     assert region.seconds.to_numpy() == pytest.approx(0.31)
     assert _region_size_table(ExperimentResults("x", table(), {}, {"pretrain/a": run(32)}, {"pretrain/a": log},
-                                                {}, {})) is None
+                                                {}, {}), 10) is None

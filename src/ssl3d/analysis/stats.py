@@ -43,8 +43,8 @@ import pandas as pd
 from scipy import stats
 from statsmodels.stats.multitest import multipletests
 
-__all__ = ["MIN_PAIRS", "bootstrap_ci", "case_values", "cliffs_delta", "compare_inits", "compare_rows",
-           "format_p", "friedman_nemenyi",
+__all__ = ["MIN_PAIRS", "bootstrap_ci", "case_values", "cliffs_delta", "best_row", "compare_inits",
+           "compare_rows", "format_p", "friedman_nemenyi",
            "nemenyi_cd", "paired_case_values", "rank_biserial", "significance_matrix", "wilcoxon_test"]
 
 ROW = ["init", "backbone"]
@@ -226,6 +226,12 @@ def _row_means(values: pd.DataFrame) -> pd.Series:
     return values.groupby(ROW, sort=False)["value"].mean()
 
 
+def best_row(values: pd.DataFrame, metric: str) -> tuple[str, str]:
+    """The (init, backbone) with the best mean over its case values: highest, lowest for distances (HD95)."""
+    means = _row_means(values)
+    return means.idxmin() if metric in LOWER_IS_BETTER else means.idxmax()
+
+
 def _reference_for(row: tuple[str, str], reference: RowKey, rows: list[tuple[str, str]]) -> tuple[str, str] | None:
     """The reference row a row is compared with: ``(init, backbone)`` as given; for an init name, that init on the
     row's own backbone, so that an init is measured against the supervised baseline of its architecture and not
@@ -240,8 +246,7 @@ def compare_rows(values: pd.DataFrame, reference: RowKey = "scratch", metric: st
     """The tests of :func:`compare_inits` on a case-value table (:func:`case_values`), without its context
     columns and without checking that the reference exists (the leaderboard ranks tables without scratch)."""
     rows = _rows(values)
-    means = _row_means(values)
-    best = means.idxmin() if metric in LOWER_IS_BETTER else means.idxmax()
+    best = best_row(values, metric)
     comparisons, seen = [], set()
     for versus, other_of in (("reference", lambda row: _reference_for(row, reference, rows)),
                              ("best", lambda row: best)):

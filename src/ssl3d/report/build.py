@@ -26,7 +26,7 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -158,9 +158,7 @@ def reproduction_status(cells: pd.DataFrame) -> pd.DataFrame:
     counts["inside CI"] = ci.get(False, pd.Series(dtype=int)).reindex(counts.index, fill_value=0)
     counts["outside CI"] = ci.get(True, pd.Series(dtype=int)).reindex(counts.index, fill_value=0)
     counts = counts.loc[:, (counts != 0).any() | counts.columns.isin([tables.NOT_RUN, "inside CI", "outside CI"])]
-    order = {pair: i for i, pair in enumerate(published_tables())}
-    return counts.sort_index(key=lambda index: index.map(lambda pair: order.get(pair, len(order)))
-                             if isinstance(index, pd.MultiIndex) else index).reset_index()
+    return counts.reindex([pair for pair in published_tables() if pair in counts.index]).reset_index()
 
 
 def _friedman_scores(board: pd.DataFrame) -> pd.DataFrame:
@@ -237,7 +235,7 @@ def _warmup(step_logs: Mapping[str, pd.DataFrame]) -> int:
     return min(figures.WARMUP_STEPS, min(len(log) for log in step_logs.values()) // 2)
 
 
-def _region_size_table(results: ExperimentResults) -> pd.DataFrame | None:
+def _region_size_table(results: ExperimentResults, warmup: int) -> pd.DataFrame | None:
     """Timed HybridMIM steps by reconstruction size, where the experiment pre-trains HybridMIM with several sizes
     on one backbone (the Table 4 / Fig. 6b ablation); None otherwise."""
     timed = []
@@ -246,7 +244,7 @@ def _region_size_table(results: ExperimentResults) -> pd.DataFrame | None:
         if config.get("method") != "hybridmim" or run not in results.step_logs:
             continue
         size = (manifest.get("method_config") or {}).get("reconstruction_size") or config.get("patch_size", [0])[0]
-        steps = figures.timed_steps(results.step_logs[run], manifest, _warmup(results.step_logs), run)
+        steps = figures.timed_steps(results.step_logs[run], manifest, warmup, run)
         timed.append(pd.DataFrame({"backbone": config["backbone"]["name"], "region_size": int(size),
                                    "seconds": steps["total_s"]}))
     if not timed:
@@ -264,53 +262,48 @@ def _figures(results: ExperimentResults, board: pd.DataFrame, out: Path) -> tupl
     colours = _colours(results.per_case)
     made: list[Figure] = []
 
-    def add(section: str, title: str, draw: Callable[[Path], figures.FigureFiles], stem: str) -> None:
-        files = draw(out / stem)
+    def add(section: str, title: str, files: figures.FigureFiles) -> None:
         made.append(Figure(section, title, f"figures/{files.png.name}", f"figures/{files.svg.name}",
                            files.caption))
 
     finetune = results.per_case[results.per_case["protocol"] == "finetune"]
     for dataset in finetune["dataset"].unique():
-        add("Label efficiency", dataset, lambda stem: figures.label_efficiency(finetune, dataset, out=stem,
-                                                                               colours=colours),
-            _slug("label_efficiency", dataset))
+        add("Label efficiency", dataset, figures.label_efficiency(
+            finetune, dataset, out=out / _slug("label_efficiency", dataset), colours=colours))
     for (dataset, fraction), block in board.groupby(["dataset", "label_fraction"], sort=False):
         if len(block) < 2:
             continue
+        stem = _slug("significance", dataset, f"{fraction:g}")
         matrix = significance_matrix(finetune, dataset, fraction)
-        matrix.to_csv(out.parent / "tables" / f"{_slug('significance', dataset, f'{fraction:g}')}.csv")
+        matrix.to_csv(out.parent / "tables" / f"{stem}.csv")
         if matrix.notna().any().any():  # else no pair could be tested (the leaderboard's legend says why)
             add("Significance", f"{dataset} · label fraction {fraction:g}",
-                lambda stem: figures.significance_heatmap(matrix, out=stem), _slug("significance", dataset,
-                                                                                    f"{fraction:g}"))
+                figures.significance_heatmap(matrix, out=out / stem))
     friedman = {}
     scores = _friedman_scores(board)
     if scores.shape[0] >= 2 and scores.shape[1] >= 3:
         friedman = friedman_nemenyi(scores, higher_is_better=board.attrs.get("metric_primary", "dice")
                                     not in LOWER_IS_BETTER)
         add("Significance", "across datasets and label fractions",
-            lambda stem: figures.critical_difference(friedman, out=stem), "critical_difference")
+            figures.critical_difference(friedman, out=out / "critical_difference"))
     if results.step_logs:
+        warmup = _warmup(results.step_logs)
         step_manifests = {run: results.manifests[run] for run in results.step_logs}
-        add("Pre-training cost", "time and memory per step",
-            lambda stem: figures.pretrain_step_times(results.step_logs, step_manifests, out=stem, colours=colours,
-                                                     warmup=_warmup(results.step_logs)),
-            "pretrain_step_times")
-    region = _region_size_table(results)
-    if region is not None:
-        add("Pre-training cost", "HybridMIM time per step against reconstruction size (Fig. 6b)",
-            lambda stem: figures.region_size_curve(region, out=stem, colours=colours), "hybridmim_region_size")
+        add("Pre-training cost", "time and memory per step", figures.pretrain_step_times(
+            results.step_logs, step_manifests, out=out / "pretrain_step_times", colours=colours, warmup=warmup))
+        region = _region_size_table(results, warmup)
+        if region is not None:
+            add("Pre-training cost", "HybridMIM time per step against reconstruction size (Fig. 6b)",
+                figures.region_size_curve(region, out=out / "hybridmim_region_size", colours=colours))
     logs = pd.DataFrame([{"run": run, "dataset": m["config"]["dataset"], "fraction": m["config"]["label_fraction"]}
                          for run, m in results.manifests.items() if run in results.train_logs])
     for (dataset, fraction), runs in (logs.groupby(["dataset", "fraction"], sort=False) if len(logs) else []):
-        add("Training curves", f"{dataset} · label fraction {fraction:g}",
-            lambda stem: figures.training_curves({run: results.train_logs[run] for run in runs["run"]},
-                                                 results.manifests, out=stem, colours=colours),
-            _slug("training_curves", dataset, f"{fraction:g}"))
+        add("Training curves", f"{dataset} · label fraction {fraction:g}", figures.training_curves(
+            {run: results.train_logs[run] for run in runs["run"]}, results.manifests,
+            out=out / _slug("training_curves", dataset, f"{fraction:g}"), colours=colours))
     for dataset in finetune["dataset"].unique():
         files, title = _qualitative(results, dataset, out / _slug("qualitative", dataset), colours)
-        made.append(Figure("Qualitative", title, f"figures/{files.png.name}", f"figures/{files.svg.name}",
-                           files.caption))
+        add("Qualitative", title, files)
     return made, friedman
 
 
@@ -325,11 +318,10 @@ def _paper_sections(cells: pd.DataFrame) -> list[dict]:
     with none is folded away on the page)."""
     sections = []
     for (paper, table), lines in cells.groupby(["paper", "table"], sort=False):
-        footnotes = tables.method_footnotes(lines["init"])
         sections.append({"paper": paper, "table": table, "grid": _html(tables.paper_table_grid(lines)),
                          "counts": tables.status_counts(lines), "has_numbers": lines["ours"].notna().any(),
                          "markdown": f"tables/{_slug('paper', paper, table)}.md",
-                         "notes": {init: text for init, text in footnotes.items()}})
+                         "notes": tables.method_footnotes(lines["init"])})
     return sections
 
 

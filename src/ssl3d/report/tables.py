@@ -72,7 +72,8 @@ import numpy as np
 import pandas as pd
 
 from ssl3d.analysis.aggregate import METRIC_TITLES, per_run_means
-from ssl3d.analysis.stats import LOWER_IS_BETTER, MIN_PAIRS, bootstrap_ci, case_values, compare_rows, format_p
+from ssl3d.analysis.stats import (LOWER_IS_BETTER, MIN_PAIRS, best_row, bootstrap_ci, case_values, compare_rows,
+                                  format_p)
 from ssl3d.evaluate.metrics import METRICS
 from ssl3d.pretrain.registry import methods
 
@@ -312,10 +313,6 @@ def _stale(run_ids, manifests: Mapping[str, dict] | None):
     return pd.array([_run_stale(run_id, manifests) for run_id in run_ids], dtype="boolean").any(skipna=False)
 
 
-def _best(means: pd.Series, metric: str):
-    return means.idxmin() if metric in LOWER_IS_BETTER else means.idxmax()
-
-
 def _comparisons(values: pd.DataFrame, metric: str) -> pd.DataFrame:
     """Each row's Holm-corrected p-values against scratch on its backbone and against the best row
     (:func:`ssl3d.analysis.stats.compare_rows`: a pair tested once, one family). Columns init, backbone,
@@ -323,12 +320,11 @@ def _comparisons(values: pd.DataFrame, metric: str) -> pd.DataFrame:
     tests = compare_rows(values, SCRATCH, metric)
     p = {} if tests.empty else {frozenset([(t.init, t.backbone), (t.other_init, t.other_backbone)]): t.p_holm
                                 for t in tests.itertuples()}
-    means = values.groupby(ROW)["value"].mean()
-    best = _best(means, metric)
+    best = best_row(values, metric)
     return pd.DataFrame([{"init": init, "backbone": backbone,
                           "p_vs_scratch": p.get(frozenset([(init, backbone), (SCRATCH, backbone)]), math.nan),
                           "p_vs_best": p.get(frozenset([(init, backbone), best]), math.nan)}
-                         for init, backbone in means.index])
+                         for init, backbone in values[ROW].drop_duplicates().itertuples(index=False)])
 
 
 def _intervals(values: pd.DataFrame, metric: str, confidence: float, n_resamples: int) -> pd.DataFrame:
