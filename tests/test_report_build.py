@@ -20,9 +20,11 @@ def test_reproduction_status_counts_statuses_and_ci_per_table_in_published_order
     status = reproduction_status(cells(
         ("pgl", "Table 1", "not run", pd.NA), ("pgl", "Table 1", "paper scale", True),
         ("hybridmim", "Table 2", "paper scale", False), ("hybridmim", "Table 2", "paper scale", False),
-        ("hybridmim", "Table 2", "paper scale", pd.NA), ("hybridmim", "Table 2", "method not implemented", pd.NA)))
-    assert list(zip(status.paper, status.table)) == [("hybridmim", "Table 2"), ("pgl", "Table 1")]
-    assert status.set_index("table").to_dict("index") == {
+        ("hybridmim", "Table 2", "paper scale", pd.NA), ("hybridmim", "Table 2", "method not implemented", pd.NA),
+        ("hdssl", "Table 3", "not run", pd.NA)))
+    assert list(zip(status.paper, status.table)) == [("hybridmim", "Table 2"), ("pgl", "Table 1"),
+                                                     ("hdssl", "Table 3")]  # the papers' order, not alphabetical
+    assert status[status.paper != "hdssl"].set_index("table").to_dict("index") == {
         "Table 2": {"paper": "hybridmim", "not run": 0, "paper scale": 3, "method not implemented": 1,
                     "inside CI": 2, "outside CI": 0},
         "Table 1": {"paper": "pgl", "not run": 1, "paper scale": 1, "method not implemented": 0,
