@@ -42,10 +42,10 @@ class BYOLConfig(MethodConfig):
 class OnlineNetwork(torch.nn.Module):
     """Encoder + global average pool + projector: the part of the online path the target mirrors."""
 
-    def __init__(self, backbone: dict, projector_hidden: int, projection_dim: int):
+    def __init__(self, backbone: dict, in_channels: int, projector_hidden: int, projection_dim: int):
         super().__init__()
-        self.backbone = build_network(backbone, in_channels=1, out_channels=1)
-        self.projector = mlp_head(self.backbone.encoder_channels[-1], projector_hidden, projection_dim)
+        self.backbone = build_network(backbone, in_channels=in_channels, out_channels=1)
+        self.projector = mlp_head(self.backbone.encoder_levels[-1].channels, projector_hidden, projection_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bottleneck = self.backbone.encode(x)[-1]
@@ -55,13 +55,12 @@ class OnlineNetwork(torch.nn.Module):
 class BYOL(Method):
     name = "byol"
     paper = "Grill et al., Bootstrap Your Own Latent, NeurIPS 2020 (3D, as the baseline of Xie et al., PGL, 2020)"
-    backbones = ("unet", "basicunet")
     Config = BYOLConfig
     transfer = Transfer(prefixes={"online.backbone.": ""}, parts=("encoder",), coverage={"encoder": 1.0})
 
-    def __init__(self, config: BYOLConfig, backbone: dict):
-        super().__init__(config, backbone)
-        self.online = OnlineNetwork(backbone, config.projector_hidden, config.projection_dim)
+    def __init__(self, config: BYOLConfig, backbone: dict, in_channels: int = 1):
+        super().__init__(config, backbone, in_channels)
+        self.online = OnlineNetwork(backbone, in_channels, config.projector_hidden, config.projection_dim)
         self.predictor = mlp_head(config.projection_dim, config.predictor_hidden, config.projection_dim)
         self.target = EMATarget(self.online)
 

@@ -45,14 +45,14 @@ class ModelsGenesisConfig(MethodConfig):
 class ModelsGenesis(Method):
     name = "models_genesis"
     paper = "Zhou et al., Models Genesis: Generic Autodidactic Models for 3D Medical Image Analysis, MICCAI 2019"
-    backbones = ("genesis_unet3d", "basicunet", "unet")
+    multichannel = False  # the official distortions (local shuffling, painting) are defined on one channel
     Config = ModelsGenesisConfig
     transfer = Transfer(prefixes={"network.": ""})
 
-    def __init__(self, config: ModelsGenesisConfig, backbone: dict):
-        super().__init__(config, backbone)
+    def __init__(self, config: ModelsGenesisConfig, backbone: dict, in_channels: int = 1):
+        super().__init__(config, backbone, in_channels)
         self.transforms = GenesisTransformConfig(**config.transforms)
-        self.network = build_network(backbone, in_channels=1, out_channels=1)
+        self.network = build_network(backbone, in_channels=in_channels, out_channels=in_channels)
 
     def make_views(self, region: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
         distorted, target = generate_pair(region, rng, self.transforms)

@@ -168,15 +168,15 @@ class SwinUNETRSSL(Method):
     name = "swinunetr_ssl"
     paper = ("Tang et al., Self-Supervised Pre-Training of Swin Transformers for 3D Medical Image Analysis, "
              "CVPR 2022")
-    backbones = ("swinunetr",)
+    requires = ("hidden_states",)
     Config = SwinUNETRSSLConfig
     # swinViT is 14.2% of the SwinUNETR encoder (swinViT + encoder1..4 + encoder10) at feature_size 12, depths
     # [1, 1, 1, 1]; 14.0% at feature_size 48 with those depths and 18.9% with the default depths [2, 2, 2, 2]:
     # encoder10's two 3³ convolutions at 16·feature_size channels dominate.
     transfer = Transfer(prefixes={"network.swinViT.": "swinViT."}, parts=("encoder",), coverage={"encoder": 0.13})
 
-    def __init__(self, config: SwinUNETRSSLConfig, backbone: dict):
-        super().__init__(config, backbone)
+    def __init__(self, config: SwinUNETRSSLConfig, backbone: dict, in_channels: int = 1):
+        super().__init__(config, backbone, in_channels)
         axes = ROTATION_AXES[config.rotation_plane]
         if config.patch_size[axes[0] - 1] != config.patch_size[axes[1] - 1]:
             raise ValueError(f"swinunetr_ssl: patch_size {tuple(config.patch_size)} must be square in the "
@@ -184,11 +184,11 @@ class SwinUNETRSSL(Method):
         if np.prod([size // 32 for size in config.patch_size]) < 2:
             raise ValueError(f"swinunetr_ssl: patch_size {tuple(config.patch_size)} leaves one bottleneck token; the "
                              "contrastive head reads token 1 (use 64 or more on an axis)")
-        self.network = build_network(backbone, in_channels=1, out_channels=1)
-        channels = self.network.encoder_channels[-1]  # the last Swin stage: 16 x feature_size
+        self.network = build_network(backbone, in_channels=in_channels, out_channels=1)
+        channels = self.network.hidden_levels[-1].channels  # the last Swin stage: 16 x feature_size
         self.rotation_head = torch.nn.Linear(channels, 4)
         self.contrastive_head = torch.nn.Linear(channels, config.contrast_dim)
-        self.decoder = reconstruction_decoder(channels)
+        self.decoder = reconstruction_decoder(channels, out_channels=in_channels)
 
     def _view(self, region: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
         k = int(rng.integers(4))

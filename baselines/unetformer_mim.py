@@ -71,13 +71,12 @@ class UNetFormerMIM(Method):
     name = "unetformer_mim"
     paper = ("Hatamizadeh et al., UNetFormer: A Unified Vision Transformer Model and Pre-Training Framework for 3D "
              "Medical Image Segmentation, arXiv 2204.00631, 2022 (no public code: MIM on SwinUNETR substituted)")
-    backbones = ("swinunetr",)
     Config = UNetFormerMIMConfig
     transfer = Transfer(prefixes={"network.": ""}, parts=("encoder",), coverage={"encoder": 1.0})
 
-    def __init__(self, config: UNetFormerMIMConfig, backbone: dict):
-        super().__init__(config, backbone)
-        self.network = build_network(backbone, in_channels=1, out_channels=1)
+    def __init__(self, config: UNetFormerMIMConfig, backbone: dict, in_channels: int = 1):
+        super().__init__(config, backbone, in_channels)
+        self.network = build_network(backbone, in_channels=in_channels, out_channels=in_channels)
         self.patches_per_axis = tuple(size // config.mask_patch for size in config.patch_size)
 
     def make_views(self, region: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:

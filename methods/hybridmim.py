@@ -22,7 +22,8 @@ The consistency term is 1/2 (CE(count head, count implied by the location head) 
 count)); the MSE half carries no gradient in the official code, so it is reported as the separate zero-weight
 term ``consistency_mse`` and the trained term ``consistency`` is the CE half over 2.
 
-Backbones (methods.md §2.3), as the official ``Pretrain/pretrain_models/deep_unet_v2.py`` and ``swinunetr.py``:
+Backbones (methods.md §2.3), as the official ``Pretrain/pretrain_models/deep_unet_v2.py`` and ``swinunetr.py``; the
+method runs on any backbone with ``region_decoding`` (the UNet variant) or ``hidden_states`` (the Swin variant):
 - ``hybridmim_unet``: the heads read the encoder's 12³ bottleneck; count and location heads the mean of each 4³
   window (one per 32³ sub-volume), the contrast head the mean of all cells. Only the decoder is cropped to the
   target region, the encoder runs on the whole crop.
@@ -30,7 +31,7 @@ Backbones (methods.md §2.3), as the official ``Pretrain/pretrain_models/deep_un
   forward, 768 × 3³ tokens for a 96³ crop at feature_size 48), not ``encoder10``'s output; count and location
   heads each of the tokens (one per 32³ sub-volume), the contrast head **token 1 alone** (the official code copied
   SwinUNETR SSL's head), not a pooled vector as in the UNet variant. The input and every hidden state are cropped
-  to the target region before ``encoder1..4`` and ``encoder10`` (``SplitSwinUNETR.encoder_blocks``), so these
+  to the target region before ``encoder1..4`` and ``encoder10`` (``SplitSwinUNETR.encode(x, hidden, region)``), so these
   blocks run on the region only, like the decoder; ``encoder10`` is trained by the reconstruction alone.
   The region lies on the 32-voxel cells of the 3³ bottleneck, where 64³ of a 96³ crop cannot be centred: set
   ``region_position: corner`` (the official box [32:96]³). Two official settings (methods.md §2.5) belong to the
@@ -94,25 +95,26 @@ class HybridMIM(Method):
     name = "hybridmim"
     paper = ("Xing et al., HybridMIM: A Hybrid Masked Image Modeling Framework for 3D Medical Image "
              "Segmentation, IEEE JBHI 2024 (arXiv 2303.10333)")
-    backbones = ("hybridmim_unet", "swinunetr")
+    # its UNet decodes a box of the bottleneck; a transformer crops its hidden states before the encoder's blocks
+    requires = (("region_decoding", "hidden_states"),)
     Config = HybridMIMConfig
     transfer = Transfer(prefixes={"network.": ""})
 
-    def __init__(self, config: HybridMIMConfig, backbone: dict):
-        super().__init__(config, backbone)
-        self.network = build_network(backbone, in_channels=1, out_channels=1)
-        self.swin = backbone["name"] == "swinunetr"
+    def __init__(self, config: HybridMIMConfig, backbone: dict, in_channels: int = 1):
+        super().__init__(config, backbone, in_channels)
+        self.network = build_network(backbone, in_channels=in_channels, out_channels=in_channels)
+        self.transformer = "hidden_states" in self.network.capabilities  # the official Swin variant's choices
         if config.loss_weights.get("contrastive") and not any(
                 isinstance(m, torch.nn.Dropout) and m.p > 0 for m in self.network.modules()):
             warnings.warn(f"hybridmim: the {backbone['name']} backbone has no dropout, so the two passes of the "
-                          f"contrastive term are identical (SimCSE draws its positive pairs from dropout); set the "
-                          f"backbone's {'drop_rate' if self.swin else 'dropout'}: 0.1 as the official code, or "
-                          f"loss_weights.contrastive: 0", stacklevel=2)
+                          f"contrastive term are identical (SimCSE draws its positive pairs from dropout); give the "
+                          f"backbone a dropout of 0.1 as the official code, or set loss_weights.contrastive: 0",
+                          stacklevel=2)
         self.patches_per_axis = [size // config.mask_patch for size in config.patch_size]
         if any(size % (2 * config.mask_patch) for size in config.patch_size):
             raise ValueError(f"hybridmim: patch_size {config.patch_size} must be a multiple of sub-volumes of "
                              f"2 x mask_patch = {2 * config.mask_patch} voxels")
-        channels = self.network.encoder_channels[-1]
+        channels = self.bottleneck_channels()
         self.count_head = torch.nn.Linear(channels, 9)
         self.position_head = torch.nn.Linear(channels, 8)
         self.contrast_head = torch.nn.Linear(channels, config.contrast_dim)
@@ -130,8 +132,8 @@ class HybridMIM(Method):
             raise ValueError(f"hybridmim.reconstruction_size: {size} is not a multiple of the bottleneck's "
                              f"{scale}-voxel cells")
         cells = size // scale
-        if self.swin and cells < 2:
-            raise ValueError(f"hybridmim.reconstruction_size: {size} is one {scale}-voxel bottleneck cell; on swinunetr "
+        if self.transformer and cells < 2:
+            raise ValueError(f"hybridmim.reconstruction_size: {size} is one {scale}-voxel bottleneck cell; on a transformer "
                              f"the region needs at least two per axis (encoder10's instance norm needs more than one "
                              f"voxel): use {2 * scale} or more, or null for the whole crop")
         spare = bottleneck_size - cells
@@ -143,21 +145,25 @@ class HybridMIM(Method):
                              f"set region_position: corner, or a reconstruction_size leaving an even number of cells")
         return spare // 2, spare // 2 + cells
 
+    def bottleneck_channels(self) -> int:
+        levels = self.network.hidden_levels if self.transformer else self.network.encoder_levels
+        return levels[-1].channels
+
     def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, Callable[[tuple | None], torch.Tensor]]:
         """The bottleneck the pretext heads read, (B, C, n, n, n), and a function decoding a region (start, stop) of
-        it (None: the whole crop). UNet: the encoder's last map, and the decoder's inputs are cropped; Swin: the last
-        hidden state, and the input and hidden states are cropped before the encoder's conv blocks (module
-        docstring)."""
+        it (None: the whole crop) up to the head's input. UNet: the encoder's last map, and the decoder's inputs are
+        cropped; transformer: the last hidden state, and the input and hidden states are cropped before the
+        encoder's conv blocks (module docstring)."""
         network = self.network
-        if self.swin:
+        if self.transformer:
             hidden = network.hidden_states(x)
-            return hidden[-1], lambda box: network.decode(network.encoder_blocks(x, hidden, region=box))
+            return hidden[-1], lambda box: network.decode(network.encode(x, hidden, region=box))[0]
         features = network.encode(x)
-        return features[-1], lambda box: network.decode(features, region=box)
+        return features[-1], lambda box: network.decode(features, region=box)[0]
 
     def _contrast_input(self, bottleneck: torch.Tensor) -> torch.Tensor:
         """(B, C): the mean of the UNet's bottleneck, but the Swin's token 1 alone, as each official variant."""
-        return bottleneck.flatten(start_dim=2)[:, :, 1] if self.swin else bottleneck.mean(dim=(2, 3, 4))
+        return bottleneck.flatten(start_dim=2)[:, :, 1] if self.transformer else bottleneck.mean(dim=(2, 3, 4))
 
     def loss_terms(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         weights = self.config.loss_weights

@@ -1,6 +1,6 @@
 """BraTS end to end on tiny synthetic cases: four modalities converted to one 4-channel image, cached as
-(4, X, Y, Z) with the labels 0/1/2/4 renumbered, a network with four inputs trained from scratch, and the test
-cases scored on the TC / WT / ET regions."""
+(4, X, Y, Z) with the labels 0/1/2/4 renumbered, a network with four inputs trained from scratch or from a
+four-channel pre-training, and the test cases scored on the TC / WT / ET regions."""
 
 import nibabel as nib
 import numpy as np
@@ -15,7 +15,8 @@ from ssl3d.data.splits import make_splits
 from ssl3d.evaluate.metrics import EmptyPolicy
 from ssl3d.evaluate.run import evaluate_run, target_metrics
 from ssl3d.finetune.train import finetune
-from ssl3d.io import write_json
+from ssl3d.io import read_json, write_json
+from ssl3d.pretrain.loop import pretrain
 
 from conftest import run_config
 
@@ -97,15 +98,22 @@ def test_region_metrics_join_the_classes_of_each_region():
     assert ncr == pytest.approx(2 * 64 / (128 + 64))  # without regions: per class, as before
 
 
-def test_pre_training_and_pre_trained_inits_refuse_four_channels(brats_cache, tmp_path):
-    from ssl3d.pretrain.loop import pretraining_pool
-
+def test_hybridmim_pre_trains_on_four_channels_and_initialises_a_four_input_network(brats_cache, tmp_path):
+    """HybridMIM's task-specific rows (HybridMIM*, Tables 3-4) pre-train on BraTS's four modalities."""
     index_path, _ = brats_cache
-    with pytest.raises(ValueError, match="4-channel images; the pre-training methods take one-channel volumes"):
-        pretraining_pool([str(index_path)], ["all"])
+    spec = {"method": "hybridmim", "backbone": {"name": "hybridmim_unet", "features": [4, 4, 8, 8, 16]},
+            "method_config": {"patch_size": [32, 32, 32], "batch_size": 2, "mask_patch": 8, "reconstruction_size": 16},
+            "seed": 0, "steps": 2, "checkpoint_every": 5,
+            "pool": [{"dataset": "brats2020", "data": {"pretrain_cases": "all"}}]}
+    write_json(tmp_path / "pre.json", {"run_id": "pre", "spec": spec, "inputs": {"cache_indexes": [str(index_path)]}})
+    pretrained = pretrain(tmp_path / "pre.json", tmp_path / "pre")
+    assert torch.load(pretrained, weights_only=False)["state_dict"]["network.conv_0.conv_0.conv.weight"].shape[1] == 4
     ids = sorted(read_index(index_path)["cases"])
     splits = tmp_path / "splits.json"
     write_json(splits, make_splits(ids, seed=0, n_validation=1, n_test=2, label_fractions=[1.0], n_subsets=1))
-    config = run_config(tmp_path / "config.json", index_path, splits, init="byol")
-    with pytest.raises(ValueError, match="4-channel images, but byol was pre-trained on one channel"):
-        finetune(config, tmp_path / "run")
+    config = run_config(tmp_path / "config.json", index_path, splits, dataset="brats2020", init="hybridmim",
+                        backbone=spec["backbone"], steps=2, val_every=2, checkpoint_every=2, patch_size=[16, 16, 16],
+                        inference={"roi_size": [16, 16, 16], "overlap": 0.25, "sw_batch_size": 2})
+    write_json(config, {**read_json(config), "inputs": {**read_json(config)["inputs"], "pretrained": str(pretrained)}})
+    manifest = read_json(finetune(config, tmp_path / "run").parent / "manifest.json")
+    assert manifest["transfer"]["fractions"]["encoder"] == 1.0

@@ -25,7 +25,7 @@ def swin() -> torch.nn.Module:
 
 
 def cropped(network, x, hidden, region):
-    return network.head(network.decode(network.encoder_blocks(x, hidden, region=region)))
+    return network.head(network.decode(network.encode(x, hidden, region=region))[0])
 
 
 def method(backbone: dict = SWIN_WITH_DROPOUT, **config):
@@ -61,7 +61,7 @@ def test_the_whole_region_is_monai_forward_and_a_region_past_the_bottleneck_is_n
         hidden = network.hidden_states(x)
         assert torch.equal(cropped(network, x, hidden, (0, 2)), network(x))
         with pytest.raises(ValueError, match="beyond the bottleneck"):
-            network.encoder_blocks(x, hidden, region=(1, 3))
+            network.encode(x, hidden, region=(1, 3))
 
 
 def test_the_region_sees_only_its_box_at_every_level():
@@ -132,7 +132,7 @@ def test_a_one_cell_region_is_named_on_the_swin():
 
 
 def test_a_swin_without_dropout_is_warned_about_when_the_contrastive_term_counts():
-    with pytest.warns(UserWarning, match="set the backbone's drop_rate: 0.1"):
+    with pytest.warns(UserWarning, match="give the backbone a dropout of 0.1"):
         method(SWIN)
     weights = {**HYBRIDMIM.Config().loss_weights, "contrastive": 0.0}
     with warnings.catch_warnings():

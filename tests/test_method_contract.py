@@ -8,36 +8,30 @@ import numpy as np
 import pytest
 import torch
 
-from ssl3d.nets import build_network
+from ssl3d.nets import BACKBONES, build_network
 from ssl3d.pretrain.method import Method, Transfer, make_config
 from ssl3d.pretrain.optim import build_optimizer
-from ssl3d.pretrain.registry import get_method, methods
+from ssl3d.pretrain.registry import get_method, methods, supported_backbones
 from ssl3d.pretrain.transfer import TransferError, plan_transfer
 
-# the smallest size of each backbone, so two CPU steps take a second
-SMALL_BACKBONES = {
-    "basicunet": {"name": "basicunet", "features": [4, 4, 8, 8, 16, 4]},
-    "unet": {"name": "unet", "channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 0},
-    "genesis_unet3d": {"name": "genesis_unet3d"},
-    "hybridmim_unet": {"name": "hybridmim_unet", "features": [4, 4, 8, 8, 16]},
-    "swinunetr": {"name": "swinunetr", "feature_size": 12, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 1, 1],
-                  "drop_rate": 0.1},
-}
-# a backbone whose bottleneck must keep more than one voxel (instance norm in training) needs a larger input
-SMALL_PATCH = {"swinunetr": [64, 64, 64]}
-CASES = [(name, backbone) for name, cls in methods().items() for backbone in cls.backbones]
+CASES = [(name, backbone) for name, cls in methods().items() for backbone in supported_backbones(cls)]
 
 
-def small_method(name: str, backbone: str, seed: int = 0) -> Method:
+def small_backbone(backbone: str) -> dict:
+    """The backbone's smallest instance (``Backbone.smallest``), so two CPU steps take a second."""
+    return {"name": backbone, **BACKBONES[backbone].smallest["fields"]}
+
+
+def small_method(name: str, backbone: str, seed: int = 0, in_channels: int = 1) -> Method:
     cls = get_method(name)
     torch.manual_seed(seed)
-    patch = SMALL_PATCH.get(backbone, [32, 32, 32])
-    return cls(make_config(cls.Config, {"patch_size": patch, "batch_size": 2}), SMALL_BACKBONES[backbone])
+    patch = list(BACKBONES[backbone].smallest["input"])
+    return cls(make_config(cls.Config, {"patch_size": patch, "batch_size": 2}), small_backbone(backbone), in_channels)
 
 
 def batch_of_views(method: Method, seed: int = 0) -> dict[str, torch.Tensor]:
     rng = np.random.default_rng(seed)
-    samples = [method.make_views(rng.random((1, *method.region_size()), dtype=np.float32), rng)
+    samples = [method.make_views(rng.random((method.in_channels, *method.region_size()), dtype=np.float32), rng)
                for _ in range(method.config.batch_size)]
     return {key: torch.from_numpy(np.stack([s[key] for s in samples])) for key in samples[0]}
 
@@ -49,16 +43,14 @@ def test_the_known_methods_are_registered():
 @pytest.mark.parametrize("name", sorted(methods()))
 def test_declarations(name):
     cls = get_method(name)
-    assert cls.paper and cls.version and cls.backbones
-    assert set(cls.backbones) <= set(SMALL_BACKBONES), "add the new backbone's smallest size to SMALL_BACKBONES"
+    assert cls.paper and cls.version and supported_backbones(cls)
+    assert cls.probe_features in ("encoder", "decoder") and cls.description()
     config = cls.Config()
     assert config.loss_weights and all(w >= 0 for w in config.loss_weights.values())
     assert isinstance(cls.transfer, Transfer) and cls.transfer.prefixes
 
 
-@pytest.mark.parametrize("name, backbone", CASES)
-def test_two_cpu_steps_give_finite_terms_named_as_the_configured_weights(name, backbone):
-    method = small_method(name, backbone)
+def two_cpu_steps(method: Method) -> None:
     optimizer = build_optimizer(method, {"name": "sgd", "lr": 0.01})
     for step in (1, 2):
         method.train()
@@ -76,9 +68,30 @@ def test_two_cpu_steps_give_finite_terms_named_as_the_configured_weights(name, b
 
 
 @pytest.mark.parametrize("name, backbone", CASES)
+def test_two_cpu_steps_give_finite_terms_named_as_the_configured_weights(name, backbone):
+    two_cpu_steps(small_method(name, backbone))
+
+
+@pytest.mark.parametrize("name", sorted(methods()))
+def test_multichannel_volumes_are_taken_or_refused_when_the_method_is_built(name):
+    cls = get_method(name)
+    backbone = supported_backbones(cls)[-1]
+    if not cls.multichannel:
+        with pytest.raises(ValueError, match="one-channel"):
+            small_method(name, backbone, in_channels=2)
+        return
+    two_cpu_steps(small_method(name, backbone, in_channels=2))
+
+
+def test_a_method_is_refused_a_backbone_without_the_capability_it_requires():
+    with pytest.raises(ValueError, match="needs a backbone with region_decoding or hidden_states; 'unet' offers"):
+        small_method("hybridmim", "unet")
+
+
+@pytest.mark.parametrize("name, backbone", CASES)
 def test_weights_transfer_with_the_declared_coverage(name, backbone):
     method = small_method(name, backbone)
-    downstream = build_network(SMALL_BACKBONES[backbone], in_channels=1, out_channels=5)
+    downstream = build_network(small_backbone(backbone), in_channels=1, out_channels=5)
     load, report = plan_transfer(method.state_dict(), downstream, backbone, method.transfer)
     for part, need in method.transfer.coverage.items():
         assert report.fractions[part] >= need
@@ -118,7 +131,7 @@ def test_checkpoint_round_trip(name, backbone, tmp_path):
 
 def test_a_wrong_transfer_declaration_fails_before_training():
     method = small_method("models_genesis", "basicunet")
-    downstream = build_network(SMALL_BACKBONES["basicunet"], 1, 5)
+    downstream = build_network(small_backbone("basicunet"), 1, 5)
     with pytest.raises(TransferError, match="no pre-trained tensor starts with"):
         plan_transfer(method.state_dict(), downstream, "basicunet", Transfer(prefixes={"encoder.": ""}))
     partial = Transfer(prefixes={"network.down_": "down_"})
@@ -145,7 +158,6 @@ def test_methods_from_installed_packages_are_discovered(monkeypatch, tmp_path):
         "class Noise(Method):\n"
         "    name = 'noise_restoration'\n"
         "    paper = 'an out-of-tree example'\n"
-        "    backbones = ('unet',)\n"
         "    transfer = Transfer(prefixes={'network.': ''})\n"
         "    def make_views(self, region, rng):\n"
         "        return {'x': region}\n"

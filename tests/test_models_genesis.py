@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from ssl3d.nets.genesis import (GENESIS_N_PARAMETERS, GenesisBatchNorm3d, UNet3D, encoder_decoder_parts,
+from ssl3d.nets.genesis import (GENESIS_N_PARAMETERS, GenesisBatchNorm3d, UNet3D,
                                 load_genesis_checkpoint)
 from ssl3d.pretrain import genesis_transforms as gt
 from ssl3d.pretrain.genesis_transforms import GenesisTransformConfig
@@ -330,13 +330,13 @@ def test_unet3d_names_match_the_official_checkpoint(unet):
 def test_encoder_decoder_parts_classifies_every_key(unet):
     parts = {}
     for name, p in unet.named_parameters():
-        parts[encoder_decoder_parts(name)] = parts.get(encoder_decoder_parts(name), 0) + p.numel()
+        parts[UNet3D.part(name)] = parts.get(UNet3D.part(name), 0) + p.numel()
     assert parts["head"] == 65 and sum(parts.values()) == GENESIS_N_PARAMETERS
     assert parts["encoder"] > 0 and parts["decoder"] > 0
-    assert encoder_decoder_parts("module.down_tr64.ops.0.conv1.weight") == "encoder"
-    assert encoder_decoder_parts("up_tr128.up_conv.bias") == "decoder"
+    assert UNet3D.part("module.down_tr64.ops.0.conv1.weight") == "encoder"
+    assert UNet3D.part("up_tr128.up_conv.bias") == "decoder"
     with pytest.raises(ValueError):
-        encoder_decoder_parts("backbone.conv.weight")
+        UNet3D.part("backbone.conv.weight")
 
 
 def test_unet3d_output_shape_and_sigmoid_range(unet):

@@ -139,18 +139,29 @@ def test_the_report_links_every_figure_and_table_and_regenerates_without_trainin
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda c: c["finetune"].update(stepz=3), "'stepz' was unexpected"),
-    (lambda c: c["splits"].update(label_fractions=[0.5, 1.5]), r"instance\['splits'\]\['label_fractions'\]"),
-    (lambda c: c["evaluation"]["empty"].update(both_empty="zero"), "'zero' is not one of"),
+    (lambda c: c["finetune"].update(stepz=3), r"^  finetune: .*'stepz' was unexpected"),
+    (lambda c: c["splits"].update(label_fractions=[0.5, 1.5]), r"^  splits\.label_fractions\[1\]: 1\.5 is greater"),
+    (lambda c: c["evaluation"]["empty"].update(both_empty="zero"), r"^  evaluation\.empty\.both_empty: 'zero' is not"),
+    (lambda c: c["pretrain"]["methods"]["byol"].update(noise_sd=1),
+     r"^  pretrain\.methods\.byol\.noise_sd: unknown setting of byol; known: batch_size, "),
+    (lambda c: c["pretrain"]["methods"].update(hybridmim={}), r"^  pretrain\.methods\.hybridmim\.backbone: hybridmim "
+                                                           r"needs a backbone with region_decoding or hidden_states"),
+    (lambda c: c["finetune"]["backbones"][0].update(chanels=[4, 8]), r"^  finetune\.backbones\[0\]\.chanels: unet "
+                                                                     r"takes no field 'chanels'; known: channels"),
+    (lambda c: c["finetune"].update(protocols={"frozen_then_finetune": {"frozen_steps": 6, "ramp_steps": 2}}),
+     r"^  finetune\.protocols\.frozen_then_finetune\.frozen_steps: 6 leaves none of the 6 steps"),
+    (lambda c: c["finetune"].update(per_init={"simclr": {"steps": 2}}), r"^  finetune\.per_init\.simclr: not one of"),
 ])
-def test_bad_config_fails_before_any_job_and_names_the_key(tmp_path, edit, message):
+def test_bad_config_fails_before_any_job_with_one_line_per_problem(tmp_path, edit, message):
     config = json.loads(json.dumps(MICRO))
     edit(config)
     result = snakemake(tmp_path, config, "-n")
     output = result.stdout + result.stderr
     assert result.returncode != 0
-    assert "Error validating config file" in output
-    assert re.search(message, output), output[-2000:]
+    assert "the config has 1 problem(s) (also in logs/config_problems.log)" in output
+    assert re.search(message, output, re.M), output[-2000:]
+    assert len(output.splitlines()) < 12 and "$schema" not in output  # no dump of schema and config
+    assert "config:" in (tmp_path / "logs" / "config_problems.log").read_text()
     assert not (tmp_path / "data").exists()
 
 

@@ -74,13 +74,19 @@ def cmd_pretrain(args):
 def cmd_methods(args):
     import dataclasses
 
-    from ssl3d.pretrain.registry import methods
+    from ssl3d.nets import BACKBONES
+    from ssl3d.pretrain.registry import methods, supported_backbones
 
     for name, cls in methods().items():
         defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
                     for f in dataclasses.fields(cls.Config)}
-        print(f"{name} (version {cls.version})\n  paper: {cls.paper}\n  backbones: {', '.join(cls.backbones)}")
+        requires = ", ".join(" or ".join(n) if isinstance(n, tuple) else n for n in cls.requires) or "nothing"
+        print(f"{name} (version {cls.version})\n  paper: {cls.paper}\n  requires: {requires}; runs on: "
+              f"{', '.join(supported_backbones(cls))}; channels: {'any' if cls.multichannel else 'one'}")
         print("  defaults: " + json.dumps(defaults, default=str))
+    print("backbones (capabilities):")
+    for name, backbone in BACKBONES.items():
+        print(f"  {name}: {', '.join(sorted(backbone.capabilities)) or '-'}")
 
 
 def cmd_datasets(args):

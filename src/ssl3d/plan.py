@@ -132,10 +132,49 @@ def _init_backbones(config: dict) -> list[tuple[str, dict]]:
     return pairs
 
 
+# keys of `finetune` that span the grid or override settings per arm; every other key is a training setting
+GRID_KEYS = ("datasets", "inits", "seeds", "backbones", "protocols", "per_backbone", "per_init")
+# each protocol's own settings (the rest of a protocol's entry overrides training settings for it)
+PROTOCOL_SETTINGS = {"finetune": (), "probe": ("features",),
+                     "frozen_then_finetune": ("frozen_steps", "ramp_steps", "start_fraction")}
+
+
+def merged(settings: dict, overrides: dict) -> dict:
+    """``settings`` with ``overrides``; a dict-valued setting (``optimizer``) is updated key by key, so an override
+    can change one field of it."""
+    out = dict(settings)
+    for key, value in overrides.items():
+        out[key] = {**out[key], **value} if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def arm_training(config: dict, init: str, backbone: dict, protocol: str) -> tuple[dict, dict]:
+    """The training settings of one arm and its protocol settings: ``finetune``'s settings, then the arm's
+    backbone's (``per_backbone``), its init's (``per_init``) and its protocol's overrides, in that order."""
+    finetune = config["finetune"]
+    training = {key: value for key, value in finetune.items() if key not in GRID_KEYS}
+    entry = dict(protocols(config)[protocol] or {})
+    own = {key: entry.pop(key) for key in PROTOCOL_SETTINGS[protocol] if key in entry}
+    for overrides in (finetune.get("per_backbone", {}).get(backbone["name"], {}),
+                      finetune.get("per_init", {}).get(init, {}), entry):
+        training = merged(training, overrides)
+    return training, own
+
+
+def protocols(config: dict) -> dict[str, dict]:
+    """``finetune.protocols``: protocol -> its entry; ``{finetune: {}}`` (the whole network) when absent."""
+    return config["finetune"].get("protocols") or {"finetune": {}}
+
+
 def finetune_runs(config: dict) -> dict[str, dict]:
-    """Run name -> resolved spec, for every (dataset of ``finetune.datasets`` and fold, init and backbone, label
-    fraction, subset, seed) of the fine-tuning grid; skipped datasets (``skipped_datasets``) have no runs. A fold
-    (:func:`dataset_folds`) is named only for a k-fold split: ``btcv_fold2_scratch_...``.
+    """Run name -> resolved spec, for every (dataset of ``finetune.datasets`` and fold, init and backbone,
+    protocol, label fraction, subset, seed) of the fine-tuning grid; skipped datasets (``skipped_datasets``) have no
+    runs. A fold (:func:`dataset_folds`) is named only for a k-fold split: ``btcv_fold2_scratch_...``; a protocol
+    other than ``finetune`` follows the init: ``phantom_byol_probe_unet_...``.
+
+    The protocol is part of the identity (``protocol``, and ``protocol_settings`` for probe and
+    frozen_then_finetune), and so are the arm's training settings (:func:`arm_training`): a per-backbone, per-init
+    or per-protocol override makes new runs for that arm only.
 
     An init other than ``scratch`` names an entry of ``pretrain.methods``; the run's spec then holds the identity
     of the pre-training run it starts from (fine-tuning seed i uses pre-training seed i mod the number of
@@ -143,22 +182,22 @@ def finetune_runs(config: dict) -> dict[str, dict]:
     draw of all training cases is the same set), so it is trained once per seed rather than once per draw.
     """
     finetune = config["finetune"]
-    training = {key: value for key, value in finetune.items() if key not in ("datasets", "inits", "seeds", "backbones")}
     pretrained = {(run["spec"]["variant"], run["spec"]["seed"]): (name, run["run_id"])
                   for name, run in pretrain_runs(config).items()}
     pretrain_seeds = config.get("pretrain", {}).get("seeds", [])
     runs = {}
     datasets = [dataset for dataset in finetune["datasets"] if dataset not in skipped_datasets(config)]
     grid = [(dataset, fold) for dataset in datasets for fold in dataset_folds(config, dataset)]
-    for (dataset, fold), (init, backbone), fraction, subset, (i, seed) in itertools.product(
-            grid, _init_backbones(config), config["splits"]["label_fractions"],
+    for (dataset, fold), (init, backbone), protocol, fraction, subset, (i, seed) in itertools.product(
+            grid, _init_backbones(config), protocols(config), config["splits"]["label_fractions"],
             range(config["splits"]["subsets"]), enumerate(finetune["seeds"])):
         if fraction == 1 and subset > 0 or init != "scratch" and not pretrained:  # no pool: skipped
             continue
+        training, protocol_settings = arm_training(config, init, backbone, protocol)
         spec = {
             **_data_spec(config, dataset),
             "splits": config["splits"],
-            "protocol": "finetune",
+            "protocol": protocol,
             "init": init,
             "backbone": backbone,
             "label_fraction": float(fraction),
@@ -170,11 +209,14 @@ def finetune_runs(config: dict) -> dict[str, dict]:
         }
         if fold is not None:  # absent for a single split, so those identities stay what they were
             spec["fold"] = fold
+        if protocol != "finetune":  # likewise absent for whole-network fine-tuning
+            spec["protocol_settings"] = protocol_settings
         entry = {}
         if init != "scratch":
             entry["pretrain_run"], spec["pretrained"] = pretrained[(init, pretrain_seeds[i % len(pretrain_seeds)])]
         run_id = canonical_hash(spec)
         where = dataset if fold is None else f"{dataset}_fold{fold}"
-        name = f"{where}_{init}_{backbone['name']}_frac{fraction_key(fraction)}_sub{subset}_seed{seed}_{run_id}"
+        arm = init if protocol == "finetune" else f"{init}_{protocol}"
+        name = f"{where}_{arm}_{backbone['name']}_frac{fraction_key(fraction)}_sub{subset}_seed{seed}_{run_id}"
         runs[name] = {"run_id": run_id, "spec": spec, **entry}
     return runs

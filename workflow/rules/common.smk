@@ -3,6 +3,7 @@ import os
 import sys
 from pathlib import Path
 
+from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
@@ -16,12 +17,43 @@ if not workflow.overwrite_configfiles:
 
 
 
-validate(config, "../schemas/config.schema.yaml")
-
 # The plan (run names and identities) comes from the package, read from this checkout.
 SRC = Path(workflow.basedir) / "src"
 sys.path.insert(0, str(SRC))
 from ssl3d.plan import dataset_recipe, finetune_runs, pretrain_runs, skipped_datasets
+
+CONFIG_LOG = Path("logs/config_problems.log")
+
+
+def config_problems(config):
+    """One line per problem with its config path: the schema's, then what only the code knows (ssl3d.validate:
+    method settings, backbones, capabilities, protocols). Under --use-conda the Snakemake process may lack the
+    suite's dependencies; the jobs then check their own settings when they start."""
+    import jsonschema
+    import yaml
+
+    schema = yaml.safe_load((Path(workflow.basedir) / "workflow/schemas/config.schema.yaml").read_text())
+    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(config), key=lambda e: list(e.path))
+    best = [jsonschema.exceptions.best_match(e.context) if e.context else e for e in errors]
+    paths = ["".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e.absolute_path).lstrip(".") for e in best]
+    problems = [f"{path or '(top level)'}: {e.message}" for path, e in zip(paths, best)]
+    if problems:
+        return problems
+    try:
+        from ssl3d.validate import config_problems as code_problems
+    except ImportError as err:
+        print(f"note: method settings are checked when the jobs start ({err})", file=sys.stderr)
+        return []
+    return code_problems(config)
+
+
+PROBLEMS = config_problems(config)
+if PROBLEMS:
+    CONFIG_LOG.parent.mkdir(exist_ok=True)
+    lines = "\n  ".join(PROBLEMS)
+    CONFIG_LOG.write_text(f"  {lines}\n\nconfig:\n{json.dumps(config, indent=2)}\n")
+    raise WorkflowError(f"the config has {len(PROBLEMS)} problem(s) (also in {CONFIG_LOG}):\n  {lines}")
+validate(config, "../schemas/config.schema.yaml")  # fills the schema's defaults
 
 # Jobs run `python -m ssl3d` from this checkout: with the Python that runs Snakemake (an unactivated virtual
 # environment works), or inside a --use-conda environment (activated in front of PATH) that holds its dependencies.

@@ -94,10 +94,6 @@ def finetune(run_config: str | Path, out_dir: str | Path, device: str = "cpu", l
     model = build_network(spec["backbone"], in_channels=in_channels, out_channels=n_classes + 1)
     transfer = None
     if spec["init"] != "scratch":
-        if in_channels != 1:  # every method pre-trains on one-channel volumes (pretraining_pool)
-            raise ValueError(f"{inputs['cache_index']}: {in_channels}-channel images, but {spec['init']} was "
-                             "pre-trained on one channel and its first layer cannot take them; fine-tune from "
-                             "scratch on this dataset")
         transfer = load_pretrained(model, inputs["pretrained"], spec["backbone"]["name"]).as_dict()
         log.info("initialised from %s (%s): %s", spec["init"], inputs["pretrained"], transfer["fractions"])
     model = model.to(device)

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ssl3d.nets.backbone import Backbone, levels
+
 GENESIS_N_PARAMETERS = 19_073_665  # UNet3D(n_class=1), methods.md fixture F9
 
 ENCODER_BLOCKS = ("down_tr64", "down_tr128", "down_tr256", "down_tr512")
@@ -124,7 +126,7 @@ class OutputTransition(nn.Module):
         return torch.sigmoid(out) if self.sigmoid_output else out
 
 
-class UNet3D(nn.Module):
+class UNet3D(Backbone, nn.Module):
     """The Models Genesis 3D UNet; input ``(B, 1, X, Y, Z)`` with X, Y, Z divisible by 8.
 
     ``n_class``: output channels. ``sigmoid_output``: apply the sigmoid inside the model (official pretext
@@ -132,9 +134,14 @@ class UNet3D(nn.Module):
     :class:`GenesisBatchNorm3d` (True = official behaviour).
     """
 
+    name = "genesis_unet3d"
+    smallest = {"fields": {}, "input": (32, 32, 32)}
+
     def __init__(self, n_class: int = 1, sigmoid_output: bool = True, batch_stats_at_eval: bool = True,
                  in_channels: int = 1):
         super().__init__()
+        self.encoder_levels = levels([64, 128, 256, 512], [1, 2, 4, 8])
+        self.decoder_levels = self.encoder_levels[:3]
         b = batch_stats_at_eval
         self.down_tr64 = DownTransition(in_channels, 32, 64, pool=True, batch_stats_at_eval=b)
         self.down_tr128 = DownTransition(64, 64, 128, pool=True, batch_stats_at_eval=b)
@@ -145,34 +152,42 @@ class UNet3D(nn.Module):
         self.up_tr64 = UpTransition(128, 64, 64, batch_stats_at_eval=b)
         self.out_tr = OutputTransition(64, n_class, sigmoid_output=sigmoid_output)
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Bottom features (512 channels, 1/8 resolution) and the three skips (64, 128, 256 channels)."""
+    @classmethod
+    def build(cls, in_channels: int, out_channels: int, batch_stats_at_eval: bool = True) -> UNet3D:
+        """Logits out (the sigmoid of the restoration task is the method's)."""
+        return cls(n_class=out_channels, sigmoid_output=False, batch_stats_at_eval=batch_stats_at_eval,
+                   in_channels=in_channels)
+
+    @classmethod
+    def part(cls, name: str) -> str:
+        """For a UNet3D parameter/buffer name (a ``module.`` prefix is ok)."""
+        block = name.removeprefix("module.").split(".", 1)[0]
+        if block in ENCODER_BLOCKS:
+            return "encoder"
+        if block in DECODER_BLOCKS:
+            return "decoder"
+        if block == HEAD_BLOCK:
+            return "head"
+        raise ValueError(f"{name!r} is not a Models Genesis UNet3D parameter name")
+
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The three skips (64, 128, 256 channels) and the bottom (512 channels, 1/8 resolution)."""
+        if any(size % 8 for size in x.shape[2:]):
+            raise ValueError(f"UNet3D needs spatial sizes divisible by 8, got {tuple(x.shape[2:])}")
         out, skip64 = self.down_tr64(x)
         out, skip128 = self.down_tr128(out)
         out, skip256 = self.down_tr256(out)
-        out, _ = self.down_tr512(out)
-        return out, [skip64, skip128, skip256]
+        return [skip64, skip128, skip256, self.down_tr512(out)[0]]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if any(size % 8 for size in x.shape[2:]):
-            raise ValueError(f"UNet3D needs spatial sizes divisible by 8, got {tuple(x.shape[2:])}")
-        out, (skip64, skip128, skip256) = self.encode(x)
-        out = self.up_tr256(out, skip256)
-        out = self.up_tr128(out, skip128)
-        out = self.up_tr64(out, skip64)
-        return self.out_tr(out)
+    def decode(self, features: list[torch.Tensor], region=None) -> list[torch.Tensor]:
+        self.check_region(region)
+        skip64, skip128, skip256, bottom = features
+        d256 = self.up_tr256(bottom, skip256)
+        d128 = self.up_tr128(d256, skip128)
+        return [self.up_tr64(d128, skip64), d128, d256]
 
-
-def encoder_decoder_parts(name: str) -> str:
-    """``"encoder"``, ``"decoder"`` or ``"head"`` for a UNet3D parameter/buffer name (a ``module.`` prefix is ok)."""
-    block = name.removeprefix("module.").split(".", 1)[0]
-    if block in ENCODER_BLOCKS:
-        return "encoder"
-    if block in DECODER_BLOCKS:
-        return "decoder"
-    if block == HEAD_BLOCK:
-        return "head"
-    raise ValueError(f"{name!r} is not a Models Genesis UNet3D parameter name")
+    def head(self, decoded: torch.Tensor) -> torch.Tensor:
+        return self.out_tr(decoded)
 
 
 def _strip_module_prefix(state: dict[str, torch.Tensor]) -> OrderedDict:

@@ -32,7 +32,8 @@ from monai.networks.blocks import UpSample
 from monai.networks.layers.factories import Pool
 from monai.networks.nets.basic_unet import TwoConv
 
-from ssl3d.nets.split import EncodeDecodeHead
+from ssl3d.nets.backbone import Backbone, cumulative, levels
+from ssl3d.nets.split import by_prefix
 
 OFFICIAL_FEATURES = (64, 64, 128, 256, 512)
 OFFICIAL_POOL_SIZES = ((2, 2, 2), (2, 2, 2), (2, 2, 2), (1, 1, 1))
@@ -84,8 +85,12 @@ class UpCat(torch.nn.Module):
         return self.convs(torch.cat([x_e, x], dim=1))
 
 
-class HybridMIMUNet(EncodeDecodeHead, torch.nn.Module):
-    """HybridMIM's ``DeepUNet`` backbone (no pretext heads), split into ``encode`` / ``decode`` / ``head``."""
+class HybridMIMUNet(Backbone, torch.nn.Module):
+    """HybridMIM's ``DeepUNet`` backbone (no pretext heads), with the capability ``region_decoding``."""
+
+    name = "hybridmim_unet"
+    capabilities = frozenset({"region_decoding"})
+    smallest = {"fields": {"features": [4, 4, 8, 8, 16]}, "input": (32, 32, 32)}
 
     def __init__(self, in_channels: int = 1, out_channels: int = 1, features: Sequence[int] = OFFICIAL_FEATURES,
                  pool_sizes: Sequence[Sequence[int]] = OFFICIAL_POOL_SIZES, dropout: float = 0.1,
@@ -99,7 +104,9 @@ class HybridMIMUNet(EncodeDecodeHead, torch.nn.Module):
             raise ValueError(f"hybridmim_unet: {len(features)} features need {len(features) - 1} pool sizes, "
                              f"got {depth}")
         self.depth = depth
-        self.encoder_channels = features
+        strides = cumulative(self.pool_sizes)
+        self.encoder_levels = levels(features, strides)
+        self.decoder_levels = self.encoder_levels[:-1]
         self.conv_0 = TwoConv(3, in_channels, features[0], act, norm, bias, dropout)
         for level in range(1, depth + 1):  # no dropout in the Down blocks, as the official code
             self.add_module(f"down_{level}", Down(features[level - 1], features[level], act, norm, bias, 0.0,
@@ -108,6 +115,16 @@ class HybridMIMUNet(EncodeDecodeHead, torch.nn.Module):
             self.add_module(f"upcat_{level}", UpCat(features[level], features[level - 1], features[level - 1], act,
                                                     norm, bias, dropout, self.pool_sizes[level - 1]))
         self.final_conv = torch.nn.Conv3d(features[0], out_channels, kernel_size=1)
+
+    @classmethod
+    def build(cls, in_channels, out_channels, features=OFFICIAL_FEATURES, dropout=0.1, pool_sizes=OFFICIAL_POOL_SIZES):
+        """The official ``DeepUNet``: 96³ → bottleneck 512 × 12³ with the default pool sizes."""
+        return cls(in_channels=in_channels, out_channels=out_channels, features=features, dropout=dropout,
+                   pool_sizes=pool_sizes)
+
+    @classmethod
+    def part(cls, name: str) -> str:
+        return by_prefix(name, ("conv_0.", "down_"), ("final_conv.",))
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Feature maps x0 (full resolution) .. x_depth (bottleneck)."""
@@ -133,10 +150,10 @@ class HybridMIMUNet(EncodeDecodeHead, torch.nn.Module):
         start, stop = self.level_regions(region)[-1]
         return tuple(slice(a, b) for a, b in zip(start, stop))
 
-    def decode(self, features: list[torch.Tensor], region: Region | None = None) -> torch.Tensor:
-        """Decoder output before the head; with ``region`` = (start, stop) in bottleneck cells (ints or one value per
-        axis), only on that sub-volume: the bottleneck and every skip map are cropped to the matching box first, and
-        the output covers :meth:`voxel_region` of the input."""
+    def decode(self, features: list[torch.Tensor], region: Region | None = None) -> list[torch.Tensor]:
+        """Each UpCat's output, finest first; with ``region`` = (start, stop) in bottleneck cells (ints or one value
+        per axis), only on that sub-volume: the bottleneck and every skip map are cropped to the matching box first,
+        and the finest map covers :meth:`voxel_region` of the input."""
         if region is None:
             crops = [(..., )] * (self.depth + 1)
         else:
@@ -146,10 +163,11 @@ class HybridMIMUNet(EncodeDecodeHead, torch.nn.Module):
                     raise ValueError(f"hybridmim_unet: region {region} reaches {stop} beyond the level-"
                                      f"{self.depth - level} map {tuple(feature.shape[2:])}")
             crops = [(..., *(slice(a, b) for a, b in zip(start, stop))) for start, stop in boxes]
-        x = features[-1][crops[0]]
+        x, decoded = features[-1][crops[0]], []
         for step, level in enumerate(range(self.depth, 0, -1), start=1):
             x = getattr(self, f"upcat_{level}")(x, features[level - 1][crops[step]])
-        return x
+            decoded.insert(0, x)
+        return decoded
 
     def head(self, decoded: torch.Tensor) -> torch.Tensor:
         return self.final_conv(decoded)

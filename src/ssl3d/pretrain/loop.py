@@ -55,31 +55,34 @@ class RegionViews(SeededSamples):
                 for key, view in self.method.make_views(region, rng).items()}
 
 
-def pretraining_pool(cache_indexes: list[str], cases: list[str]) -> list[np.ndarray]:
-    """The volumes of every cached dataset of the pool, in the order given: its unlabelled cases, or all of them
-    where its ``pretrain_cases`` is ``all`` (PGL pre-trains on every image of the MSD tasks, labelled ones too)."""
-    volumes = []
+def pretraining_pool(cache_indexes: list[str], cases: list[str]) -> tuple[list[np.ndarray], int]:
+    """The (C, X, Y, Z) volumes of every cached dataset of the pool, in the order given, and their channel count C:
+    each dataset's unlabelled cases, or all of them where its ``pretrain_cases`` is ``all`` (PGL pre-trains on
+    every image of the MSD tasks, labelled ones too). One pool has one channel count (BraTS's four modalities
+    pre-train HybridMIM's task-specific rows)."""
+    volumes, channels = [], {}
     for path, which in zip(cache_indexes, cases, strict=True):
         index = read_index(path)
-        if index.get("channels", 1) != 1:
-            raise ValueError(f"{path}: {index['channels']}-channel images; the pre-training methods take "
-                             "one-channel volumes, so a multi-channel dataset (BraTS) can only be fine-tuned")
+        channels[path] = index.get("channels", 1)
         volumes += [load_cached_case(index["dir"] / case["file"])["image"] for case in index["cases"].values()
                     if which == "all" or not case["labelled"]]
+    if len(set(channels.values())) > 1:
+        raise ValueError(f"one pre-training pool mixes channel counts: {channels}; pre-train on datasets with the "
+                         "same channels")
     if not volumes:
         raise ValueError(f"{', '.join(cache_indexes)}: no cases to pre-train on (only labelled ones, and "
                          "pretrain_cases is not 'all')")
-    return volumes
+    return volumes, next(iter(channels.values()))
 
 
-def build_method(spec: dict) -> Method:
+def build_method(spec: dict, in_channels: int = 1) -> Method:
     cls = get_method(spec["method"])
-    return cls(make_config(cls.Config, spec.get("method_config")), spec["backbone"])
+    return cls(make_config(cls.Config, spec.get("method_config")), spec["backbone"], in_channels)
 
 
 def check_transfer(method: Method) -> dict:
     """Verify the declared transfer into a fresh downstream network before any step is spent."""
-    downstream = build_network(method.backbone_spec, in_channels=1, out_channels=2)
+    downstream = build_network(method.backbone_spec, in_channels=method.in_channels, out_channels=2)
     _, report = plan_transfer(method.state_dict(), downstream, method.backbone_spec["name"], method.transfer)
     log.info("transfer verified: %s", ", ".join(f"{part} {fraction:.0%}" for part, fraction in
                                               report.fractions.items()))
@@ -100,10 +103,10 @@ def pretrain(run_config: str | Path, out_dir: str | Path, device: str = "cpu", w
     device = torch.device(device)
     set_determinism(seed=spec["seed"])
 
-    method = build_method(spec).to(device)
+    volumes, channels = pretraining_pool(inputs["cache_indexes"], [member["data"].get("pretrain_cases", "unlabelled")
+                                                                   for member in spec["pool"]])
+    method = build_method(spec, channels).to(device)
     transfer_report = check_transfer(method)
-    volumes = pretraining_pool(inputs["cache_indexes"],
-                               [member["data"].get("pretrain_cases", "unlabelled") for member in spec["pool"]])
 
     settings = method.config
     steps = spec["steps"]

@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import sys
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
+
+from ssl3d.nets import backbone_class
 
 
 @dataclass(frozen=True)
@@ -65,23 +68,62 @@ def make_config(config_class: type[MethodConfig], overrides: dict[str, Any] | No
     return config_class(**overrides)
 
 
+Requirement = str | tuple[str, ...]  # a backbone capability, or a tuple of alternatives (any one of them)
+
+
+def missing_capabilities(requires: tuple[Requirement, ...], offered: frozenset[str]) -> list[str]:
+    """The requirements a backbone offering ``offered`` does not meet, spelt ``a`` or ``a or b``."""
+    return [" or ".join(need) if isinstance(need, tuple) else need for need in requires
+            if not set((need,) if isinstance(need, str) else need) & offered]
+
+
 class Method(torch.nn.Module, abc.ABC):
-    """Base class of a pre-training method: set the class attributes and implement the two abstract hooks."""
+    """Base class of a pre-training method: set the class attributes and implement the two abstract hooks.
+
+    Which backbones a method runs on is computed, never listed: ``requires`` names the backbone capabilities it
+    needs (``ssl3d.nets.backbone``), and every registered backbone offering them is supported
+    (:func:`ssl3d.pretrain.registry.supported_backbones`). ``in_channels`` is the pre-training data's channel
+    count; a method whose views or targets only make sense on one channel sets ``multichannel = False`` and is
+    refused multi-channel data when the workflow is planned.
+
+    The report reads ``display_name`` (tables and legends), the class docstring's first paragraph (its method
+    descriptions) and ``figures`` (method-specific figures by name, drawn where an experiment has their data).
+    ``probe_features`` is the pyramid a frozen-encoder probe reads on this method's weights (``decoder`` or
+    ``encoder``: a method that trains only the encoder leaves the decoder at its initialisation).
+    """
 
     name: ClassVar[str]
     paper: ClassVar[str]
+    display_name: ClassVar[str] = ""  # defaults to ``name``
     version: ClassVar[str] = "1"  # bump when a change alters results; older runs are then flagged stale
-    backbones: ClassVar[tuple[str, ...]]
+    requires: ClassVar[tuple[Requirement, ...]] = ()
+    multichannel: ClassVar[bool] = True
+    probe_features: ClassVar[str] = "decoder"
+    figures: ClassVar[tuple[str, ...]] = ()
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     transfer: ClassVar[Transfer]
 
-    def __init__(self, config: MethodConfig, backbone: dict):
+    def __init__(self, config: MethodConfig, backbone: dict, in_channels: int = 1):
         super().__init__()
-        if backbone["name"] not in self.backbones:
-            raise ValueError(f"method {self.name!r} does not support backbone {backbone['name']!r}; "
-                             f"it supports {', '.join(self.backbones)}")
+        missing = missing_capabilities(self.requires, backbone_class(backbone["name"]).capabilities)
+        if missing:
+            raise ValueError(f"method {self.name!r} needs a backbone with {', '.join(missing)}; "
+                             f"{backbone['name']!r} offers {sorted(backbone_class(backbone['name']).capabilities)}")
+        if in_channels != 1 and not self.multichannel:
+            raise ValueError(f"method {self.name!r} pre-trains on one-channel volumes only, not {in_channels}")
         self.config = config
         self.backbone_spec = dict(backbone)
+        self.in_channels = in_channels
+
+    @classmethod
+    def title(cls) -> str:
+        return cls.display_name or cls.name
+
+    @classmethod
+    def description(cls) -> str:
+        """The first paragraph of the class's module docstring (what the method learns)."""
+        doc = sys.modules[cls.__module__].__doc__ or cls.__doc__ or ""
+        return " ".join(doc.strip().split("\n\n")[0].split())
 
     def region_size(self) -> tuple[int, int, int]:
         """Size of the region cut from a volume for one sample, before ``make_views``."""

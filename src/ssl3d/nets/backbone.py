@@ -1,0 +1,96 @@
+"""The one interface every segmentation backbone offers (``DESIGN.md``, the network side).
+
+Pre-training methods and downstream protocols never ask a network's name: they read its pyramid.
+
+* ``encode(x)`` gives the encoder's feature maps, finest first (index 0 nearest full resolution);
+* ``decode(features, region=None)`` gives the decoder's feature maps, finest first: ``decoded[0]`` is what the
+  output layer reads;
+* ``head(decoded[0])`` is the output layer (the only parameters whose shape depends on the number of classes);
+* ``encoder_levels`` / ``decoder_levels`` declare, per map, its channels and per-axis stride against the input
+  (a map of an input of size ``n`` along an axis has size ``n / stride``);
+* ``part(name)`` says whether a parameter is ``encoder``, ``decoder`` or ``head`` (weight transfer, probing and
+  frozen-then-fine-tuned training act on parts);
+* ``capabilities`` names the optional abilities a method may require (``Method.requires``):
+
+  - ``region_decoding``: ``decode(features, region=(start, stop))`` decodes only a box of the deepest map
+    (in its cells) and ``voxel_region(region)`` is the input box the result covers (HybridMIM's partial region
+    prediction on its UNet);
+  - ``hidden_states``: a transformer backbone's raw stage outputs, ``hidden_states(x)``, from which
+    ``encode(x, hidden, region=None)`` builds the encoder maps, on the ``voxel_region(region)`` box only when
+    ``region`` is given (HybridMIM's and SwinUNETR SSL's Swin variants read the last stage; HybridMIM crops
+    before the encoder's convolution blocks as its official code).
+
+A backbone is one class with this mixin in front of its ``torch.nn.Module`` base, a ``build`` classmethod that
+maps config fields to its constructor, and ``smallest``: the fields and input size of its smallest useful
+instance, on which ``tests/test_backbone_contract.py`` checks every registered backbone (levels against the
+actual tensors, parts covering each parameter exactly once, capabilities). Registering it is one line in
+``ssl3d.nets.BACKBONES``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+CAPABILITIES = frozenset({"region_decoding", "hidden_states"})
+PARTS = ("encoder", "decoder", "head")
+
+
+@dataclass(frozen=True)
+class Level:
+    """One map of a feature pyramid: its channels and its per-axis stride against the input."""
+
+    channels: int
+    stride: tuple[int, int, int]
+
+    def scaled(self, factor) -> Level:
+        """The same channels at ``factor`` (an int or one per axis) times this stride."""
+        factors = (factor,) * 3 if isinstance(factor, int) else tuple(factor)
+        return Level(self.channels, tuple(s * f for s, f in zip(self.stride, factors)))
+
+
+def levels(channels, strides) -> tuple[Level, ...]:
+    """Levels from parallel lists of channels and strides (an int stride is isotropic)."""
+    return tuple(Level(int(c), (s,) * 3 if isinstance(s, int) else tuple(int(v) for v in s))
+                 for c, s in zip(channels, strides, strict=True))
+
+
+def cumulative(pools) -> list[tuple[int, int, int]]:
+    """Per-axis strides of each level from the per-axis pooling factors between levels (the first is at 1)."""
+    strides = [(1, 1, 1)]
+    for pool in pools:
+        strides.append(tuple(a * b for a, b in zip(strides[-1], pool)))
+    return strides
+
+
+class Backbone:
+    """Mixin declaring the backbone interface (module docstring); ``forward`` is ``head(decode(encode(x))[0])``.
+
+    Subclasses set ``name``, ``smallest``, ``capabilities`` and, per instance, ``encoder_levels`` and
+    ``decoder_levels``, and implement ``encode``, ``decode``, ``head``, ``part`` and ``build``.
+    """
+
+    name: ClassVar[str]
+    capabilities: ClassVar[frozenset[str]] = frozenset()
+    smallest: ClassVar[dict]  # {"fields": {...}, "input": (X, Y, Z)}: the contract tests' instance
+    encoder_levels: tuple[Level, ...]
+    decoder_levels: tuple[Level, ...]
+
+    @classmethod
+    def build(cls, in_channels: int, out_channels: int, **fields) -> Backbone:
+        """The network from a config's backbone fields (``name`` removed)."""
+        return cls(in_channels=in_channels, out_channels=out_channels, **fields)
+
+    @classmethod
+    def part(cls, name: str) -> str:
+        """``encoder``, ``decoder`` or ``head`` for a parameter (or buffer) name of this backbone."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.decode(self.encode(x))[0])
+
+    def check_region(self, region) -> None:
+        if region is not None and "region_decoding" not in self.capabilities:
+            raise ValueError(f"backbone {self.name!r} cannot decode a region (it lacks 'region_decoding')")

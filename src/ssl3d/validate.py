@@ -1,0 +1,106 @@
+"""Everything an experiment config says, checked when the workflow is planned, one line per problem.
+
+The JSON schema (``workflow/schemas/config.schema.yaml``, checked first by the workflow itself, one line per
+problem) checks the config's shape; what only the code knows is checked here, before any job runs: each method's settings (names, values, and the constraints its constructor
+enforces, on PyTorch's ``meta`` device so no weights are allocated), backbone names and fields, which method runs on
+which backbone (capabilities), multi-channel pools, inits, per-arm overrides and protocol settings. A misspelt
+setting thus fails ``snakemake -n`` with ``pretrain.methods.byol.noise_sd: unknown setting; known: ...`` instead of
+an hour later in the pre-training job. The Snakefile prints the lines and keeps the full detail in a log file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import torch
+
+from ssl3d.nets import BACKBONES
+from ssl3d.plan import pretrain_entries, protocols
+from ssl3d.pretrain.method import make_config, missing_capabilities
+from ssl3d.data.registry import get_entry
+from ssl3d.pretrain.registry import get_method, supported_backbones
+
+
+def dataset_channels(name: str, settings: dict) -> int:
+    """Image channels of a config's dataset as far as the plan can tell: a registry entry's channel list (BraTS),
+    else 1 (phantoms are CT; a folder's count is checked when it is preprocessed)."""
+    if settings.get("source") != "registry":
+        return 1
+    modality = get_entry(settings.get("entry", name)).modality
+    return 1 if isinstance(modality, str) else len(modality)
+
+
+def backbone_problems(spec: dict, where: str) -> list[str]:
+    if spec.get("name") not in BACKBONES:
+        return [f"{where}.name: unknown backbone {spec.get('name')!r}; known: {', '.join(sorted(BACKBONES))}"]
+    known = [name for name in inspect.signature(BACKBONES[spec["name"]].build).parameters
+             if name not in ("in_channels", "out_channels", "unknown")]
+    return [f"{where}.{field}: {spec['name']} takes no field {field!r}; known: {', '.join(known)}"
+            for field in spec if field != "name" and field not in known]
+
+
+def method_problems(entry: str, settings: dict, pool_channels: int) -> list[str]:
+    where = f"pretrain.methods.{entry}"
+    try:
+        cls = get_method(settings["method"])
+    except ValueError as err:
+        return [f"{where}.method: {err}"]
+    known = {f.name for f in dataclasses.fields(cls.Config)}
+    problems = [f"{where}.{key}: unknown setting of {cls.name}; known: {', '.join(sorted(known))}"
+                for key in settings["overrides"] if key not in known]
+    problems += backbone_problems(settings["backbone"], f"{where}.backbone")
+    if problems:
+        return problems
+    missing = missing_capabilities(cls.requires, BACKBONES[settings["backbone"]["name"]].capabilities)
+    if missing:
+        return [f"{where}.backbone: {cls.name} needs a backbone with {', '.join(missing)}; "
+                f"{settings['backbone']['name']!r} has not (it runs on {', '.join(supported_backbones(cls))})"]
+    if pool_channels > 1 and not cls.multichannel:
+        return [f"{where}: {cls.name} pre-trains on one-channel volumes; the pool has {pool_channels} channels"]
+    try:
+        with torch.device("meta"):  # the constructor's own checks, without allocating any weight
+            cls(make_config(cls.Config, settings["overrides"]), settings["backbone"], pool_channels)
+    except (ValueError, TypeError) as err:
+        return [f"{where}: {err}"]
+    except RuntimeError:  # a network that reads values while it is built (MONAI's Swin): checked when it runs
+        pass
+    return []
+
+
+def config_problems(config: dict) -> list[str]:
+    """What the schema cannot know; assumes the config passed the schema."""
+    problems = []
+    datasets = config["datasets"]
+    pretrain = config.get("pretrain") or {}
+    problems += [f"{where}: unknown dataset {name!r}; the config's datasets are {', '.join(datasets)}"
+                 for where, names in (("pretrain.datasets", pretrain.get("datasets", [])),
+                                      ("finetune.datasets", config["finetune"]["datasets"]))
+                 for name in names if name not in datasets]
+    if problems:
+        return problems
+    try:
+        entries = pretrain_entries(config)
+    except ValueError as err:
+        return [str(err)]
+    channels = {dataset_channels(name, datasets[name]) for name in pretrain.get("datasets", [])}
+    if len(channels) > 1:
+        problems.append(f"pretrain.datasets: one pool cannot mix channel counts ({sorted(channels)})")
+    for entry, settings in entries.items():
+        problems += method_problems(entry, settings, max(channels, default=1))
+    finetune = config["finetune"]
+    for i, backbone in enumerate(finetune["backbones"]):
+        problems += backbone_problems(backbone, f"finetune.backbones[{i}]")
+    for init in finetune["inits"]:
+        if init != "scratch" and init not in entries:
+            problems.append(f"finetune.inits: {init!r} is neither 'scratch' nor an entry of pretrain.methods "
+                            f"({', '.join(entries) or 'none'})")
+    problems += [f"finetune.per_backbone.{name}: unknown backbone; known: {', '.join(sorted(BACKBONES))}"
+                 for name in finetune.get("per_backbone", {}) if name not in BACKBONES]
+    problems += [f"finetune.per_init.{init}: not one of finetune.inits ({', '.join(finetune['inits'])})"
+                 for init in finetune.get("per_init", {}) if init not in finetune["inits"]]
+    frozen = protocols(config).get("frozen_then_finetune")
+    if frozen and frozen["frozen_steps"] >= frozen.get("steps", finetune["steps"]):
+        problems.append(f"finetune.protocols.frozen_then_finetune.frozen_steps: {frozen['frozen_steps']} leaves "
+                        f"none of the {frozen.get('steps', finetune['steps'])} steps to fine-tune the backbone")
+    return problems
