@@ -20,8 +20,10 @@ import numpy as np
 import torch
 
 from ssl3d.nets import build_network
-from ssl3d.pretrain.byol_parts import byol_views, mlp_head, symmetric_byol_loss
-from ssl3d.pretrain.ema import EMATarget, byol_tau
+from ssl3d.pretrain.bricks.ema import EMATarget, byol_tau
+from ssl3d.pretrain.bricks.heads import mlp_head
+from ssl3d.pretrain.bricks.losses import symmetric_byol_loss
+from ssl3d.pretrain.bricks.views import byol_views
 from ssl3d.pretrain.method import Method, MethodConfig, Transfer
 
 

@@ -63,7 +63,7 @@ import torch.nn.functional as F
 from monai.networks.blocks import Convolution, UpSample
 
 from ssl3d.nets import build_network
-from ssl3d.pretrain.hybridmim_parts import contrastive_loss
+from ssl3d.pretrain.bricks.losses import nt_xent
 from ssl3d.pretrain.method import Method, MethodConfig, Transfer
 
 ROTATION_AXES = {"xy": (1, 2), "yz": (2, 3)}  # axes of a (1, X, Y, Z) crop
@@ -224,7 +224,7 @@ class SwinUNETRSSL(Method):
         rotation_logits, projection, reconstruction = self(by_view(views), reconstruct)
         first, second = projection.chunk(2)
         terms = {"rotation": F.cross_entropy(rotation_logits, by_view(batch["rotation"]).long()),
-                 "contrastive": contrastive_loss(first, second)}
+                 "contrastive": nt_xent(first, second)}
         if reconstruct:
             terms["reconstruction"] = F.l1_loss(reconstruction, by_view(batch["target"]))
         return terms

@@ -3,7 +3,7 @@
 UNetFormer has no public code (methods.md §8.3); this is masked image modelling on MONAI's SwinUNETR, which has
 UNetFormer's layout: a 3D Swin Transformer encoder linked to a CNN decoder by skip connections at five
 resolutions. A random 40% of the crop's 16³ patches are set to 0 (MIM-Med3D style patch masking,
-``ssl3d.pretrain.hybridmim_parts``), the whole network regresses the original crop, and the loss is L1 on the
+``ssl3d.pretrain.bricks.masking``), the whole network regresses the original crop, and the loss is L1 on the
 masked voxels only, ``Σ M |ŷ − x| / Σ M`` on raw [0, 1] intensities, with no output activation (MIM-Med3D's
 SimMIM/MAE loss, methods.md §8.2). Only the encoder transfers: the paper pre-trains "the encoder backbone", so the
 decoder that reconstructed the volume is discarded, as in the Swin UNETR SSL recipe of the same group.
@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from ssl3d.nets import build_network
-from ssl3d.pretrain.hybridmim_parts import masked_view, patch_mask_to_voxels
+from ssl3d.pretrain.bricks.masking import masked_view, patch_mask_to_voxels
 from ssl3d.pretrain.method import Method, MethodConfig, Transfer
 
 

@@ -55,13 +55,13 @@ import numpy as np
 import torch
 
 from ssl3d.nets import build_network
+from ssl3d.pretrain.bricks.losses import nt_xent
+from ssl3d.pretrain.bricks.masking import masked_view
 from ssl3d.pretrain.hybridmim_parts import (
     consistency_loss,
-    contrastive_loss,
     count_loss,
     location_loss,
     masked_reconstruction_loss,
-    masked_view,
     region_features,
     region_labels,
 )
@@ -186,5 +186,5 @@ class HybridMIM(Method):
             z1 = self.contrast_head(self._contrast_input(bottleneck))
             with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.contrastive_stop_gradient):
                 z2 = self.contrast_head(self._contrast_input(self._encode(masked)[0]))
-            terms["contrastive"] = contrastive_loss(z1, z2)
+            terms["contrastive"] = nt_xent(z1, z2)
         return terms

@@ -1,6 +1,6 @@
 """Tests for the SwinUNETR self-supervised baseline (baselines/swinunetr_ssl.py) against methods.md §8.1.
 
-The contrastive term is ``contrastive_loss`` (fixture F1 is pinned in test_hybridmim_parts.py); the contract tests
+The contrastive term is ``nt_xent`` (fixture F1 is pinned in test_bricks_losses.py); the contract tests
 run the method on the smallest Swin. Here: the views (rotation labels, in-painting boxes, the official cut-mix
 order), the heads' shapes and which bottleneck tokens they read.
 """

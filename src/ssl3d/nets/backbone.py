@@ -45,16 +45,20 @@ class Level:
     channels: int
     stride: tuple[int, int, int]
 
-    def scaled(self, factor) -> Level:
-        """The same channels at ``factor`` (an int or one per axis) times this stride."""
-        factors = (factor,) * 3 if isinstance(factor, int) else tuple(factor)
-        return Level(self.channels, tuple(s * f for s, f in zip(self.stride, factors)))
-
 
 def levels(channels, strides) -> tuple[Level, ...]:
     """Levels from parallel lists of channels and strides (an int stride is isotropic)."""
-    return tuple(Level(int(c), (s,) * 3 if isinstance(s, int) else tuple(int(v) for v in s))
-                 for c, s in zip(channels, strides, strict=True))
+    return tuple(Level(int(c), triple(s)) for c, s in zip(channels, strides, strict=True))
+
+
+def triple(value) -> tuple[int, int, int]:
+    """An int ``n`` -> ``(n, n, n)``; 3 values -> a tuple of 3 ints."""
+    if isinstance(value, int):
+        return value, value, value
+    value = tuple(int(v) for v in value)
+    if len(value) != 3:
+        raise ValueError(f"expected an int or 3 values, got {value}")
+    return value
 
 
 def cumulative(pools) -> list[tuple[int, int, int]]:

@@ -32,23 +32,13 @@ from monai.networks.blocks import UpSample
 from monai.networks.layers.factories import Pool
 from monai.networks.nets.basic_unet import TwoConv
 
-from ssl3d.nets.backbone import Backbone, cumulative, levels
+from ssl3d.nets.backbone import Backbone, cumulative, levels, triple
 from ssl3d.nets.split import by_prefix
 
 OFFICIAL_FEATURES = (64, 64, 128, 256, 512)
 OFFICIAL_POOL_SIZES = ((2, 2, 2), (2, 2, 2), (2, 2, 2), (1, 1, 1))
 
 Region = tuple  # (start, stop): ints, or 3-sequences (one value per axis), in bottleneck cells
-
-
-def triple(value) -> tuple[int, int, int]:
-    """An int ``n`` -> ``(n, n, n)``; 3 values -> a tuple of 3 ints."""
-    if isinstance(value, int):
-        return value, value, value
-    value = tuple(int(v) for v in value)
-    if len(value) != 3:
-        raise ValueError(f"expected an int or 3 values, got {value}")
-    return value
 
 
 class Down(torch.nn.Sequential):

@@ -1,4 +1,4 @@
-"""The HybridMIM-specific bricks: patch masking, region labels, the five pretext losses and region pooling.
+"""HybridMIM's own pieces: region labels, its pretext losses and region pooling (shared bricks live elsewhere).
 
 HybridMIM (Xing et al., arXiv 2303.10333 / IEEE JBHI 2024) masks a 96³ crop patch-wise and learns at three levels
 (methods.md §2):
@@ -13,13 +13,15 @@ HybridMIM (Xing et al., arXiv 2303.10333 / IEEE JBHI 2024) masks a 96³ crop pat
   *consistency* term ties the count head to the count implied by the location head (:func:`consistency_loss`);
 * sample level, *dropout-based contrastive learning* (SimCSE-style): the masked input is encoded twice, the two
   passes differing only by dropout, and NT-Xent (τ = 0.5) contrasts the pair against the other samples of the
-  batch (:func:`contrastive_loss`, MONAI's ``ContrastiveLoss``, numerically identical to the official one).
+  batch (:func:`ssl3d.pretrain.bricks.losses.nt_xent`, MONAI's ``ContrastiveLoss``, numerically identical to
+  the official one).
 
 The official total is ``L_rec + 0.1 L_count + 0.1 L_loc + 0.01 L_cons + 0.1 L_cl``.
 
-Masking (:func:`random_patch_mask`) is the official one: MAE-style uniform sampling of ``L − int(L·(1 − r))``
-patches per sample over the whole patch grid (87 of 216 for r = 0.4), masked voxels set to 0; there is no explicit
-"choose sub-volumes first" stage, the sub-volume statistics are read off the uniform mask.
+Masking (:func:`ssl3d.pretrain.bricks.masking.random_patch_mask`, shared with the MIM baselines) is the official
+one: MAE-style uniform sampling of ``L − int(L·(1 − r))`` patches per sample over the whole patch grid (87 of 216
+for r = 0.4), masked voxels set to 0; there is no explicit "choose sub-volumes first" stage, the sub-volume
+statistics are read off the uniform mask.
 
 Paper-vs-code divergences kept as switches (methods.md §2.2-2.4):
 
@@ -30,95 +32,21 @@ Paper-vs-code divergences kept as switches (methods.md §2.2-2.4):
 * **Stop-gradient second pass** of the contrastive task: the official code computes the second encoding under
   ``torch.no_grad()`` (SimCSE back-propagates through both). That switch lives in the method, not here.
 
-Losses follow the official functions exactly (fixtures F1-F6 of methods.md §10 reproduce to 1e-5).
+Losses follow the official functions exactly (fixtures F3-F6 of methods.md §10 reproduce to 1e-5; F1-F2, the
+NT-Xent, are pinned with the shared brick).
 """
 
 from __future__ import annotations
 
 from typing import Literal, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.losses import ContrastiveLoss
 
-from ssl3d.nets.hybridmim_unet import triple
+from ssl3d.nets.backbone import triple
 
 Grouping = Literal["spatial", "code_raster"]
 GROUPINGS = ("spatial", "code_raster")
-
-
-def patchify(x: torch.Tensor, patch: int) -> torch.Tensor:
-    """(B, C, X, Y, Z) -> (B, L, patch³·C), cubic patches in raster order ``l = (i_x·n_y + i_y)·n_z + i_z``.
-
-    Each patch vector lists its voxels in raster order (x, y, z within the patch) with the channel fastest, as the
-    official ``patchify`` and MAE do. Every spatial size must be a multiple of ``patch``.
-    """
-    b, c, *spatial = x.shape
-    if len(spatial) != 3 or any(n % patch for n in spatial):
-        raise ValueError(f"patchify needs (B, C, X, Y, Z) with sizes divisible by {patch}, got {tuple(x.shape)}")
-    nx, ny, nz = (n // patch for n in spatial)
-    x = x.reshape(b, c, nx, patch, ny, patch, nz, patch)
-    x = x.permute(0, 2, 4, 6, 3, 5, 7, 1)  # b, i_x, i_y, i_z, p_x, p_y, p_z, c
-    return x.reshape(b, nx * ny * nz, patch ** 3 * c)
-
-
-def unpatchify(patches: torch.Tensor, patch: int, grid: int | Sequence[int]) -> torch.Tensor:
-    """Inverse of :func:`patchify`: (B, L, patch³·C) on a ``grid`` of patches per axis -> (B, C, X, Y, Z)."""
-    nx, ny, nz = triple(grid)
-    b, n_patches, dim = patches.shape
-    if n_patches != nx * ny * nz or dim % patch ** 3:
-        raise ValueError(f"{tuple(patches.shape)} is not a patch sequence of {patch}³ patches on a {(nx, ny, nz)} grid")
-    c = dim // patch ** 3
-    x = patches.reshape(b, nx, ny, nz, patch, patch, patch, c)
-    x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)  # b, c, i_x, p_x, i_y, p_y, i_z, p_z
-    return x.reshape(b, c, nx * patch, ny * patch, nz * patch)
-
-
-def random_patch_mask(batch_size: int, n_patches: int, ratio: float, generator: torch.Generator | None = None,
-                      device: torch.device | str | None = None) -> torch.Tensor:
-    """MAE-style per-sample random mask, (B, L) float32 with 1 = masked, exactly ``L − int(L·(1 − ratio))`` ones.
-
-    Draws ``torch.rand(B, L)`` once (from ``generator`` or the global RNG), keeps the ``int(L·(1 − ratio))``
-    patches with the smallest noise and masks the rest: the same mask as the official ``random_masking`` for the
-    same RNG state (216 patches, ratio 0.4 -> 129 kept, 87 masked).
-    """
-    n_keep = int(n_patches * (1 - ratio))
-    noise = torch.rand(batch_size, n_patches, generator=generator, device=device)
-    order = torch.argsort(noise, dim=1)  # ascending: the first n_keep are kept
-    mask = torch.zeros(batch_size, n_patches, device=noise.device)
-    return mask.scatter_(1, order[:, n_keep:], 1.0)
-
-
-def patch_mask_to_voxels(mask: torch.Tensor, patch: int, grid: int | Sequence[int]) -> torch.Tensor:
-    """(B, L) patch mask -> (B, 1, X, Y, Z) boolean voxel mask (True where the patch is masked)."""
-    nx, ny, nz = triple(grid)
-    voxels = mask.reshape(mask.shape[0], 1, nx, ny, nz).bool()
-    for axis in (2, 3, 4):
-        voxels = voxels.repeat_interleave(patch, dim=axis)
-    return voxels
-
-
-def apply_patch_mask(x: torch.Tensor, mask: torch.Tensor, patch: int, mask_value: float = 0.0) -> torch.Tensor:
-    """Set every voxel (all channels) of the masked patches of ``x`` (B, C, X, Y, Z) to ``mask_value``.
-
-    ``mask`` is (B, L) on the raster patch grid of ``x`` (1 = masked); the other voxels are copied unchanged.
-    """
-    grid = tuple(n // patch for n in x.shape[2:])
-    if mask.shape != (x.shape[0], grid[0] * grid[1] * grid[2]):
-        raise ValueError(f"mask {tuple(mask.shape)} does not match {patch}³ patches of {tuple(x.shape)}")
-    voxels = patch_mask_to_voxels(mask, patch, grid)
-    return torch.where(voxels, torch.full_like(x, mask_value), x)
-
-
-def masked_view(region: np.ndarray, rng: np.random.Generator, ratio: float, patch: int) -> dict[str, np.ndarray]:
-    """A patch-masked view of one (C, X, Y, Z) region for a data loader: ``input`` (masked patches set to 0),
-    ``target`` (the region) and ``mask`` (L,), with the mask drawn from the sample's ``rng`` (so runs replay)."""
-    grid = [size // patch for size in region.shape[1:]]
-    generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
-    mask = random_patch_mask(1, int(np.prod(grid)), ratio, generator)
-    masked = apply_patch_mask(torch.from_numpy(region)[None], mask, patch)[0]
-    return {"input": masked.numpy(), "target": region, "mask": mask[0].numpy()}
 
 
 def region_labels(mask: torch.Tensor, grid: int | Sequence[int] = 6,
@@ -191,15 +119,6 @@ def masked_reconstruction_loss(pred: torch.Tensor, target: torch.Tensor, masked_
     """
     weight = (masked_input == mask_value).to(pred.dtype)
     return ((pred - target) ** 2 * weight).sum() / weight.sum().clamp_min(1.0)
-
-
-def contrastive_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
-    """NT-Xent between the (B, D) projections of the two dropout passes (``monai.losses.ContrastiveLoss``).
-
-    Identical to HybridMIM's ``forward_constrast_loss`` (methods.md §1.1; the denominator includes the positive);
-    identically 0 for B = 1.
-    """
-    return ContrastiveLoss(temperature=temperature)(z1, z2)
 
 
 def region_features(bottleneck: torch.Tensor, regions_per_axis: int = 3) -> torch.Tensor:

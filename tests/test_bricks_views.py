@@ -1,43 +1,14 @@
-"""BYOL's regression loss, projector head and augmented views."""
+"""The shared PGL/BYOL augmented views."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
 
-from ssl3d.pretrain.byol_parts import byol_views, mlp_head, regression_loss, symmetric_byol_loss
+from ssl3d.pretrain.bricks.views import byol_views
 
 PATCH = (16, 16, 12)
 OFF = {"p_flip": 0.0, "p_noise": 0.0, "p_blur": 0.0, "p_contrast": 0.0, "p_gamma": 0.0}
-
-
-def test_regression_loss_is_two_minus_two_cos():
-    torch.manual_seed(0)
-    p, z = torch.randn(8, 32), torch.randn(8, 32)
-    torch.testing.assert_close(regression_loss(p, z), 2 - 2 * F.cosine_similarity(p, z, dim=1), atol=1e-6, rtol=0)
-    assert regression_loss(p, 3 * p) == pytest.approx(torch.zeros(8), abs=1e-6)
-    assert regression_loss(p, -0.5 * p) == pytest.approx(torch.full((8,), 4.0), abs=1e-6)
-    maps = torch.randn(2, 16, 3, 3, 3), torch.randn(2, 16, 3, 3, 3)  # voxel-wise, along the channel axis
-    torch.testing.assert_close(regression_loss(*maps), 2 - 2 * F.cosine_similarity(*maps, dim=1), atol=1e-6, rtol=0)
-
-
-def test_symmetric_loss_has_no_gradient_into_targets():
-    torch.manual_seed(1)
-    p1, z2, p2, z1 = (torch.randn(4, 16, requires_grad=True) for _ in range(4))
-    loss = symmetric_byol_loss(p1, z2, p2, z1)
-    expected = (2 - 2 * F.cosine_similarity(p1, z2) + 2 - 2 * F.cosine_similarity(p2, z1)).mean()
-    assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
-    loss.backward()
-    assert z1.grad is None and z2.grad is None
-    assert p1.grad.abs().sum() > 0 and p2.grad.abs().sum() > 0
-
-
-def test_mlp_head_shapes():
-    head = mlp_head(32, 64, 8)
-    assert [type(m) for m in head] == [torch.nn.Linear, torch.nn.BatchNorm1d, torch.nn.ReLU, torch.nn.Linear]
-    assert head(torch.randn(5, 32)).shape == (5, 8)
 
 
 def _region(shape=(1, 24, 22, 18)) -> np.ndarray:

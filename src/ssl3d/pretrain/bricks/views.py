@@ -1,10 +1,9 @@
-"""The BYOL-specific bricks: regression loss, projector/predictor head and the two augmented views.
+"""Augmented views for the two-view methods, shared so that methods compared with each other see the same views.
 
-BYOL (Grill et al. 2020) is the 3D global baseline of PGL (Xie et al. 2020): an online network predicts the
-projection of a second view made by an EMA target network. The loss is DeepMind's ``regression_loss``
-(``byol/utils/helpers.py``), symmetrised over the two views (methods.md §6). The views follow the augmentation
-list of PGL §3.2 so that BYOL and PGL differ only in global vs local consistency; BYOL needs no overlap between
-its two crops (they are independent).
+PGL (Xie et al. 2020, §3.2) defines one augmentation list; its global-consistency baseline BYOL must use the very
+same list so that BYOL and PGL differ only in global vs local consistency. Both therefore draw their views from
+:func:`augment_view`. BYOL needs no overlap between its two crops (:func:`byol_views` makes them independently);
+PGL's overlapping crops build on the same steps.
 """
 
 from __future__ import annotations
@@ -15,25 +14,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
-
-
-def regression_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """``||norm(p) - norm(z)||^2 = 2 - 2 cos(p, z)``, normalised and summed along dim 1 (features / channels).
-
-    One value per sample for (B, D) inputs; per voxel for (B, C, X, Y, Z) maps.
-    """
-    return (F.normalize(p, dim=1, eps=1e-12) - F.normalize(z, dim=1, eps=1e-12)).pow(2).sum(dim=1)
-
-
-def symmetric_byol_loss(p1: torch.Tensor, z2: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor) -> torch.Tensor:
-    """BYOL's loss: predictions of each view regress the other view's target projection (no gradient into z)."""
-    return (regression_loss(p1, z2.detach()) + regression_loss(p2, z1.detach())).mean()
-
-
-def mlp_head(in_dim: int, hidden_dim: int, out_dim: int) -> torch.nn.Sequential:
-    """BYOL's projector / predictor: Linear -> BatchNorm1d -> ReLU -> Linear (4096 hidden, 256 out in BYOL)."""
-    return torch.nn.Sequential(torch.nn.Linear(in_dim, hidden_dim), torch.nn.BatchNorm1d(hidden_dim),
-                               torch.nn.ReLU(inplace=True), torch.nn.Linear(hidden_dim, out_dim))
 
 
 def _crop_and_resize(region: np.ndarray, patch_size, rng: np.random.Generator) -> np.ndarray:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ssl3d.pretrain.ema import EMATarget, byol_tau
+from ssl3d.pretrain.bricks.ema import EMATarget, byol_tau
 from ssl3d.pretrain.optim import build_optimizer
 
 

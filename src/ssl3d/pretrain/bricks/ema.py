@@ -1,4 +1,5 @@
-"""The exponential-moving-average target network of BYOL-style methods (BYOL, PGL).
+"""The exponential-moving-average target network of BYOL-style methods (BYOL, PGL), shared so that every method with
+a momentum target updates it, schedules it and checkpoints it the same way.
 
 The target is never trained by gradients: after each optimizer step its weights move towards the online
 network's, ``target = tau * target + (1 - tau) * online``, with ``tau`` rising from ``base`` to 1 along a cosine
