@@ -9,7 +9,10 @@ import pytest
 import torch
 
 from ssl3d.nets import BACKBONES, build_network
-from ssl3d.nets.backbone import CAPABILITIES, PARTS
+from ssl3d.nets.backbone import CAPABILITIES, PARTS, Backbone, levels
+from ssl3d.pretrain.method import make_config
+from ssl3d.pretrain.registry import get_method, supported_backbones
+from ssl3d.validate import backbone_problems
 
 NAMES = sorted(BACKBONES)
 # parameters MONAI creates but its own forward never uses: every ViT block's LayerNorm for cross-attention, which
@@ -132,3 +135,44 @@ def test_hidden_states_rebuild_the_encoder_and_crop_before_its_blocks(name):
 def test_unknown_backbone_names_the_choices():
     with pytest.raises(ValueError, match="backbone.name: unknown backbone 'vit'; known: basicunet, genesis_unet3d"):
         build_network({"name": "vit"}, 1, 2)
+
+
+class TinyNet(Backbone, torch.nn.Module):
+    """A backbone as a user adds one: one class, then one registration line."""
+
+    name = "tiny"
+    smallest = {"fields": {}, "input": (16, 16, 16)}
+
+    def __init__(self, in_channels: int, out_channels: int, width: int = 4):
+        super().__init__()
+        self.enc = torch.nn.Conv3d(in_channels, width, 3, stride=2, padding=1)
+        self.dec = torch.nn.ConvTranspose3d(width, width, 2, stride=2)
+        self.out = torch.nn.Conv3d(width, out_channels, 1)
+        self.encoder_levels = levels([width], [2])
+        self.decoder_levels = levels([width], [1])
+
+    @classmethod
+    def part(cls, name: str) -> str:
+        return {"enc": "encoder", "dec": "decoder", "out": "head"}[name.split(".")[0]]
+
+    def encode(self, x):
+        return [self.enc(x)]
+
+    def decode(self, features, region=None):
+        self.check_region(region)
+        return [self.dec(features[0])]
+
+    def head(self, decoded):
+        return self.out(decoded)
+
+
+def test_a_new_backbone_is_one_class_and_one_registration_line(monkeypatch):
+    monkeypatch.setitem(BACKBONES, "tiny", TinyNet)
+    assert "tiny" in supported_backbones(get_method("byol")) and "tiny" not in supported_backbones(
+        get_method("hybridmim"))
+    assert backbone_problems({"name": "tiny", "width": 2}, "x") == []
+    method = get_method("byol")
+    byol = method(make_config(method.Config, {"patch_size": [16] * 3, "batch_size": 2, "projector_hidden": 8,
+                                              "predictor_hidden": 8, "projection_dim": 4}), {"name": "tiny"})
+    views = {key: torch.rand(2, 1, 16, 16, 16) for key in ("view1", "view2")}
+    assert torch.isfinite(byol.total_loss(byol.loss_terms(views)))

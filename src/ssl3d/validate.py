@@ -16,6 +16,7 @@ import inspect
 import torch
 
 from ssl3d.nets import BACKBONES
+from ssl3d.nets.backbone import Backbone
 from ssl3d.plan import pretrain_entries, protocols
 from ssl3d.pretrain.method import make_config, missing_capabilities
 from ssl3d.data.registry import get_entry
@@ -34,8 +35,10 @@ def dataset_channels(name: str, settings: dict) -> int:
 def backbone_problems(spec: dict, where: str) -> list[str]:
     if spec.get("name") not in BACKBONES:
         return [f"{where}.name: unknown backbone {spec.get('name')!r}; known: {', '.join(sorted(BACKBONES))}"]
-    known = [name for name in inspect.signature(BACKBONES[spec["name"]].build).parameters
-             if name not in ("in_channels", "out_channels", "unknown")]
+    cls = BACKBONES[spec["name"]]
+    constructor = cls.__init__ if cls.build.__func__ is Backbone.build.__func__ else cls.build  # the default build
+    known = [name for name in inspect.signature(constructor).parameters
+             if name not in ("self", "in_channels", "out_channels", "unknown")]
     return [f"{where}.{field}: {spec['name']} takes no field {field!r}; known: {', '.join(known)}"
             for field in spec if field != "name" and field not in known]
 
