@@ -18,10 +18,11 @@ from ssl3d.data.splits import make_splits
 from ssl3d.io import write_json
 
 REPO = Path(__file__).resolve().parents[1]
-# The real CT fixture lives outside the repository (../shared/data beside the checkout, or $SSL3D_SHARED_DATA).
-SHARED_DATA = Path(os.environ.get("SSL3D_SHARED_DATA", REPO.parent / "shared" / "data"))
-SHARED_CT = SHARED_DATA / "totalsegmentator-example"
-SHARED_PAPERS = SHARED_DATA.parent / "papers"  # the papers' text extractions, beside the data
+# One real CT with organ labels, committed with its attribution (tests/data/totalsegmentator-example/README.md).
+SHARED_CT = REPO / "tests" / "data" / "totalsegmentator-example"
+# The papers' text extractions are not redistributed with the suite: the checks of the published numbers against
+# them run where they are (../shared/papers beside the checkout, as in CI, or $SSL3D_PAPERS) and skip elsewhere.
+SHARED_PAPERS = Path(os.environ.get("SSL3D_PAPERS", REPO.parent / "shared" / "papers"))
 TINY_SHAPE = (64, 64, 32)
 TINY_RECIPE = {"name": "tiny_ct", "spacing": [4.0, 4.0, 4.0], "crop_foreground_above": -500, "window": [-175, 250]}
 

@@ -1,7 +1,7 @@
 """The per-paper recipes of recipes.yaml: each loads, is distinct, and gives its documented grid and intensities.
 
 Synthetic volumes with a known affine pin the numbers (spacing, window edges, z-score moments, crops); the real CT
-in ../shared/data shows that the HDSSL CT recipe gives sensible output on anatomy.
+in tests/data shows that the HDSSL CT recipe gives sensible output on anatomy.
 """
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""Recipes on the phantom and on the real CT in ../shared/data (TotalSegmentator example, Apache-2.0 / CC BY 4.0)."""
+"""Recipes on the phantom and on the real CT in tests/data (TotalSegmentator example, Apache-2.0 / CC BY 4.0)."""
 
 import nibabel as nib
 import numpy as np
