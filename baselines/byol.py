@@ -56,7 +56,9 @@ class OnlineNetwork(torch.nn.Module):
 
 class BYOL(Method):
     name = "byol"
+    display_name = "BYOL"
     paper = "Grill et al., Bootstrap Your Own Latent, NeurIPS 2020 (3D, as the baseline of Xie et al., PGL, 2020)"
+    probe_features = "encoder"  # only the encoder is trained and transferred
     Config = BYOLConfig
     transfer = Transfer(prefixes={"online.backbone.": ""}, parts=("encoder",), coverage={"encoder": 1.0})
 

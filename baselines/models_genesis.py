@@ -44,6 +44,7 @@ class ModelsGenesisConfig(MethodConfig):
 
 class ModelsGenesis(Method):
     name = "models_genesis"
+    display_name = "Models Genesis"
     paper = "Zhou et al., Models Genesis: Generic Autodidactic Models for 3D Medical Image Analysis, MICCAI 2019"
     multichannel = False  # the official distortions (local shuffling, painting) are defined on one channel
     Config = ModelsGenesisConfig

@@ -166,9 +166,11 @@ def by_view(x: torch.Tensor) -> torch.Tensor:
 
 class SwinUNETRSSL(Method):
     name = "swinunetr_ssl"
+    display_name = "SwinUNETR SSL"
     paper = ("Tang et al., Self-Supervised Pre-Training of Swin Transformers for 3D Medical Image Analysis, "
              "CVPR 2022")
     requires = ("hidden_states",)
+    probe_features = "encoder"  # only the encoder is trained and transferred
     Config = SwinUNETRSSLConfig
     # swinViT is 14.2% of the SwinUNETR encoder (swinViT + encoder1..4 + encoder10) at feature_size 12, depths
     # [1, 1, 1, 1]; 14.0% at feature_size 48 with those depths and 18.9% with the default depths [2, 2, 2, 2]:

@@ -69,8 +69,10 @@ def masked_l1(prediction: torch.Tensor, target: torch.Tensor, voxel_mask: torch.
 
 class UNetFormerMIM(Method):
     name = "unetformer_mim"
+    display_name = "UNetFormer MIM"
     paper = ("Hatamizadeh et al., UNetFormer: A Unified Vision Transformer Model and Pre-Training Framework for 3D "
              "Medical Image Segmentation, arXiv 2204.00631, 2022 (no public code: MIM on SwinUNETR substituted)")
+    probe_features = "encoder"  # only the encoder is trained and transferred
     Config = UNetFormerMIMConfig
     transfer = Transfer(prefixes={"network.": ""}, parts=("encoder",), coverage={"encoder": 1.0})
 

@@ -93,6 +93,8 @@ class HybridMIMConfig(MethodConfig):
 
 class HybridMIM(Method):
     name = "hybridmim"
+    display_name = "HybridMIM"
+    figures = ("region_size_curve",)
     paper = ("Xing et al., HybridMIM: A Hybrid Masked Image Modeling Framework for 3D Medical Image "
              "Segmentation, IEEE JBHI 2024 (arXiv 2303.10333)")
     # its UNet decodes a box of the bottleneck; a transformer crops its hidden states before the encoder's blocks

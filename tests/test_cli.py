@@ -35,9 +35,11 @@ def test_bad_input_is_a_clear_error_not_a_traceback(phantom_root, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_methods_lists_every_method_with_paper_backbones_and_defaults():
+def test_methods_lists_every_method_with_paper_requirements_backbones_and_defaults():
     result = subprocess.run([sys.executable, "-m", "ssl3d", "methods"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "models_genesis (version 1)" in result.stdout and "byol (version 1)" in result.stdout
-    assert "Zhou et al." in result.stdout and "backbones: genesis_unet3d, basicunet, unet" in result.stdout
+    assert "Zhou et al." in result.stdout and "requires: nothing; runs on: unet, basicunet" in result.stdout
+    assert "requires: region_decoding or hidden_states; runs on: swinunetr, hybridmim_unet" in result.stdout
+    assert "hybridmim_unet: region_decoding" in result.stdout  # the backbones with their capabilities
     assert '"name": "lars", "lr": 0.2' in result.stdout

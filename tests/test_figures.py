@@ -112,6 +112,19 @@ def test_label_efficiency(tmp_path):
     assert "95% t-interval" in result.caption
 
 
+def test_figures_show_display_names_where_given(tmp_path):
+    titles = {"byol": "BYOL", "hybridmim": "HybridMIM"}
+    result = label_efficiency(per_case_table(), "toy", out=tmp_path / "a" / "label_efficiency", titles=titles,
+                              dpi=DPI)
+    legend = {text.get_text() for text in result.figure.legends[0].get_texts()}
+    assert legend == {"scratch (unet)", "scratch (hybridmim_unet)", "BYOL (unet)", "HybridMIM (hybridmim_unet)"}
+    steps = pretrain_step_times(*step_logs(), out=tmp_path / "b" / "steps", titles=titles, dpi=DPI)
+    assert [tick.get_text() for tick in steps.figure.axes[0].get_xticklabels()] == ["BYOL\nunet",
+                                                                                 "HybridMIM\nhybridmim_unet"]
+    curves = training_curves(*train_logs(), out=tmp_path / "c" / "curves", titles=titles, dpi=DPI)
+    assert {text.get_text() for text in curves.figure.legends[0].get_texts()} >= {"BYOL (unet)"}
+
+
 def test_label_efficiency_rejects_a_missing_dataset(tmp_path):
     with pytest.raises(ValueError, match="dataset 'other'"):
         label_efficiency(per_case_table(), "other", out=tmp_path / "x", dpi=DPI)

@@ -1,5 +1,5 @@
-"""The contract every registered method meets, run automatically on each method and each backbone it declares
-(methods added later included): see CONTRIBUTING.md."""
+"""The contract every registered method meets, run automatically on each method and each backbone it can run on
+(methods and backbones added later included): see CONTRIBUTING.md."""
 
 import copy
 import dataclasses
@@ -13,6 +13,7 @@ from ssl3d.pretrain.method import Method, Transfer, make_config
 from ssl3d.pretrain.optim import build_optimizer
 from ssl3d.pretrain.registry import get_method, methods, supported_backbones
 from ssl3d.pretrain.transfer import TransferError, plan_transfer
+from ssl3d.report.figures import METHOD_FIGURES
 
 CASES = [(name, backbone) for name, cls in methods().items() for backbone in supported_backbones(cls)]
 
@@ -45,6 +46,7 @@ def test_declarations(name):
     cls = get_method(name)
     assert cls.paper and cls.version and supported_backbones(cls)
     assert cls.probe_features in ("encoder", "decoder") and cls.description()
+    assert set(cls.figures) <= set(METHOD_FIGURES), "a declared figure must be in ssl3d.report.figures"
     config = cls.Config()
     assert config.loss_weights and all(w >= 0 for w in config.loss_weights.values())
     assert isinstance(cls.transfer, Transfer) and cls.transfer.prefixes

@@ -1,14 +1,22 @@
 """The report's own tables and inputs: the reproduction-status matrix, the config's report block, and which runs a
-results folder contributes. The page itself is built end to end in test_workflow.py."""
+results folder contributes. The page itself is built end to end in test_workflow.py; here it is built from a
+synthetic results folder (models stubbed) to check what it learns from the registry and that protocols never mix."""
 
 import json
 
+import markupsafe
+import numpy as np
 import pandas as pd
 import pytest
 
+from ssl3d.pretrain import registry
+from ssl3d.report import build, figures
+
 from ssl3d.report.build import ReportOptions, read_results, reproduction_status
+from ssl3d.report.figures import region_size_table
 
 from test_stats import rows, table
+from test_tables import FakeSSL
 
 
 def cells(*lines):
@@ -65,8 +73,6 @@ def test_only_the_runs_behind_the_per_case_table_are_read(tmp_path):
 
 
 def test_hybridmim_runs_with_several_reconstruction_sizes_give_the_region_size_table():
-    from ssl3d.report.build import ExperimentResults, _region_size_table
-
     def run(size, backbone="hybridmim_unet", method="hybridmim"):
         config = {"method": method, "backbone": {"name": backbone}, "patch_size": [64, 64, 64]}
         return {"run_id": f"{method}{size}{backbone}", "config": config, "method_config": {"reconstruction_size": size}}
@@ -74,10 +80,111 @@ def test_hybridmim_runs_with_several_reconstruction_sizes_give_the_region_size_t
     log = pd.DataFrame({"step": range(1, 31), "data_s": 0.01, "forward_s": 0.1, "backward_s": 0.2})
     manifests = {"pretrain/a": run(32), "pretrain/b": run(None), "pretrain/c": run(32, backbone="swinunetr"),
                  "pretrain/d": run(None, method="models_genesis")}
-    results = ExperimentResults("x", table(), {}, manifests, {run: log for run in manifests}, {}, {})
-    region = _region_size_table(results, 10)
+    region = region_size_table(manifests, {run: log for run in manifests}, 10, "hybridmim")
     assert sorted(region.region_size.unique()) == [32, 64]  # None: the whole 64³ crop
     assert set(region.backbone) == {"hybridmim_unet"} and len(region) == 2 * 20  # 10 warm-up steps skipped
     assert region.seconds.to_numpy() == pytest.approx(0.31)
-    assert _region_size_table(ExperimentResults("x", table(), {}, {"pretrain/a": run(32)}, {"pretrain/a": log},
-                                                {}, {}), 10) is None
+    assert region_size_table({"pretrain/a": run(32)}, {"pretrain/a": log}, 10, "hybridmim") is None
+
+
+# --- a page from a synthetic results folder -------------------------------------------------------------------
+
+CASES = np.linspace(0.5, 0.85, 8)
+# protocol -> init -> shift of its Dice; hybridmim wins fine-tuning, fake_ssl probing
+SHIFTS = {"finetune": {"scratch": 0.0, "hybridmim": 0.06, "fake_ssl": 0.03},
+          "probe": {"scratch": -0.1, "hybridmim": -0.04, "fake_ssl": 0.02}}
+PRETRAINED = {("hybridmim", "finetune"): "pt-h32", ("hybridmim", "probe"): "pt-h64", ("fake_ssl", "finetune"): "pt-f",
+              ("fake_ssl", "probe"): "pt-f"}
+
+
+def write_json(path, content):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(content))
+
+
+def pretraining(run_id, method, size=None):
+    return {"run_id": run_id, "config_hash": run_id, "method_version": "1", "device": "cpu: test",
+            "method_config": {} if size is None else {"reconstruction_size": size},
+            "config": {"method": method, "variant": method, "backbone": {"name": "unet"}, "patch_size": [64, 64, 64]}}
+
+
+def results_folder(folder):
+    """per_case.csv of three inits under two protocols, their fine-tuning manifests, and three pre-training runs
+    (HybridMIM at two reconstruction sizes, fake_ssl) with step logs."""
+    groups = []
+    for protocol, shifts in SHIFTS.items():
+        for init, shift in shifts.items():
+            values = np.clip(CASES + shift + 0.01 * np.sin(np.arange(8) * (1 + shift)), 0, 1)
+            one = table(rows(init, values))
+            groups.append(one.assign(protocol=protocol, run_id=f"{init}-{protocol}"))
+    per_case = pd.concat(groups, ignore_index=True)
+    per_case.to_csv(folder / "per_case.csv", index=False)
+    for (init, protocol), run in per_case.groupby(["init", "protocol"]).run_id.first().items():
+        config = {"init": init, "backbone": {"name": "unet"}, "dataset": "d", "label_fraction": 0.5,
+                  "protocol": protocol, **({"pretrained": PRETRAINED[init, protocol]} if init != "scratch" else {})}
+        write_json(folder / "finetune" / run / "manifest.json", {"run_id": run, "config_hash": run, "config": config})
+    for run_id, method, size, seconds in (("pt-h32", "hybridmim", 32, 0.1), ("pt-h64", "hybridmim", None, 0.4),
+                                          ("pt-f", "fake_ssl", None, 0.2)):
+        write_json(folder / "pretrain" / run_id / "manifest.json", pretraining(run_id, method, size))
+        pd.DataFrame({"step": range(1, 31), "data_s": 0.01, "forward_s": seconds, "backward_s": seconds,
+                      "peak_memory_mb": 100.0}).to_csv(folder / "pretrain" / run_id / "step_log.csv", index=False)
+
+
+@pytest.fixture
+def page(tmp_path, monkeypatch):
+    """The report of ``results_folder`` with fake_ssl registered and the qualitative figure (which loads trained
+    models) replaced by a stub recording what it was asked for."""
+    known = {**registry.methods(), FakeSSL.name: FakeSSL}
+    monkeypatch.setattr(registry, "methods", lambda: known)
+    asked = []
+
+    def qualitative(results, protocol, dataset, out, colours, titles):
+        asked.append((protocol, dataset, sorted(results.per_case[results.per_case.protocol == protocol].init)))
+        return figures.FigureFiles(out.with_suffix(".png"), out.with_suffix(".svg"), "stub", None), dataset
+    monkeypatch.setattr(build, "_qualitative", qualitative)
+    results = tmp_path / "results" / "x"
+    results.mkdir(parents=True)
+    results_folder(results)
+    index = build.build_report(results, tmp_path / "reports" / "x", build.ReportOptions(n_resamples=200))
+    return index.parent, index.read_text(), asked
+
+
+def test_the_page_has_one_leaderboard_per_protocol_ranked_within_it(page):
+    report, html, asked = page
+    board = pd.read_csv(report / "tables" / "leaderboard.csv")
+    assert list(board.protocol.unique()) == ["finetune", "probe"]
+    for protocol, best in (("finetune", "hybridmim"), ("probe", "fake_ssl")):
+        block = board[board.protocol == protocol]
+        assert list(block["rank"]) == [1, 2, 3] and block.iloc[0].init == best
+    markdown = (report / "tables" / "leaderboard.md").read_text()
+    assert "## Protocol `finetune`" in markdown and "## Protocol `probe`" in markdown and "| FakeSSL " in markdown
+    leaderboard = html[html.index('id="leaderboard"'):html.index('id="summary"')]
+    assert leaderboard.index("Protocol <code>finetune</code>") < leaderboard.index("Protocol <code>probe</code>")
+    assert leaderboard.count("<td>FakeSSL</td>") == 2 and "<td>fake_ssl</td>" not in leaderboard
+    # tests and figures are per protocol: one significance matrix, label-efficiency and qualitative figure each
+    for stem in ("d", "probe_d"):  # named like runs: the protocol where it is not finetune
+        assert (report / "tables" / f"significance_{stem}_0p5.csv").is_file()
+        assert (report / "figures" / f"label_efficiency_{stem}.png").is_file()
+    assert asked == [("finetune", "d", sorted(["scratch", "hybridmim", "fake_ssl"] * 8)),
+                     ("probe", "d", sorted(["scratch", "hybridmim", "fake_ssl"] * 8))]
+
+
+def test_the_methods_section_comes_from_the_registry(page):
+    report, html, _ = page
+    methods = html[html.index('<h2 id="methods">'):html.index('<h2 id="leaderboard">')]
+    for text in ("FakeSSL", FakeSSL.paper, "version 3", FakeSSL.description(), "HybridMIM",
+                 registry.methods()["hybridmim"].paper, "No pre-training"):
+        assert str(markupsafe.escape(text)) in methods
+    listed = pd.read_csv(report / "tables" / "methods.csv")
+    assert list(listed.init) == ["scratch", "hybridmim", "fake_ssl"]
+    assert list(listed.title) == ["scratch", "HybridMIM", "FakeSSL"]
+
+
+def test_hybridmim_declares_the_region_size_figure_and_the_page_draws_it_under_pretraining_cost(page):
+    report, html, _ = page
+    assert registry.methods()["hybridmim"].figures == ("region_size_curve",)
+    assert "region_size_curve" in figures.METHOD_FIGURES
+    assert (report / "figures" / "hybridmim_region_size_curve.svg").is_file()
+    cost = html[html.index('<h2 id="pre-training-cost">'):]
+    assert "HybridMIM time per step against reconstruction size" in cost.split("<h2 ")[1]
+    assert "fake_ssl_" not in html  # declares no figure

@@ -9,9 +9,12 @@ import pytest
 
 from ssl3d.analysis.stats import bootstrap_ci, compare_inits
 from ssl3d.evaluate.run import PER_CASE_COLUMNS
+from ssl3d.pretrain import registry
+from ssl3d.pretrain.method import Method, Transfer
 from ssl3d.report.published import COLUMNS, load_published, validate_rows
-from ssl3d.report.tables import (NOT_IMPLEMENTED, NOT_MEASURED, NOT_RUN, leaderboard, leaderboard_markdown,
-                                 method_footnotes, paper_table, paper_table_markdown)
+from ssl3d.report.tables import (NOT_IMPLEMENTED, NOT_MEASURED, NOT_RUN, SCRATCH_DESCRIPTION, init_titles,
+                                 leaderboard, leaderboard_markdown, method_footnotes, methods_table, paper_table,
+                                 paper_table_markdown)
 
 DATASETS = ("btcv", "msd_spleen")
 ROWS = (("scratch", "hybridmim_unet"), ("scratch", "swinunetr"), ("hybridmim", "hybridmim_unet"),
@@ -289,9 +292,99 @@ def test_stale_flag(per_case, board):
 
 def test_leaderboard_markdown_has_every_row(board):
     text = leaderboard_markdown(board)
+    assert "## Protocol `finetune`" in text
     for dataset, fraction in itertools.product(DATASETS, FRACTIONS):
-        assert f"## {dataset} · label fraction {fraction:g}" in text
-    hybridmim = [line for line in text.splitlines() if "| hybridmim " in line]
+        assert f"### {dataset} · label fraction {fraction:g}" in text
+    hybridmim = [line for line in text.splitlines() if "| HybridMIM " in line]  # the display name
     assert len(hybridmim) == 4 and all(line.rstrip(" |").endswith("stale") for line in hybridmim)
     assert "Holm" in text
     assert text.count("\n| ") == len(DATASETS) * len(FRACTIONS) * (len(ROWS) + 1)
+
+
+# --- method knowledge from the registry, and protocols --------------------------------------------------------
+
+class FakeSSL(Method):
+    """Fake voxel contrast: a method the report has never heard of, registered by the test."""
+
+    name = "fake_ssl"
+    paper = "Doe et al., Fake voxel contrast, 2099"
+    display_name = "FakeSSL"
+    version = "3"
+    transfer = Transfer({"network.": ""})
+
+    def make_views(self, region, rng):
+        return {}
+
+    def loss_terms(self, batch):
+        return {}
+
+
+@pytest.fixture
+def fake_registered(monkeypatch):
+    known = {**registry.methods(), FakeSSL.name: FakeSSL}
+    monkeypatch.setattr(registry, "methods", lambda: known)
+
+
+def with_fake(per_case) -> pd.DataFrame:
+    """``per_case`` plus a fake_ssl row on swinunetr, a little better than hybridmim everywhere."""
+    fake = select(per_case, init="hybridmim").assign(init="fake_ssl", backbone="swinunetr")
+    fake["value"] = np.where(fake.metric == "dice", np.minimum(fake.value + 0.05, 1), fake.value)
+    return pd.concat([per_case, fake.assign(run_id=fake.run_id.str.replace("hybridmim", "fake_ssl"))])
+
+
+def test_a_registered_method_appears_in_the_leaderboard_and_methods_by_its_display_name(per_case, fake_registered):
+    board = leaderboard(with_fake(per_case), **FAST)
+    assert set(board[board["rank"] == 1].init) == {"fake_ssl"}
+    text = leaderboard_markdown(board)
+    fake = [line.split("|")[1:3] for line in text.splitlines() if "| FakeSSL " in line]
+    assert [[cell.strip() for cell in cells] for cells in fake] == [["1", "FakeSSL"]] * 4
+    assert init_titles(["scratch", "fake_ssl", "hybridmim", "unknown"]) == {
+        "scratch": "scratch", "fake_ssl": "FakeSSL", "hybridmim": "HybridMIM", "unknown": "unknown"}
+    listed = methods_table(["hybridmim", "fake_ssl", "scratch", "fake_variant"], {"fake_variant": "fake_ssl"})
+    assert list(listed.init) == ["scratch", "hybridmim", "fake_ssl", "fake_variant"]
+    fake = listed.set_index("init").loc["fake_ssl"]
+    assert (fake.title, fake.paper, fake.version) == ("FakeSSL", FakeSSL.paper, "3")
+    assert fake.description == FakeSSL.description() and fake.description.startswith("Reproduced-vs-published")
+    assert listed.set_index("init").loc["fake_variant"].title == "FakeSSL (fake_variant)"
+    assert listed.set_index("init").loc["scratch"].description == SCRATCH_DESCRIPTION
+
+
+def probe_copy(per_case) -> pd.DataFrame:
+    """The same runs under the probe protocol, where unetformer_mim beats hybridmim by far."""
+    probe = per_case.assign(protocol="probe", run_id=per_case.run_id + "-probe")
+    boost = (probe.init == "unetformer_mim") & (probe.metric == "dice")
+    probe.loc[boost, "value"] = np.minimum(probe.loc[boost, "value"] + 0.2, 1)
+    return probe
+
+
+def test_two_protocols_give_two_leaderboards_that_never_mix(per_case, board):
+    both = leaderboard(pd.concat([per_case, probe_copy(per_case)]), manifests_for(per_case), **FAST)
+    assert list(both.protocol.unique()) == ["finetune", "probe"]
+    finetune = both[both.protocol == "finetune"].reset_index(drop=True)
+    pd.testing.assert_frame_equal(finetune, board, check_like=True)  # the probe rows change nothing of it
+    probe = both[both.protocol == "probe"]
+    alone = leaderboard(probe_copy(per_case), **FAST)
+    np.testing.assert_allclose(probe.p_vs_best, alone.p_vs_best)
+    for _, block in probe.groupby(["dataset", "label_fraction"]):
+        assert list(block["rank"]) == list(range(1, len(ROWS) + 1))  # ranked among the probe rows only
+        assert tuple(block.iloc[0][["init", "backbone"]]) == ("unetformer_mim", "swinunetr")
+    text = leaderboard_markdown(both)
+    assert text.index("## Protocol `finetune`") < text.index("## Protocol `probe`")
+    assert "`finetune`, `probe`" in text and text.count("\n| ") == 2 * len(DATASETS) * len(FRACTIONS) * (len(ROWS) + 1)
+    assert list(leaderboard(pd.concat([per_case, probe_copy(per_case)]), protocol="probe", **FAST).protocol.unique()
+                ) == ["probe"]
+
+
+def test_a_published_cell_is_matched_to_the_runs_of_its_protocol(per_case, published):
+    linear = published_frame([{**cell("HybridMIM", "hybridmim", "hybridmim_unet", "liver", "dice", 80.0),
+                               "setting": "linear; frozen backbone"}])
+    table = paper_table(per_case, linear, "hybridmim", "Table 1", **FAST)
+    assert list(table.protocol) == ["probe"] and list(table.status) == [NOT_RUN]  # finetune runs do not count
+    probe = probe_copy(per_case)
+    found = paper_table(pd.concat([per_case, probe]), linear, "hybridmim", "Table 1", **FAST).iloc[0]
+    assert found.ours == pytest.approx(100 * hand_ours(probe, "liver", **HM))
+    assert found.ci_low == pytest.approx(100 * hand_ci(probe, "liver", **HM)["low"])
+    generic = paper_table(pd.concat([per_case, probe]), published, "hybridmim", "Table 1", **FAST)
+    alone = paper_table(per_case, published, "hybridmim", "Table 1", **FAST)
+    assert set(generic.protocol) == {"finetune"}
+    pd.testing.assert_frame_equal(generic, alone)

@@ -105,6 +105,29 @@ def test_pretraining_feeds_fine_tuning_through_the_verified_transfer(micro_run):
 
 
 @pytest.mark.slow
+def test_a_micro_dag_with_all_three_protocols(tmp_path):
+    """Fine-tuning, linear probing and frozen-then-fine-tuned training of scratch and BYOL, end to end: each
+    protocol its own runs, per-case rows and leaderboard."""
+    config = json.loads(json.dumps(MICRO))
+    config["pretrain"]["methods"] = {"byol": MICRO["pretrain"]["methods"]["byol"]}
+    config["splits"]["label_fractions"] = [1.0]
+    config["finetune"].update(inits=["scratch", "byol"], seeds=[0], protocols={
+        "finetune": None, "probe": {"optimizer": {"lr": 0.01}},
+        "frozen_then_finetune": {"frozen_steps": 2, "ramp_steps": 2}})
+    result = snakemake(tmp_path, config)
+    assert result.returncode == 0, result.stderr[-5000:]
+    table = pd.read_csv(tmp_path / "results" / "micro" / "per_case.csv")
+    assert table.groupby("protocol")["run_id"].nunique().to_dict() == {
+        "finetune": 2, "frozen_then_finetune": 2, "probe": 2}
+    runs = tmp_path / "results" / "micro" / "finetune"
+    (probe,) = runs.glob("phantom_byol_probe_unet_*")
+    assert json.loads((probe / "manifest.json").read_text())["probe_features"] == "encoder"  # BYOL's declaration
+    board = pd.read_csv(tmp_path / "reports" / "micro" / "tables" / "leaderboard.csv")
+    assert sorted(board.groupby("protocol").size().items()) == [("finetune", 2), ("frozen_then_finetune", 2),
+                                                               ("probe", 2)]
+
+
+@pytest.mark.slow
 def test_rerun_has_nothing_to_do_and_an_override_makes_new_runs(micro_run):
     assert "Nothing to be done" in snakemake(micro_run, MICRO, "-n").stdout
     changed = {**MICRO, "finetune": {**MICRO["finetune"], "steps": 7}}

@@ -62,7 +62,7 @@ def cmd_splits(args):
 def cmd_finetune(args):
     from ssl3d.finetune.train import finetune
 
-    finetune(args.run_config, args.out, device=args.device, log_every=args.log_every)
+    finetune(args.run_config, args.out, device=args.device, workers=args.workers, log_every=args.log_every)
 
 
 def cmd_pretrain(args):
@@ -161,6 +161,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--run-config", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
     p.add_argument("--log-every", type=int, default=10)
     p.set_defaults(func=cmd_finetune)
 

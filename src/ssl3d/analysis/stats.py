@@ -43,11 +43,14 @@ import pandas as pd
 from scipy import stats
 from statsmodels.stats.multitest import multipletests
 
-__all__ = ["MIN_PAIRS", "bootstrap_ci", "case_values", "cliffs_delta", "best_row", "compare_inits",
-           "compare_rows", "format_p", "friedman_nemenyi",
-           "nemenyi_cd", "paired_case_values", "rank_biserial", "significance_matrix", "wilcoxon_test"]
+__all__ = ["LOWER_IS_BETTER", "MIN_PAIRS", "SCRATCH", "bootstrap_ci", "case_values", "cliffs_delta", "best_row",
+           "compare_inits", "compare_rows", "format_p", "friedman_nemenyi", "nemenyi_cd", "paired_case_values",
+           "rank_biserial", "significance_matrix", "wilcoxon_test"]
 
 ROW = ["init", "backbone"]
+# The init of the supervised baseline (no pre-training), the reference every other init is compared with; defined
+# here, the lowest layer that compares inits, and imported by the report.
+SCRATCH = "scratch"
 # Metrics where a smaller value is better (distances); every other metric is a score.
 LOWER_IS_BETTER = frozenset({"hd95"})
 # With n non-zero differences the smallest two-sided p of the exact signed-rank test is 2 / 2**n: 0.0625 for
@@ -242,7 +245,7 @@ def _reference_for(row: tuple[str, str], reference: RowKey, rows: list[tuple[str
     return (reference, row[1]) if (reference, row[1]) in rows else None
 
 
-def compare_rows(values: pd.DataFrame, reference: RowKey = "scratch", metric: str = "dice") -> pd.DataFrame:
+def compare_rows(values: pd.DataFrame, reference: RowKey = SCRATCH, metric: str = "dice") -> pd.DataFrame:
     """The tests of :func:`compare_inits` on a case-value table (:func:`case_values`), without its context
     columns and without checking that the reference exists (the leaderboard ranks tables without scratch)."""
     rows = _rows(values)
@@ -269,7 +272,7 @@ def compare_rows(values: pd.DataFrame, reference: RowKey = "scratch", metric: st
     return table
 
 
-def compare_inits(per_case: pd.DataFrame, reference: RowKey = "scratch", *, dataset: str, label_fraction: float,
+def compare_inits(per_case: pd.DataFrame, reference: RowKey = SCRATCH, *, dataset: str, label_fraction: float,
                   metric: str = "dice", target: str = "mean") -> pd.DataFrame:
     """Every row (init, backbone) against the reference and against the best row, one line per comparison.
 

@@ -18,7 +18,8 @@ from ssl3d.data.cache import load_cached_case, read_index
 from ssl3d.data.splits import run_split
 from ssl3d.evaluate.metrics import EmptyPolicy, case_metrics
 from ssl3d.io import atomic_path, read_json
-from ssl3d.nets import build_network, predict_volume
+from ssl3d.finetune.protocols import build_downstream
+from ssl3d.nets import predict_volume
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +29,11 @@ PER_CASE_COLUMNS = ["dataset", "case_id", "target", "metric", "value", "init", "
 
 
 def load_model(model_path: str | Path, device: torch.device) -> tuple[torch.nn.Module, dict]:
+    """The trained network of a ``model.pt``, rebuilt for its run's protocol (a probe reads the pyramid it
+    recorded), and the checkpoint."""
     checkpoint = torch.load(model_path, map_location=device, weights_only=False)
-    model = build_network(checkpoint["spec"]["backbone"], checkpoint["in_channels"], len(checkpoint["classes"]) + 1)
+    model = build_downstream(checkpoint["spec"], checkpoint["in_channels"], len(checkpoint["classes"]) + 1,
+                             probe_features=checkpoint.get("probe_features")).model
     model.load_state_dict(checkpoint["weights"])
     return model.to(device), checkpoint
 

@@ -1,15 +1,17 @@
 """Supervised fine-tuning of a segmentation network on one label fraction, with validation-based selection.
 
-Determinism and resume: samples come from ``ssl3d.data.sampling.SeededSamples``, so a run killed after its
-checkpoint at step k and re-run replays steps k+1... exactly as an uninterrupted run would (on CPU, same thread
-count), which ``tests/test_resume.py`` checks.
+The run's protocol (``ssl3d.finetune.protocols``: whole network, linear probe, or frozen then fine-tuned) decides
+which network trains and at which rates; its ``augmentation`` preset (``ssl3d.finetune.augment``) what the patches
+go through; ``early_stopping: {patience: k}`` stops it after k validations without a better validation Dice. The
+step loop (AMP, clipping, workers, timing, checkpoint/resume) is the shared ``ssl3d.engine.Engine``: a run killed
+after its checkpoint at step k and re-run replays steps k+1... exactly as an uninterrupted run would (on CPU, same
+thread count), which ``tests/test_resume.py`` checks. A spec without these keys trains as before them.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -19,36 +21,48 @@ from monai.metrics import compute_dice
 from monai.networks.utils import one_hot
 from monai.transforms import Compose, RandCropByPosNegLabeld, SpatialPadd
 from monai.utils import set_determinism
-from torch.utils.data import DataLoader
 
-from ssl3d.checkpoint import resume, save_checkpoint
+from ssl3d.checkpoint import save_checkpoint
 from ssl3d.data.cache import load_cached_case, read_index
 from ssl3d.data.sampling import SeededSamples
 from ssl3d.data.splits import run_split, training_cases
+from ssl3d.engine import TIMED, Engine
+from ssl3d.finetune.augment import augmentation
+from ssl3d.finetune.protocols import build_downstream, build_optimization
 from ssl3d.io import atomic_path, read_json, write_json
 from ssl3d.manifest import run_manifest
-from ssl3d.nets import build_network, predict_volume
-from ssl3d.pretrain.optim import build_optimizer
-from ssl3d.pretrain.transfer import load_pretrained
+from ssl3d.nets import predict_volume
 
 log = logging.getLogger(__name__)
 
+TRAIN_LOG_COLUMNS = ["step", "loss", "loss_dice", "loss_ce", "lr", "val_dice", *TIMED, "peak_memory_mb"]
+
 
 class PatchSamples(SeededSamples):
-    """A case and a foreground/background-balanced patch of it (MONAI's RandCropByPosNegLabeld)."""
+    """A case, a foreground/background-balanced patch of it (MONAI's RandCropByPosNegLabeld) and the
+    ``augmentation`` preset's transforms of that patch."""
 
-    def __init__(self, cases: list[dict], patch_size, pos_neg, seed: int, length: int):
+    def __init__(self, cases: list[dict], patch_size, pos_neg, seed: int, length: int, augment: str = "none"):
         keys = ["image", "label"]
         self.crop = Compose([
             SpatialPadd(keys, spatial_size=patch_size),
             RandCropByPosNegLabeld(keys, label_key="label", spatial_size=patch_size, pos=pos_neg[0], neg=pos_neg[1],
                                    num_samples=1),
         ])
-        super().__init__(cases, seed, length, transforms=[self.crop])
+        self.augment = augmentation(augment)  # never test it for truth: len() of a MONAI Compose reseeds its parts
+        super().__init__(cases, seed, length,
+                         transforms=[self.crop] + ([] if self.augment is None else [self.augment]))
 
     def sample(self, case, rng):
         patch = self.crop({"image": case["image"], "label": case["label"]})[0]
-        return patch["image"].as_tensor(), patch["label"].as_tensor().long()
+        if self.augment is not None:
+            patch = self.augment(patch)
+        return plain(patch["image"]), plain(patch["label"]).long()
+
+
+def plain(value) -> torch.Tensor:
+    """A transform's output (a MetaTensor, tensor or array) as a plain tensor: batches carry no metadata."""
+    return torch.as_tensor(value).as_subclass(torch.Tensor)
 
 
 def mean_foreground_dice(model, cases: list[dict], n_classes: int, inference: dict, device) -> float:
@@ -68,11 +82,13 @@ def load_cases(index: dict, case_ids: list[str]) -> list[dict]:
     return [load_cached_case(index["dir"] / index["cases"][case_id]["file"]) for case_id in case_ids]
 
 
-def finetune(run_config: str | Path, out_dir: str | Path, device: str = "cpu", log_every: int = 10) -> Path:
+def finetune(run_config: str | Path, out_dir: str | Path, device: str = "cpu", workers: int = 0,
+             log_every: int = 10) -> Path:
     """Train the run described by ``run_config`` (written by the workflow) into ``out_dir``; returns model.pt.
 
     ``init`` is ``scratch`` or a pre-training method, whose checkpoint (``inputs.pretrained``) initialises the
-    network through the verified transfer; the manifest records what was loaded.
+    network through the verified transfer; the manifest records what was loaded. model.pt holds the weights of the
+    validation step with the best Dice; a run where no validation step was selected (NaN scores) fails instead.
 
     ``out_dir/checkpoints/last.pt`` is written every ``checkpoint_every`` steps; if it exists when this starts,
     training resumes from it.
@@ -91,71 +107,71 @@ def finetune(run_config: str | Path, out_dir: str | Path, device: str = "cpu", l
     val_cases = load_cases(index, splits["validation"])
 
     in_channels = index.get("channels", 1)
-    model = build_network(spec["backbone"], in_channels=in_channels, out_channels=n_classes + 1)
-    transfer = None
-    if spec["init"] != "scratch":
-        transfer = load_pretrained(model, inputs["pretrained"], spec["backbone"]["name"]).as_dict()
-        log.info("initialised from %s (%s): %s", spec["init"], inputs["pretrained"], transfer["fractions"])
-    model = model.to(device)
-    optimizer = build_optimizer(model, spec["optimizer"])
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=spec["steps"])
+    downstream = build_downstream(spec, in_channels, n_classes + 1,
+                                  pretrained=None if spec["init"] == "scratch" else inputs["pretrained"])
+    model = downstream.model.to(device)
+    steps, batch_size = spec["steps"], spec["batch_size"]
+    optimizer, scheduler = build_optimization(model, spec, steps)
+    engine = Engine(run_id, model, optimizer, scheduler, out_dir, steps, spec["checkpoint_every"], device,
+                    grad_clip=spec.get("grad_clip"), workers=workers, log_every=log_every,
+                    fresh={"best": {"score": -1.0, "step": 0, "weights": None}, "validations_since_best": 0})
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
 
-    last = out_dir / "checkpoints" / "last.pt"
-    state = resume(last, run_id, {"model": model, "optimizer": optimizer, "scheduler": scheduler}, device,
-                   fresh={"step": 0, "history": [], "best": {"score": -1.0, "step": 0, "weights": None}, "seconds": 0.0})
-    resumed_from = state["step"]
+    def forward(batch) -> tuple[torch.Tensor, dict]:
+        """DiceCELoss's two terms, summed as it sums them."""
+        image, label = batch
+        logits = model(image)
+        terms = {"dice": loss_fn.dice(logits, label), "ce": loss_fn.ce(logits, label)}
+        return loss_fn.lambda_dice * terms["dice"] + loss_fn.lambda_ce * terms["ce"], terms
 
-    steps, batch_size = spec["steps"], spec["batch_size"]
-    samples = PatchSamples(train_cases, spec["patch_size"], spec["pos_neg_ratio"], spec["seed"], steps * batch_size)
-    loader = DataLoader(samples, batch_size=batch_size, sampler=range(resumed_from * batch_size, steps * batch_size))
-    start = time.perf_counter()
-    for step, (image, label) in enumerate(loader, start=resumed_from + 1):
-        model.train()
-        optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model(image.to(device)), label.to(device))
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        row = {"step": step, "loss": loss.item(), "lr": scheduler.get_last_lr()[0], "val_dice": ""}
-        if step % spec["val_every"] == 0 or step == steps:
-            score = mean_foreground_dice(model, val_cases, n_classes, spec["inference"], device)
-            row["val_dice"] = score
-            if score > state["best"]["score"]:
-                state["best"] = {"score": score, "step": step, "weights": copy.deepcopy(model.state_dict())}
-        state["history"].append(row)
-        state["step"] = step
-        elapsed = time.perf_counter() - start
-        if step % log_every == 0 or step == steps:
-            rate = (step - resumed_from) / elapsed
-            log.info("step %d/%d  loss %.4f  %.2f steps/s  ETA %.0f s%s", step, steps, row["loss"], rate,
-                     (steps - step) / rate, f"  val dice {row['val_dice']:.4f}" if row["val_dice"] != "" else "")
-        if step % spec["checkpoint_every"] == 0 and step < steps:
-            save_checkpoint(last, {"run_id": run_id, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                   "scheduler": scheduler.state_dict(),
-                                   "state": {**state, "seconds": state["seconds"] + elapsed}})
-    elapsed = time.perf_counter() - start
-    state["seconds"] += elapsed
+    patience = spec.get("early_stopping", {}).get("patience")
+
+    def validate(step: int, row: dict) -> bool:
+        """Every ``val_every`` steps and at the last: keep the best weights; True once ``patience`` validations in
+        a row did not improve on the best."""
+        row["val_dice"] = ""
+        if step % spec["val_every"] and step != steps:
+            return False
+        state = engine.state
+        row["val_dice"] = score = mean_foreground_dice(model, val_cases, n_classes, spec["inference"], device)
+        if score > state["best"]["score"]:
+            state["best"] = {"score": score, "step": step, "weights": copy.deepcopy(model.state_dict())}
+            state["validations_since_best"] = 0
+        else:
+            state["validations_since_best"] += 1
+        log.info("step %d: validation Dice %.4f (best %.4f at step %d)", step, score, state["best"]["score"],
+                 state["best"]["step"])
+        return patience is not None and state["validations_since_best"] >= patience
+
+    samples = PatchSamples(train_cases, spec["patch_size"], spec["pos_neg_ratio"], spec["seed"], steps * batch_size,
+                           spec.get("augmentation", "none"))
+    state = engine.run(samples, batch_size, forward, after_step=validate)
+    best = state["best"]
+    if not best["step"]:
+        scores = ", ".join(f"{row['val_dice']} at step {row['step']}" for row in state["rows"] if row["val_dice"] != "")
+        raise ValueError(f"run {run_id}: no validation step was selected (validation Dice: {scores}), so no model.pt "
+                         f"was written; check the validation cases ({', '.join(splits['validation'])}) and their "
+                         "labels")
 
     model_path = out_dir / "model.pt"
     save_checkpoint(model_path, {
         "run_id": run_id, "spec": spec, "classes": classes, "in_channels": in_channels,
-        "selected_step": state["best"]["step"], "validation_dice": state["best"]["score"],
-        "weights": state["best"]["weights"],
+        "probe_features": downstream.probe_features, "selected_step": best["step"], "validation_dice": best["score"],
+        "weights": best["weights"],
     })
     with atomic_path(out_dir / "train_log.csv") as tmp:
-        pd.DataFrame(state["history"], columns=["step", "loss", "lr", "val_dice"]).to_csv(tmp, index=False)
+        pd.DataFrame(state["rows"], columns=TRAIN_LOG_COLUMNS).to_csv(tmp, index=False)
     write_json(out_dir / "manifest.json", run_manifest(
         spec, run_id, device,
-        wall_seconds=round(state["seconds"], 2),
-        steps=steps,
-        resumed_from_step=resumed_from,
-        steps_per_second=round((steps - resumed_from) / elapsed, 3) if steps > resumed_from else None,
-        selected_step=state["best"]["step"],
-        validation_dice=state["best"]["score"],
+        **engine.measurements(),
+        selected_step=best["step"],
+        validation_dice=best["score"],
         train_cases=len(train_cases),
         validation_cases=len(val_cases),
-        transfer=transfer,
+        transfer=downstream.transfer,
+        protocol=spec.get("protocol", "finetune"),
+        probe_features=downstream.probe_features,
+        stopped_at_step=state.get("stopped_at"),
     ))
-    last.unlink(missing_ok=True)
+    engine.finish()
     return model_path

@@ -1,22 +1,17 @@
-"""One pre-training loop for every method: data, optimizer and schedule, AMP, clipping, checkpoints, step timing.
+"""One pre-training loop for every method: the pool, the method's optimizer and schedule, on the shared engine.
 
 A method only says how a region becomes views and which loss terms those views give (``ssl3d.pretrain.method``);
-everything here is shared, so methods are compared under the same loop and the same clock.
-
-Per step the loop records the time waiting for data, the forward pass (views to loss terms) and the backward pass
-with the optimizer step, synchronised on GPU so that asynchronous kernels are counted where they run, plus peak
-memory (allocated GPU memory on CUDA, the process's peak resident set on CPU). The timing charts read
-``step_log.csv``.
-
-Like fine-tuning, samples come from ``ssl3d.data.sampling.SeededSamples``, so a killed run resumed from its
-checkpoint replays the same batches.
+everything else is shared: the step loop with AMP, clipping, checkpoint/resume, per-step timing and memory is
+``ssl3d.engine.Engine``, the one fine-tuning and probing use too, so methods are compared under the same loop and the
+same clock. The timing charts read ``step_log.csv`` (data wait, forward, backward with the optimizer step and the
+method's ``after_step``, e.g. its EMA update; peak memory). A killed run resumed from its checkpoint replays the same
+batches (``ssl3d.data.sampling``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,13 +19,13 @@ import pandas as pd
 import torch
 from monai.transforms import Compose, RandSpatialCrop, SpatialPad
 from monai.utils import set_determinism
-from torch.utils.data import DataLoader
 
-from ssl3d.checkpoint import resume, save_checkpoint
+from ssl3d.checkpoint import save_checkpoint
 from ssl3d.data.cache import load_cached_case, read_index
 from ssl3d.data.sampling import SeededSamples
+from ssl3d.engine import Engine
 from ssl3d.io import atomic_path, read_json, write_json
-from ssl3d.manifest import peak_memory_mb, run_manifest
+from ssl3d.manifest import run_manifest
 from ssl3d.nets import build_network
 from ssl3d.pretrain.method import Method, make_config
 from ssl3d.pretrain.optim import build_optimizer, build_scheduler
@@ -89,11 +84,6 @@ def check_transfer(method: Method) -> dict:
     return report.as_dict()
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def pretrain(run_config: str | Path, out_dir: str | Path, device: str = "cpu", workers: int = 0,
              log_every: int = 10) -> Path:
     """Pre-train the run described by ``run_config`` into ``out_dir``; returns ``pretrained.pt``."""
@@ -111,57 +101,16 @@ def pretrain(run_config: str | Path, out_dir: str | Path, device: str = "cpu", w
     settings = method.config
     steps = spec["steps"]
     optimizer = build_optimizer(method, settings.optimizer)
-    scheduler = build_scheduler(optimizer, settings.scheduler, steps)
-    last = out_dir / "checkpoints" / "last.pt"
-    state = resume(last, run_id, {"method": method, "optimizer": optimizer, "scheduler": scheduler}, device,
-                   fresh={"step": 0, "rows": [], "seconds": 0.0})
-    resumed_from = state["step"]
+    engine = Engine(run_id, method, optimizer, build_scheduler(optimizer, settings.scheduler, steps), out_dir, steps,
+                    spec["checkpoint_every"], device, model_key="method", grad_clip=settings.grad_clip,
+                    workers=workers, log_every=log_every)
 
-    batch_size = settings.batch_size
-    samples = RegionViews(volumes, method, spec["seed"], steps * batch_size)
-    loader = DataLoader(samples, batch_size=batch_size, num_workers=workers,
-                        sampler=range(resumed_from * batch_size, steps * batch_size))
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    batches = iter(loader)
-    start = time.perf_counter()
-    for step in range(resumed_from + 1, steps + 1):
-        method.train()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        tick = time.perf_counter()
-        batch = {key: value.to(device, non_blocking=True) for key, value in next(batches).items()}
-        _synchronize(device)
-        loaded = time.perf_counter()
-        with autocast:
-            terms = method.loss_terms(batch)
-            loss = method.total_loss(terms)
-        _synchronize(device)
-        forwarded = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if settings.grad_clip:
-            torch.nn.utils.clip_grad_norm_(method.parameters(), settings.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        method.after_step(step, steps)
-        _synchronize(device)
-        done = time.perf_counter()
-        state["rows"].append({"step": step, "loss": loss.item(), **{f"loss_{k}": v.item() for k, v in terms.items()},
-                              "lr": scheduler.get_last_lr()[0], "data_s": loaded - tick,
-                              "forward_s": forwarded - loaded, "backward_s": done - forwarded,
-                              "peak_memory_mb": peak_memory_mb(device)})
-        state["step"] = step
-        elapsed = time.perf_counter() - start
-        if step % log_every == 0 or step == steps:
-            rate = (step - resumed_from) / elapsed
-            log.info("step %d/%d  loss %.4f  %.2f steps/s  ETA %.0f s", step, steps, loss.item(), rate,
-                     (steps - step) / rate)
-        if step % spec["checkpoint_every"] == 0 and step < steps:
-            save_checkpoint(last, {"run_id": run_id, "method": method.state_dict(),
-                                   "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                   "state": {**state, "seconds": state["seconds"] + elapsed}})
-    elapsed = time.perf_counter() - start
-    state["seconds"] += elapsed
+    def forward(batch: dict) -> tuple[torch.Tensor, dict]:
+        terms = method.loss_terms(batch)
+        return method.total_loss(terms), terms
+
+    samples = RegionViews(volumes, method, spec["seed"], steps * settings.batch_size)
+    state = engine.run(samples, settings.batch_size, forward, after_update=lambda step: method.after_step(step, steps))
 
     pretrained = out_dir / "pretrained.pt"
     save_checkpoint(pretrained, {
@@ -169,22 +118,15 @@ def pretrain(run_config: str | Path, out_dir: str | Path, device: str = "cpu", w
         "config": dataclasses.asdict(settings), "transfer": dataclasses.asdict(method.transfer),
         "state_dict": method.state_dict(),
     })
-    log_table = pd.DataFrame(state["rows"])
     with atomic_path(out_dir / "step_log.csv") as tmp:
-        log_table.to_csv(tmp, index=False)
-    timing = log_table.iloc[1:] if len(log_table) > 1 else log_table  # the first step pays one-off start-up costs
+        pd.DataFrame(state["rows"]).to_csv(tmp, index=False)
     write_json(out_dir / "manifest.json", run_manifest(
         spec, run_id, device,
         method_version=method.version,
         method_config=dataclasses.asdict(settings),
-        wall_seconds=round(state["seconds"], 2),
-        steps=steps,
-        resumed_from_step=resumed_from,
-        steps_per_second=round((steps - resumed_from) / elapsed, 3) if steps > resumed_from else None,
-        median_step_seconds={key: round(float(timing[key].median()), 5)
-                             for key in ("data_s", "forward_s", "backward_s")},
+        **engine.measurements(),
         transfer=transfer_report,
         pool_cases=len(volumes),
     ))
-    last.unlink(missing_ok=True)
+    engine.finish()
     return pretrained

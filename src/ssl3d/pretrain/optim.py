@@ -12,7 +12,7 @@ which breaks beside this torch build, and torchlars is an unmaintained CUDA exte
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -123,10 +123,9 @@ def build_optimizer(parameters_or_model, settings: dict) -> torch.optim.Optimize
                 trust_coefficient=settings.get("trust_coefficient", 0.001))
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
-                  final_lr_fraction: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
-    """BYOL's learning schedule: lr rises linearly from 0 (step 0) to the base lr at ``warmup_steps``, then
-    follows a half cosine down to ``final_lr_fraction * base_lr`` at ``total_steps`` and stays there."""
+def cosine_factor(total_steps: int, warmup_steps: int, final_lr_fraction: float = 0.0) -> Callable[[int], float]:
+    """BYOL's learning schedule as a factor on the base lr: it rises linearly from 0 (step 0) to 1 at
+    ``warmup_steps``, then follows a half cosine down to ``final_lr_fraction`` at ``total_steps`` and stays there."""
     if not 0 <= warmup_steps <= total_steps or total_steps <= 0:
         raise ValueError(f"warmup_cosine: need 0 <= warmup_steps ({warmup_steps}) <= total_steps ({total_steps}) "
                          "and total_steps > 0")
@@ -137,7 +136,13 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ste
         progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
         return final_lr_fraction + (1 - final_lr_fraction) * (1 + math.cos(math.pi * progress)) / 2
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return factor
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
+                  final_lr_fraction: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
+    """BYOL's learning schedule (:func:`cosine_factor`) on every parameter group of ``optimizer``."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_factor(total_steps, warmup_steps, final_lr_fraction))
 
 
 def _steps(settings: dict, field: str, total_steps: int, default: int | None = None) -> int:
@@ -153,18 +158,29 @@ def _steps(settings: dict, field: str, total_steps: int, default: int | None = N
     return default
 
 
+def lr_factor(settings: dict, total_steps: int) -> Callable[[int], float]:
+    """The schedule ``settings`` (as :func:`build_scheduler` reads it) as a function of the step: the factor on the
+    base lr after that many scheduler steps. Fine-tuning's ``frozen_then_finetune`` multiplies it by the backbone's
+    own factor in one ``LambdaLR`` (``ssl3d.finetune.protocols``)."""
+    name = _check_fields("scheduler", settings, _SCHEDULER_FIELDS)
+    if name == "cosine":
+        return cosine_factor(total_steps, _steps(settings, "warmup", total_steps, default=0),
+                             settings.get("final_lr_fraction", 0.0))
+    if name == "step":
+        if "gamma" not in settings:
+            raise ValueError("scheduler.gamma: missing (required by the step schedule)")
+        step_size, gamma = _steps(settings, "step", total_steps), settings["gamma"]
+        return lambda step: gamma ** (step // step_size)
+    return lambda step: 1.0
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, settings: dict, total_steps: int):
     """The per-step lr schedule ``settings["name"]``: ``cosine`` (:func:`warmup_cosine`; ``warmup_steps`` or
     ``warmup_fraction``, default 0; ``final_lr_fraction`` default 0), ``step`` (torch's ``StepLR``: lr times
     ``gamma`` every ``step_size`` steps or ``step_fraction`` of the run; Models Genesis uses gamma 0.5) or
     ``constant``."""
-    name = _check_fields("scheduler", settings, _SCHEDULER_FIELDS)
-    if name == "cosine":
-        return warmup_cosine(optimizer, total_steps, _steps(settings, "warmup", total_steps, default=0),
-                             settings.get("final_lr_fraction", 0.0))
-    if name == "step":
-        if "gamma" not in settings:
-            raise ValueError("scheduler.gamma: missing (required by the step schedule)")
+    factor = lr_factor(settings, total_steps)  # checks the fields
+    if settings["name"] == "step":  # torch's own, as pre-training has always used (same values up to rounding)
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=_steps(settings, "step", total_steps),
                                                gamma=settings["gamma"])
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

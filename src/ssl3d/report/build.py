@@ -10,10 +10,17 @@ list of attachments. The page's folder is still a ``report()`` output of the wor
 
 * ``index.html``: the page (the jinja2 template ``templates/report.html.j2``), linking everything below.
 * ``figures/<name>.png`` and ``.svg``: every figure of :mod:`ssl3d.report.figures`.
-* ``tables/``: ``summary``, ``leaderboard``, ``paper_tables`` (every published cell with ours beside it),
-  ``reproduction_status``, ``significance_<dataset>_<fraction>``, ``friedman`` and ``runs`` as CSV, and the
-  Markdown renderings of the summary, the leaderboard and each paper table.
+* ``tables/``: ``summary``, ``leaderboard`` (one per protocol, in one table with a protocol column),
+  ``paper_tables`` (every published cell with ours beside it), ``reproduction_status``,
+  ``significance_<dataset>_<fraction>``, ``friedman``, ``methods`` and ``runs`` as CSV, and the Markdown renderings
+  of the summary, the leaderboard and each paper table. The files of a protocol other than ``finetune`` name it
+  after their kind (``significance_probe_<dataset>_<fraction>``, ``label_efficiency_probe_<dataset>``).
 * ``manifests/<stage>/<run>.json``: the manifest of every run behind the numbers.
+
+What the report knows of methods comes from the registry (``ssl3d.pretrain.registry``): display names for tables and
+legends, the Methods section (description, paper, version), and the method-specific figures each method of the
+experiment declares (``Method.figures``, drawn by :data:`ssl3d.report.figures.METHOD_FIGURES`). Rows of different
+protocols are never ranked, tested or drawn together: every table, test and figure is per protocol.
 
 Which runs: the fine-tuning runs of the per-case table (a results folder also keeps runs of earlier configs, which
 the table no longer holds) and the pre-training runs they start from. The folder is built beside its destination
@@ -36,8 +43,9 @@ import pandas as pd
 
 from ssl3d import __version__
 from ssl3d.analysis.aggregate import SUMMARY_LEGEND, read_per_case, summarise, summary_blocks
-from ssl3d.analysis.stats import LOWER_IS_BETTER, case_values, friedman_nemenyi, significance_matrix
+from ssl3d.analysis.stats import LOWER_IS_BETTER, SCRATCH, case_values, friedman_nemenyi, significance_matrix
 from ssl3d.io import read_json, write_text
+from ssl3d.pretrain import registry
 from ssl3d.report import figures, tables
 from ssl3d.report.published import load_published, published_tables
 
@@ -45,7 +53,6 @@ log = logging.getLogger(__name__)
 
 __all__ = ["ExperimentResults", "ReportOptions", "build_report", "read_results", "reproduction_status", "run_table"]
 
-SCRATCH = "scratch"
 STAGES = ("pretrain", "finetune")
 TEMPLATE = "report.html.j2"
 
@@ -94,6 +101,21 @@ class ExperimentResults:
 
     def runs_of(self, stage: str) -> list[str]:
         return [run for run in self.run_dirs if run.startswith(f"{stage}/")]
+
+    def method_of(self) -> dict[str, str]:
+        """Pre-training entry (the init fine-tuning runs name) -> its method, from the pre-training manifests."""
+        return {m["config"].get("variant", m["config"]["method"]): m["config"]["method"]
+                for run, m in self.manifests.items() if run.startswith("pretrain/") and "method" in m["config"]}
+
+    def methods(self) -> list[str]:
+        """The registered methods of the experiment: pre-trained by its runs, or named as an init."""
+        found = [*self.method_of().values(), *self.per_case["init"]]
+        return [name for name in dict.fromkeys(found) if name in registry.methods()]
+
+    def titles(self) -> dict[str, str]:
+        """init (and method) -> its display name in tables and legends."""
+        return tables.init_titles([SCRATCH, *self.per_case["init"], *self.method_of(), *self.methods()],
+                                  self.method_of())
 
 
 def read_results(results_dir: str | Path) -> ExperimentResults:
@@ -161,11 +183,12 @@ def reproduction_status(cells: pd.DataFrame) -> pd.DataFrame:
     return counts.reindex([pair for pair in published_tables() if pair in counts.index]).reset_index()
 
 
-def _friedman_scores(board: pd.DataFrame) -> pd.DataFrame:
-    """Blocks (dataset × label fraction) × rows (``init (backbone)``) of the leaderboard's primary metric, keeping
-    the rows every block has (the Friedman test needs complete blocks)."""
+def _friedman_scores(board: pd.DataFrame, titles: Mapping[str, str]) -> pd.DataFrame:
+    """Blocks (dataset × label fraction) × rows (``name (backbone)``) of the leaderboard's primary metric, keeping
+    the rows every block has (the Friedman test needs complete blocks). Pass one protocol's leaderboard."""
     primary = board.attrs.get("metric_primary", "dice")
-    labelled = board.assign(row=board["init"] + " (" + board["backbone"] + ")")
+    labelled = board.assign(row=[f"{titles.get(init, init)} ({backbone})"
+                                 for init, backbone in zip(board["init"], board["backbone"])])
     scores = labelled.pivot_table(index=["dataset", "label_fraction"], columns="row", values=primary)
     return scores.dropna(axis=1)
 
@@ -182,14 +205,21 @@ class Figure:
     caption: str
 
 
-def _colours(per_case: pd.DataFrame) -> dict[str, str]:
-    """One colour per init for every figure: scratch first, then the inits in the order the table has them."""
-    inits = list(dict.fromkeys([SCRATCH, *per_case["init"]]))
-    return figures.init_colours(inits)
+def _colours(results: ExperimentResults) -> dict[str, str]:
+    """One colour per init for every figure: scratch first, then the inits in the order the table has them, then
+    pre-training entries and methods that no fine-tuning run names (pre-training figures show them)."""
+    method_of = results.method_of()
+    return figures.init_colours([SCRATCH, *results.per_case["init"], *method_of, *method_of.values()])
 
 
 def _slug(*parts) -> str:
     return "_".join(str(part).replace(".", "p").replace(" ", "_").replace("/", "_") for part in parts)
+
+
+def _stem(kind: str, protocol: str, *parts) -> str:
+    """The file stem of one protocol's figure or table: named like run names (``ssl3d.plan.finetune_runs``), with
+    the protocol only where it is not whole-network fine-tuning."""
+    return _slug(kind, *([] if protocol == "finetune" else [protocol]), *parts)
 
 
 def _representative_case(per_case: pd.DataFrame, dataset: str, fraction: float) -> str:
@@ -198,16 +228,17 @@ def _representative_case(per_case: pd.DataFrame, dataset: str, fraction: float) 
     return str(values.sort_values().index[(len(values) - 1) // 2])
 
 
-def _qualitative(results: ExperimentResults, dataset: str, out: Path, colours: Mapping[str, str]):
-    """Predictions of one representative test case by the first run (lowest subset, seed) of each row, at the
-    dataset's largest label fraction."""
+def _qualitative(results: ExperimentResults, protocol: str, dataset: str, out: Path, colours: Mapping[str, str],
+                 titles: Mapping[str, str]):
+    """Predictions of one representative test case by the first run (lowest subset, seed) of each row of one
+    protocol, at the dataset's largest label fraction."""
     import torch
 
     from ssl3d.data.cache import load_cached_case, read_index
     from ssl3d.evaluate.run import load_model
     from ssl3d.nets import predict_volume
 
-    rows = results.per_case[(results.per_case["dataset"] == dataset) & (results.per_case["protocol"] == "finetune")]
+    rows = results.per_case[(results.per_case["dataset"] == dataset) & (results.per_case["protocol"] == protocol)]
     fraction = float(rows["label_fraction"].max())
     rows = rows[np.isclose(rows["label_fraction"].astype(float), fraction)]
     case_id = _representative_case(rows, dataset, fraction)
@@ -222,12 +253,12 @@ def _qualitative(results: ExperimentResults, dataset: str, out: Path, colours: M
         if case is None:
             index = read_index(inputs["cache_index"])
             case = load_cached_case(index["dir"] / index["cases"][case_id]["file"])
-        name = f"{line.init} ({line.backbone})" if several else line.init
+        name = f"{titles[line.init]} ({line.backbone})" if several else titles[line.init]
         predictions[name] = predict_volume(model, case["image"], inference["roi_size"], inference["overlap"],
                                            inference["sw_batch_size"], torch.device("cpu"))
         panel_colours[name], classes = colours[line.init], checkpoint["classes"]
     files = figures.qualitative_slices(case["image"], case["label"], predictions, classes, out, colours=panel_colours)
-    return files, f"{dataset}: case {case_id}, label fraction {fraction:g}"
+    return files, f"{protocol} · {dataset}: case {case_id}, label fraction {fraction:g}"
 
 
 def _warmup(step_logs: Mapping[str, pd.DataFrame]) -> int:
@@ -235,74 +266,88 @@ def _warmup(step_logs: Mapping[str, pd.DataFrame]) -> int:
     return min(figures.WARMUP_STEPS, min(len(log) for log in step_logs.values()) // 2)
 
 
-def _region_size_table(results: ExperimentResults, warmup: int) -> pd.DataFrame | None:
-    """Timed HybridMIM steps by reconstruction size, where the experiment pre-trains HybridMIM with several sizes
-    on one backbone (the Table 4 / Fig. 6b ablation); None otherwise."""
-    timed = []
-    for run, manifest in results.manifests.items():
-        config = manifest["config"]
-        if config.get("method") != "hybridmim" or run not in results.step_logs:
+def _titled(label: str, titles: Mapping[str, str]) -> str:
+    """A row label of :func:`ssl3d.analysis.stats.significance_matrix` (``init`` or ``init (backbone)``) with the
+    init's display name."""
+    init, _, backbone = label.partition(" (")
+    return titles.get(init, init) + (f" ({backbone}" if backbone else "")
+
+
+def _method_figures(results: ExperimentResults, inputs: figures.FigureInputs, out: Path, add) -> None:
+    """The figures each method of the experiment declares (``Method.figures``), where the experiment has their
+    data; a name the figure registry lacks is an error naming the method."""
+    known = registry.methods()
+    for method in results.methods():
+        for name in known[method].figures:
+            if name not in figures.METHOD_FIGURES:
+                raise ValueError(f"method {method!r} declares figure {name!r}; report figures: "
+                                 f"{', '.join(figures.METHOD_FIGURES)}")
+            figure = figures.METHOD_FIGURES[name]
+            files = figure.draw(method, inputs, out / _slug(method, name))
+            if files is not None:
+                add(figure.section, figure.title.format(method=inputs.titles.get(method, method)), files)
+
+
+def _significance(per_case: pd.DataFrame, board: pd.DataFrame, out: Path, titles: Mapping[str, str], add) -> dict:
+    """Per protocol: the pairwise matrix of each dataset × label fraction, and the Friedman test across them
+    (protocol -> its result, where there are enough blocks and rows)."""
+    friedman = {}
+    for (protocol, dataset, fraction), block in board.groupby(tables.BLOCK, sort=False):
+        if len(block) < 2:
             continue
-        size = (manifest.get("method_config") or {}).get("reconstruction_size") or config.get("patch_size", [0])[0]
-        steps = figures.timed_steps(results.step_logs[run], manifest, warmup, run)
-        timed.append(pd.DataFrame({"backbone": config["backbone"]["name"], "region_size": int(size),
-                                   "seconds": steps["total_s"]}))
-    if not timed:
-        return None
-    table = pd.concat(timed, ignore_index=True)
-    sizes = table.groupby("backbone")["region_size"].nunique()
-    if sizes.max() < 2:
-        return None
-    return table[table["backbone"] == sizes.idxmax()]
+        stem = _stem("significance", protocol, dataset, f"{fraction:g}")
+        matrix = significance_matrix(per_case[per_case["protocol"] == protocol], dataset, fraction)
+        matrix.to_csv(out.parent / "tables" / f"{stem}.csv")
+        if matrix.notna().any().any():  # else no pair could be tested (the leaderboard's legend says why)
+            labels = {label: _titled(label, titles) for label in matrix.index}
+            add("Significance", f"{protocol} · {dataset} · label fraction {fraction:g}",
+                figures.significance_heatmap(matrix.rename(index=labels, columns=labels), out=out / stem))
+    for protocol, one in board.groupby("protocol", sort=False):
+        scores = _friedman_scores(one, titles)
+        if scores.shape[0] >= 2 and scores.shape[1] >= 3:
+            friedman[protocol] = friedman_nemenyi(scores, higher_is_better=board.attrs.get("metric_primary", "dice")
+                                                  not in LOWER_IS_BETTER)
+            add("Significance", f"{protocol} · across datasets and label fractions",
+                figures.critical_difference(friedman[protocol], out=out / _stem("critical_difference", protocol)))
+    return friedman
 
 
 def _figures(results: ExperimentResults, board: pd.DataFrame, out: Path) -> tuple[list[Figure], dict]:
-    """Every figure the results allow, with the Friedman result when there is one."""
+    """Every figure the results allow, each of one protocol, with the Friedman result per protocol."""
     out.mkdir(parents=True, exist_ok=True)
-    colours = _colours(results.per_case)
+    colours, titles = _colours(results), results.titles()
+    per_case = results.per_case
     made: list[Figure] = []
 
     def add(section: str, title: str, files: figures.FigureFiles) -> None:
         made.append(Figure(section, title, f"figures/{files.png.name}", f"figures/{files.svg.name}",
                            files.caption))
 
-    finetune = results.per_case[results.per_case["protocol"] == "finetune"]
-    for dataset in finetune["dataset"].unique():
-        add("Label efficiency", dataset, figures.label_efficiency(
-            finetune, dataset, out=out / _slug("label_efficiency", dataset), colours=colours))
-    for (dataset, fraction), block in board.groupby(["dataset", "label_fraction"], sort=False):
-        if len(block) < 2:
-            continue
-        stem = _slug("significance", dataset, f"{fraction:g}")
-        matrix = significance_matrix(finetune, dataset, fraction)
-        matrix.to_csv(out.parent / "tables" / f"{stem}.csv")
-        if matrix.notna().any().any():  # else no pair could be tested (the leaderboard's legend says why)
-            add("Significance", f"{dataset} · label fraction {fraction:g}",
-                figures.significance_heatmap(matrix, out=out / stem))
-    friedman = {}
-    scores = _friedman_scores(board)
-    if scores.shape[0] >= 2 and scores.shape[1] >= 3:
-        friedman = friedman_nemenyi(scores, higher_is_better=board.attrs.get("metric_primary", "dice")
-                                    not in LOWER_IS_BETTER)
-        add("Significance", "across datasets and label fractions",
-            figures.critical_difference(friedman, out=out / "critical_difference"))
+    settings = per_case[["protocol", "dataset"]].drop_duplicates()
+    for protocol, dataset in settings.itertuples(index=False):
+        add("Label efficiency", f"{protocol} · {dataset}", figures.label_efficiency(
+            per_case, dataset, protocol=protocol, out=out / _stem("label_efficiency", protocol, dataset),
+            colours=colours, titles=titles))
+    friedman = _significance(per_case, board, out, titles, add)
     if results.step_logs:
         warmup = _warmup(results.step_logs)
         step_manifests = {run: results.manifests[run] for run in results.step_logs}
         add("Pre-training cost", "time and memory per step", figures.pretrain_step_times(
-            results.step_logs, step_manifests, out=out / "pretrain_step_times", colours=colours, warmup=warmup))
-        region = _region_size_table(results, warmup)
-        if region is not None:
-            add("Pre-training cost", "HybridMIM time per step against reconstruction size (Fig. 6b)",
-                figures.region_size_curve(region, out=out / "hybridmim_region_size", colours=colours))
-    logs = pd.DataFrame([{"run": run, "dataset": m["config"]["dataset"], "fraction": m["config"]["label_fraction"]}
+            results.step_logs, step_manifests, out=out / "pretrain_step_times", colours=colours, titles=titles,
+            warmup=warmup))
+        inputs = figures.FigureInputs(per_case, results.manifests, results.step_logs, warmup, colours, titles)
+        _method_figures(results, inputs, out, add)
+    logs = pd.DataFrame([{"run": run, "protocol": m["config"].get("protocol", "finetune"),
+                          "dataset": m["config"]["dataset"], "fraction": m["config"]["label_fraction"]}
                          for run, m in results.manifests.items() if run in results.train_logs])
-    for (dataset, fraction), runs in (logs.groupby(["dataset", "fraction"], sort=False) if len(logs) else []):
-        add("Training curves", f"{dataset} · label fraction {fraction:g}", figures.training_curves(
+    for (protocol, dataset, fraction), runs in (logs.groupby(["protocol", "dataset", "fraction"], sort=False)
+                                                if len(logs) else []):
+        add("Training curves", f"{protocol} · {dataset} · label fraction {fraction:g}", figures.training_curves(
             {run: results.train_logs[run] for run in runs["run"]}, results.manifests,
-            out=out / _slug("training_curves", dataset, f"{fraction:g}"), colours=colours))
-    for dataset in finetune["dataset"].unique():
-        files, title = _qualitative(results, dataset, out / _slug("qualitative", dataset), colours)
+            out=out / _stem("training_curves", protocol, dataset, f"{fraction:g}"), colours=colours, titles=titles))
+    for protocol, dataset in settings.itertuples(index=False):
+        files, title = _qualitative(results, protocol, dataset, out / _stem("qualitative", protocol, dataset),
+                                    colours, titles)
         add("Qualitative", title, files)
     return made, friedman
 
@@ -323,6 +368,14 @@ def _paper_sections(cells: pd.DataFrame) -> list[dict]:
                          "markdown": f"tables/{_slug('paper', paper, table)}.md",
                          "notes": tables.method_footnotes(lines["init"])})
     return sections
+
+
+def _leaderboard_sections(board: pd.DataFrame, titles: Mapping[str, str]) -> list[tuple[str, list]]:
+    """The leaderboard for the page: per protocol, its (title, table) per dataset × label fraction."""
+    sections: dict[str, list] = {}
+    for protocol, title, block in tables.leaderboard_blocks(board, titles):
+        sections.setdefault(protocol, []).append((title, _html(block)))
+    return list(sections.items())
 
 
 def _records(runs: pd.DataFrame) -> list[dict]:
@@ -360,6 +413,9 @@ def build_report(results_dir: str | Path, out_dir: str | Path, options: ReportOp
         table_dir = build / "tables"
         table_dir.mkdir()
         summary = summarise(results.per_case)
+        titles = results.titles()
+        titled_summary = summary.assign(init=summary["init"].map(lambda init: titles.get(init, init)))
+        method_list = tables.methods_table(results.per_case["init"], results.method_of())
         board = tables.leaderboard(results.per_case, results.by_run_id(), n_resamples=options.n_resamples)
         progress("leaderboard")
         published = load_published()
@@ -374,28 +430,33 @@ def build_report(results_dir: str | Path, out_dir: str | Path, options: ReportOp
         progress(f"{len(made)} figures")
 
         _write_tables(table_dir, {"summary": summary, "leaderboard": board, "paper_tables": cells,
-                                  "reproduction_status": status, "runs": runs})
-        write_text(table_dir / "leaderboard.md", tables.leaderboard_markdown(board))
+                                  "reproduction_status": status, "methods": method_list, "runs": runs})
+        write_text(table_dir / "leaderboard.md", tables.leaderboard_markdown(board, titles))
         for (paper, table), lines in cells.groupby(["paper", "table"], sort=False):
             write_text(table_dir / f"{_slug('paper', paper, table)}.md", tables.paper_table_markdown(lines))
         if friedman:
-            ranks = friedman["ranks"].rename("average_rank").rename_axis("row").reset_index()
-            _write_tables(table_dir, {"friedman": ranks.assign(cd=friedman["cd"], p=friedman["p"])})
+            _write_tables(table_dir, {"friedman": pd.concat([
+                result["ranks"].rename("average_rank").rename_axis("row").reset_index()
+                .assign(protocol=protocol, cd=result["cd"], p=result["p"]) for protocol, result in friedman.items()],
+                ignore_index=True)})
         for run, folder in results.run_dirs.items():
             target = build / "manifests" / f"{run}.json"
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(folder / "manifest.json", target)
 
+        # escape every text not marked safe (a ".html.j2" name is not escaped by default): method descriptions are
+        # the docstrings of whatever methods are installed
         template = jinja2.Environment(loader=jinja2.PackageLoader("ssl3d.report", "templates"),
-                                      autoescape=jinja2.select_autoescape(), undefined=jinja2.StrictUndefined)
+                                      autoescape=jinja2.select_autoescape(["html", "j2"]),
+                                      undefined=jinja2.StrictUndefined)
         page = template.get_template(TEMPLATE).render(
             experiment=results.name, tier=tables.TIERS[options.tier], version=__version__,
             environment=_environment(runs), skipped=results.skipped,
             summary_legend=SUMMARY_LEGEND, summary=[(title, runs_text, [(metric, _html(t)) for metric, t in blocks])
-                                                    for title, runs_text, blocks in summary_blocks(summary)],
-            leaderboard_legend=tables.leaderboard_legend(board),
-            leaderboard=[(title, _html(block)) for title, block in tables.leaderboard_blocks(board)],
-            friedman=friedman, paper_legend=tables.PAPER_TABLE_LEGEND, papers=_paper_sections(cells),
+                                                    for title, runs_text, blocks in summary_blocks(titled_summary)],
+            leaderboard_legend=tables.leaderboard_legend(board), leaderboard=_leaderboard_sections(board, titles),
+            friedman=friedman, methods=method_list.to_dict("records"), paper_legend=tables.PAPER_TABLE_LEGEND,
+            papers=_paper_sections(cells),
             status=_html(status), figures=made, sections=list(dict.fromkeys(f.section for f in made)),
             run_columns=list(runs.columns), runs=_records(runs))
         write_text(build / "index.html", page)

@@ -6,6 +6,8 @@ paragraph caption for the HTML report, and the (closed) matplotlib figure, whose
 
 Conventions shared by all figures:
 
+* **Names**: figures label inits by their display names where the caller passes ``titles`` (init -> name; the report
+  passes the registry's, :func:`ssl3d.report.tables.init_titles`), else by the init.
 * **Colours** belong to inits (a pre-training entry, or ``scratch``): :func:`init_colours` maps names to colours,
   ``scratch`` always grey. Each figure takes ``colours=``; the report passes one map built from the experiment's
   ``finetune.inits`` so that an init has the same colour everywhere. Without it a figure builds the map from the
@@ -18,13 +20,18 @@ Conventions shared by all figures:
 * **Timings** skip the first :data:`WARMUP_STEPS` steps of each run (and of each resume): they pay for CUDA
   context and kernel selection, allocator growth and data-loader start-up, not for the method.
 * SVGs keep text as text (searchable, editable) and are byte-for-byte reproducible (fixed hash salt, no date).
+
+Method-specific figures (:data:`METHOD_FIGURES`) are registered here by name and declared by methods
+(``Method.figures``, e.g. HybridMIM's ``("region_size_curve",)``): the report draws, for every method of an
+experiment, the figures it declares, from the experiment's data (:class:`FigureInputs`), and skips one whose data the
+experiment does not have. A new method figure is a function here and a name in the method's ``figures``.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,14 +49,14 @@ from matplotlib.ticker import MaxNLocator, NullLocator  # noqa: E402
 from scipy import stats  # noqa: E402
 
 from ssl3d.analysis.aggregate import METRIC_TITLES, per_run_means  # noqa: E402
-from ssl3d.analysis.stats import MIN_PAIRS, format_p  # noqa: E402
+from ssl3d.analysis.stats import LOWER_IS_BETTER, MIN_PAIRS, SCRATCH, format_p  # noqa: E402
 from ssl3d.io import atomic_path  # noqa: E402
 
-__all__ = ["DPI", "SCRATCH", "SCRATCH_COLOUR", "WARMUP_STEPS", "FigureFiles", "backbone_styles",
-           "critical_difference", "init_colours", "label_efficiency", "pretrain_step_times", "qualitative_slices",
-           "region_size_curve", "significance_heatmap", "timed_steps", "training_curves"]
+__all__ = ["DPI", "METHOD_FIGURES", "SCRATCH_COLOUR", "WARMUP_STEPS", "FigureFiles", "FigureInputs", "MethodFigure",
+           "backbone_styles", "critical_difference", "init_colours", "label_efficiency", "method_figure",
+           "pretrain_step_times", "qualitative_slices", "region_size_curve", "region_size_table",
+           "significance_heatmap", "timed_steps", "training_curves"]
 
-SCRATCH = "scratch"
 SCRATCH_COLOUR = "#7f7f7f"
 # tab10 then tab20's light partners, greys removed (grey is scratch's)
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf",
@@ -62,7 +69,6 @@ CONFIDENCE = 0.95
 WARMUP_STEPS = 10
 METRIC_RANGES = {"dice": (0.0, 1.0), "iou": (0.0, 1.0), "nsd": (0.0, 1.0), "hd95": (0.0, math.inf)}
 DPI = 150
-LOWER_IS_BETTER = {"hd95"}
 # Parts of a pre-training step (step_log.csv columns), drawn as stacked segments in the init's colour
 STEP_PARTS = (("data_s", "data wait", {"alpha": 0.35, "hatch": "///"}),
               ("forward_s", "forward (views to loss)", {"alpha": 0.65}),
@@ -121,8 +127,9 @@ def _ordered_groups(frame: pd.DataFrame, colours: Mapping[str, str]) -> list[tup
     return sorted(frame.groupby(["init", "backbone"], sort=False), key=lambda item: (order[item[0][0]], item[0][1]))
 
 
-def _label(init: str, backbone: str, styles: Mapping[str, dict]) -> str:
-    return f"{init} ({backbone})" if len(styles) > 1 else init
+def _label(init: str, backbone: str, styles: Mapping[str, dict], titles: Mapping[str, str] | None = None) -> str:
+    name = (titles or {}).get(init, init)
+    return f"{name} ({backbone})" if len(styles) > 1 else name
 
 
 def _subplots(ncols: int, width: float, height: float = 3.4) -> tuple[Figure, np.ndarray]:
@@ -206,7 +213,7 @@ def _range_text(counts: pd.Series) -> str:
 @_styled
 def label_efficiency(per_case: pd.DataFrame, dataset: str, metric: str = "dice", out: str | Path = "label_efficiency",
                      *, target: str = "mean", protocol: str = "finetune", colours: Mapping[str, str] | None = None,
-                     dpi: int = DPI) -> FigureFiles:
+                     titles: Mapping[str, str] | None = None, dpi: int = DPI) -> FigureFiles:
     """How much each init gains as labels get scarce, and whether the gain over scratch exceeds run-to-run noise.
 
     Left: the metric (each run's mean over test cases, for ``target``; ``mean`` is the run's mean over targets)
@@ -232,10 +239,10 @@ def label_efficiency(per_case: pd.DataFrame, dataset: str, metric: str = "dice",
     fig, (ax, ax_delta) = _subplots(2, width=9.5)
     low, high = METRIC_RANGES.get(metric, (-math.inf, math.inf))
     for (init, backbone), line in _ordered_groups(summary, colours):
-        _ci_line(ax, line, colours[init], styles[backbone], _label(init, backbone, styles), (low, high))
+        _ci_line(ax, line, colours[init], styles[backbone], _label(init, backbone, styles, titles), (low, high))
     if not delta_summary.empty:
         for (init, backbone), line in _ordered_groups(delta_summary, colours):
-            _ci_line(ax_delta, line, colours[init], styles[backbone], _label(init, backbone, styles),
+            _ci_line(ax_delta, line, colours[init], styles[backbone], _label(init, backbone, styles, titles),
                      (low - high, high - low))
     ax_delta.axhline(0, color="0.3", linewidth=0.8, linestyle="--")
     fractions = np.sort(runs["label_fraction"].unique())
@@ -255,7 +262,8 @@ def label_efficiency(per_case: pd.DataFrame, dataset: str, metric: str = "dice",
                f"and seed, mean and 95% t-interval; {better} is better, and a band clear of the dashed zero line is a "
                f"difference beyond run-to-run noise.")
     if unpaired:
-        caption += f" No scratch run to pair with on their backbone: {', '.join(unpaired)}."
+        names = [(titles or {}).get(init, init) for init in unpaired]
+        caption += f" No scratch run to pair with on their backbone: {', '.join(names)}."
     return _save(fig, out, caption, dpi)
 
 
@@ -277,7 +285,8 @@ def timed_steps(log: pd.DataFrame, manifest: dict, warmup: int, run: str) -> pd.
 @_styled
 def pretrain_step_times(step_logs: Mapping[str, pd.DataFrame], manifests: Mapping[str, dict],
                         out: str | Path = "pretrain_step_times", *, warmup: int = WARMUP_STEPS,
-                        colours: Mapping[str, str] | None = None, dpi: int = DPI) -> FigureFiles:
+                        colours: Mapping[str, str] | None = None, titles: Mapping[str, str] | None = None,
+                        dpi: int = DPI) -> FigureFiles:
     """What a pre-training step costs per method and backbone, where the time goes, and how much memory it needs.
 
     Left: median time per step, stacked as data wait, forward and backward (with the optimizer step); the whiskers
@@ -302,7 +311,7 @@ def pretrain_step_times(step_logs: Mapping[str, pd.DataFrame], manifests: Mappin
                                 fmt="o", color="black", markersize=3, capsize=3, linewidth=1,
                                 label="whole step: median, IQR")
     ax_memory.bar(x, [group["peak_memory_mb"].max() for _, group in groups], color=bar_colours)
-    labels = [f"{init}\n{backbone}" for (init, backbone), _ in groups]
+    labels = [f"{(titles or {}).get(init, init)}\n{backbone}" for (init, backbone), _ in groups]
     for axis in (ax_time, ax_memory):
         axis.set_xticks(x, labels=labels, rotation=30, ha="right")
         axis.grid(axis="x", visible=False)
@@ -325,14 +334,16 @@ def pretrain_step_times(step_logs: Mapping[str, pd.DataFrame], manifests: Mappin
 
 @_styled
 def region_size_curve(table: pd.DataFrame, out: str | Path = "hybridmim_region_size", *, full_size: int | None = None,
-                      init: str = "hybridmim", colours: Mapping[str, str] | None = None, dpi: int = DPI) -> FigureFiles:
+                      init: str = "hybridmim", colours: Mapping[str, str] | None = None, title: str | None = None,
+                      dpi: int = DPI) -> FigureFiles:
     """How much partial-region reconstruction saves in a HybridMIM step (HybridMIM, Fig. 6b).
 
     ``table`` has one row per timed step: ``region_size`` (edge of the reconstructed cube, voxels) and
     ``seconds`` (that step's time), as ``benchmarks/hybridmim_region_size.py`` measures them; one row per size
     (its median) also works, without spread. ``full_size`` is the full-volume reconstruction (the crop's edge;
     default: the largest size). Points are medians with interquartile whiskers, each region annotated with
-    full-volume time / region time: the speed-up partial reconstruction buys.
+    full-volume time / region time: the speed-up partial reconstruction buys. ``title``: the method's display
+    name (default ``init``).
     """
     quartiles = table.groupby("region_size")["seconds"].quantile([0.25, 0.5, 0.75]).unstack() * 1000
     sizes, (q25, median, q75) = quartiles.index.to_numpy(), quartiles.to_numpy().T
@@ -341,6 +352,7 @@ def region_size_curve(table: pd.DataFrame, out: str | Path = "hybridmim_region_s
         raise ValueError(f"full_size {full_size} is not a region size of the table ({', '.join(map(str, sizes))})")
     colour = _colours(colours, [init])[init]
     full = median[sizes == full_size][0]
+    name = title or init
 
     fig, (ax,) = _subplots(1, width=5.5)
     ax.errorbar(sizes, median, yerr=[median - q25, q75 - median], fmt="-o", color=colour, markersize=4, capsize=3,
@@ -354,12 +366,12 @@ def region_size_curve(table: pd.DataFrame, out: str | Path = "hybridmim_region_s
     ax.set_xticks(sizes, labels=[f"{size}³" for size in sizes])
     ax.set_ylim(bottom=0)
     ax.margins(x=0.08)
-    ax.set(title=f"{init}: time per step against reconstruction size", xlabel="reconstructed region (voxels)",
+    ax.set(title=f"{name}: time per step against reconstruction size", xlabel="reconstructed region (voxels)",
            ylabel="time per step (ms)")
     ax.legend(loc="upper left")
 
     speedups = {size: full / value for size, value in zip(sizes, median) if size != full_size}
-    caption = (f"Time per {init} pre-training step against the size of the reconstructed region: median and "
+    caption = (f"Time per {name} pre-training step against the size of the reconstructed region: median and "
                f"interquartile range over the timed steps; the star is full-volume reconstruction ({full_size}³). "
                f"Labels: full-volume time / region time")
     if speedups:
@@ -368,10 +380,81 @@ def region_size_curve(table: pd.DataFrame, out: str | Path = "hybridmim_region_s
     return _save(fig, out, caption + ".", dpi)
 
 
+# --- method-specific figures ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FigureInputs:
+    """What a method's figure may read of an experiment: its per-case table, the manifests and pre-training step
+    logs of its runs (keyed ``<stage>/<run>``), the warm-up to skip in timings, and the report's colours and
+    display names (init -> colour, init -> name)."""
+
+    per_case: pd.DataFrame
+    manifests: Mapping[str, dict]
+    step_logs: Mapping[str, pd.DataFrame]
+    warmup: int
+    colours: Mapping[str, str]
+    titles: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class MethodFigure:
+    """A figure a method can declare: the report section it goes in, its title (``{method}``: the method's display
+    name) and ``draw(method, inputs, out)``, which returns the files, or None where the experiment lacks its data."""
+
+    section: str
+    title: str
+    draw: Callable[[str, FigureInputs, Path], FigureFiles | None]
+
+
+METHOD_FIGURES: dict[str, MethodFigure] = {}
+
+
+def method_figure(name: str, section: str, title: str):
+    """Register the decorated ``draw(method, inputs, out)`` as the method figure ``name``."""
+    def register(draw):
+        METHOD_FIGURES[name] = MethodFigure(section, title, draw)
+        return draw
+    return register
+
+
+def region_size_table(manifests: Mapping[str, dict], step_logs: Mapping[str, pd.DataFrame], warmup: int,
+                      method: str = "hybridmim") -> pd.DataFrame | None:
+    """Timed steps of ``method``'s pre-training runs by reconstruction size (columns backbone, region_size, seconds),
+    where the experiment pre-trains it with several sizes on one backbone (HybridMIM's Table 4 / Fig. 6b ablation;
+    the backbone with most sizes); None otherwise. A run without ``reconstruction_size`` reconstructs its whole
+    crop (``patch_size``)."""
+    timed = []
+    for run, manifest in manifests.items():
+        config = manifest["config"]
+        if config.get("method") != method or run not in step_logs:
+            continue
+        size = (manifest.get("method_config") or {}).get("reconstruction_size") or config.get("patch_size", [0])[0]
+        steps = timed_steps(step_logs[run], manifest, warmup, run)
+        timed.append(pd.DataFrame({"backbone": config["backbone"]["name"], "region_size": int(size),
+                                   "seconds": steps["total_s"]}))
+    if not timed:
+        return None
+    table = pd.concat(timed, ignore_index=True)
+    sizes = table.groupby("backbone")["region_size"].nunique()
+    if sizes.max() < 2:
+        return None
+    return table[table["backbone"] == sizes.idxmax()]
+
+
+@method_figure("region_size_curve", "Pre-training cost",
+               "{method} time per step against reconstruction size (HybridMIM, Fig. 6b)")
+def _region_size_figure(method: str, inputs: FigureInputs, out: Path) -> FigureFiles | None:
+    table = region_size_table(inputs.manifests, inputs.step_logs, inputs.warmup, method)
+    if table is None:
+        return None
+    return region_size_curve(table, out=out, init=method, colours=inputs.colours,
+                             title=inputs.titles.get(method, method))
+
+
 @_styled
 def training_curves(train_logs: Mapping[str, pd.DataFrame], manifests: Mapping[str, dict],
                     out: str | Path = "training_curves", *, colours: Mapping[str, str] | None = None,
-                    dpi: int = DPI) -> FigureFiles:
+                    titles: Mapping[str, str] | None = None, dpi: int = DPI) -> FigureFiles:
     """Whether an init converges faster or higher than scratch, and how much seeds disagree along the way.
 
     ``train_logs`` and ``manifests`` map run names to each fine-tuning run's ``train_log.csv`` and
@@ -405,7 +488,7 @@ def training_curves(train_logs: Mapping[str, pd.DataFrame], manifests: Mapping[s
                 axis.plot(one["step"], one[column], linewidth=0.7, alpha=0.4, **style)
             mean = points.groupby("step")[column].mean()
             axis.plot(mean.index, mean.to_numpy(), linewidth=2, marker=marker, markersize=4,
-                      label=_label(init, backbone, styles), **style)
+                      label=_label(init, backbone, styles, titles), **style)
     for axis in (ax_loss, ax_dice):
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_loss.set(title="fine-tuning loss", xlabel="step", ylabel="training loss (Dice + cross-entropy)")

@@ -9,13 +9,16 @@
 - ``dataset``: a key of the dataset registry (``ssl3d.data.registry``), e.g. btcv, msd_liver, brats2020, amos_mri.
 - ``method``: the row label as printed, without its citation marker ("MG [39]" -> "MG"); where the extraction lost
   the label, the label the inference gives (see ``inferred``).
-- ``init``: the suite's init name for that row (scratch, hybridmim, models_genesis, byol, unetformer_mim,
-  swinunetr_ssl), empty where the suite has none (PGL, TransVW, vox2vec, HDSSL).
+- ``init``: the suite's init name for that row: ``scratch`` or the ``name`` of a registered method
+  (``ssl3d.pretrain.registry``); empty where the suite has none (PGL, TransVW, vox2vec, HDSSL), which the paper
+  tables call "method not implemented". The methods a table names are this data (``method``); the methods the
+  suite implements are the registry's, so a row is tied to a method by filling its init once the method exists.
 - ``backbone``: the suite's backbone name where there is one (segresnet, unetr, swinunetr, hybridmim_unet,
   genesis_unet3d), else the paper's network in a few words (unetformer, resnet50_aspp, fpn3d).
 - ``setting``: what the row or column means beyond the method (pre-training mode, loss terms, label share, number of
-  training scans, linear or fine-tuning), a short string; ``label_fraction``: the share of the training labels,
-  where meaningful (empty for pre-training speed).
+  training scans, linear or fine-tuning), a short string; its first ``;``-part names the protocol where the paper
+  has several (:func:`protocol_of`); ``label_fraction``: the share of the training labels, where meaningful (empty
+  for pre-training speed).
 - ``target``: the registry's label (or BraTS region) name, or ``avg`` for the paper's mean over targets; empty for
   a speed.
 - ``metric``: dice, iou, hd95 (the paper says HD95), hd (the paper says Hausdorff distance, percentile not stated),
@@ -25,7 +28,8 @@
 - ``inferred``: empty, or ``;``-separated keys of ``published/INFERENCES.md`` naming each inference the row depends
   on (a lost table caption, column header or row label, and how the prose pins it).
 
-``load_published`` reads and validates the files; ``published_tables`` lists the tables they hold.
+``load_published`` reads and validates the files; ``published_tables`` lists the tables they hold; ``implemented``
+says whether the suite has a row's init and ``protocol_of`` which protocol its number was measured under.
 """
 
 from __future__ import annotations
@@ -38,12 +42,14 @@ from importlib import resources
 
 import pandas as pd
 
+from ssl3d.analysis.stats import SCRATCH
+from ssl3d.pretrain import registry
+
 COLUMNS = ("paper", "table", "dataset", "method", "init", "backbone", "setting", "label_fraction", "target",
            "metric", "value", "scale", "pm", "source_line", "inferred")
 PAPERS = ("hybridmim", "pgl", "hdssl")
 # the paper's .txt in ../shared/papers for each CSV
 PAPER_TEXTS = {"hybridmim": "hybridmim.txt", "pgl": "pgl.txt", "hdssl": "dense-hierarchical-ssl.txt"}
-INITS = ("scratch", "hybridmim", "models_genesis", "byol", "unetformer_mim", "swinunetr_ssl")
 # metric -> the scales it may be printed in
 METRICS = {"dice": ("percent", "fraction"), "iou": ("percent", "fraction"), "nsd": ("percent", "fraction"),
            "hd95": ("mm",), "hd": ("mm",), "time_per_step_s": ("s",)}
@@ -51,6 +57,12 @@ SCALES = ("percent", "fraction", "mm", "s")
 _TABLE = re.compile(r"^(Table|Figure) [1-9][0-9]*$")
 _KEYS = re.compile(r"^[a-z0-9_]+(;[a-z0-9_]+)*$")
 _REQUIRED = ("paper", "table", "dataset", "method", "setting", "metric", "value", "scale", "source_line")
+# The protocol of a published number, by the first ";"-part of its setting. Only HDSSL reports several (§3.2):
+# "linear" evaluation trains a linear head on the frozen backbone (our probe), and its "fine-tuning" freezes the
+# backbone for 15K steps before training it too (our frozen_then_finetune). Every other setting, HDSSL's "from
+# scratch" included (trained end to end, methods.md §4.8), is whole-network fine-tuning.
+SETTING_PROTOCOLS = {"linear": "probe", "fine-tuning": "frozen_then_finetune"}
+DEFAULT_PROTOCOL = "finetune"
 
 
 class PublishedSchemaError(ValueError):
@@ -65,6 +77,17 @@ def _folder():
 def _datasets() -> frozenset[str]:
     from ssl3d.data.registry import load_registry
     return frozenset(load_registry())
+
+
+def implemented(init: str) -> bool:
+    """Whether the suite has a published row's init: scratch, or a method of the registry (empty: no init)."""
+    return init == SCRATCH or init in registry.methods()
+
+
+def protocol_of(setting: str) -> str:
+    """The protocol a published number was measured under (``SETTING_PROTOCOLS``), so that it is compared with our
+    runs of that protocol only."""
+    return SETTING_PROTOCOLS.get(setting.split(";")[0].strip(), DEFAULT_PROTOCOL)
 
 
 def _number(text: str) -> float | None:
@@ -104,8 +127,9 @@ def validate_rows(name: str, header: list[str], rows: list[dict[str, str]], pape
             fail("table", "want 'Table N' or 'Figure N'")
         if row["dataset"] not in _datasets():
             fail("dataset", "not a dataset registry key")
-        if row["init"] and row["init"] not in INITS:
-            fail("init", f"not empty nor one of {INITS}")
+        if row["init"] and not implemented(row["init"]):
+            fail("init", f"neither empty, {SCRATCH!r} nor a registered method ({', '.join(registry.methods())}); "
+                         "leave it empty for a method the suite does not implement")
         if row["metric"] not in METRICS:
             fail("metric", f"not one of {tuple(METRICS)}")
         if row["scale"] not in SCALES:

@@ -1,6 +1,6 @@
 """Reproduced versus published: each paper table in its own layout with our numbers beside the paper's, and the
-leaderboard of every init under one protocol. Both are DataFrames in long form (one line per cell, or per ranked
-row); the ``*_markdown`` functions render them, and writing CSV is the caller's job.
+leaderboard of every init, ranked within each protocol. Both are DataFrames in long form (one line per cell, or per
+ranked row); the ``*_markdown`` functions render them, and writing CSV is the caller's job.
 
 Paper tables (:func:`paper_table`)
     One line per published cell of the table (``report/published/<paper>.csv``). ``row`` numbers the printed rows
@@ -8,7 +8,10 @@ Paper tables (:func:`paper_table`)
     both in order of first appearance in the published file, so the paper's grid is kept even for cells we have no
     number for; :func:`paper_table_markdown` pivots the lines back into that grid.
 
-Matching a published cell to our per-case rows (those of one ``protocol``, ``finetune`` by default)
+Matching a published cell to our per-case rows
+    - protocol: equal to the one the cell's table reports (:func:`ssl3d.report.published.protocol_of`: HDSSL's
+      linear evaluation is our ``probe``, its fine-tuning our ``frozen_then_finetune``, every other published
+      number ``finetune``), so a number is never compared with runs of another protocol.
     - dataset: equal.
     - init: our init equals the published one (a method name or ``scratch``). An experiment entry named otherwise
       (``hybridmim_unet`` is HybridMIM on its UNet) is tied to a published init by ``aliases``: our init -> the
@@ -39,17 +42,22 @@ Numbers of a cell
     centre can differ slightly from ``ours`` (a mean of target means).
 
 Status of a cell, first that applies: "method not implemented" (the published init is empty, e.g. TransVW, PGL,
-vox2vec, or neither ``scratch`` nor a registered method), "metric not measured", "not run" (no run matches), else the
-scale of the experiment that produced the per-case table, which only the caller knows: "demo scale", "mini scale" or
-"paper scale" (the experiment config's ``report.tier``).
+vox2vec, or neither ``scratch`` nor a registered method: :func:`ssl3d.report.published.implemented`), "metric not
+measured", "not run" (no run matches), else the scale of the experiment that produced the per-case table, which only
+the caller knows: "demo scale", "mini scale" or "paper scale" (the experiment config's ``report.tier``).
 
 Leaderboard (:func:`leaderboard`)
-    Every (init, backbone) row of each dataset × label fraction, ranked by the primary metric (1 = best) of its
-    mean over the case values, with the case bootstrap intervals of Dice and HD95, the Holm-corrected paired
+    Every (init, backbone) row of each protocol × dataset × label fraction, ranked by the primary metric (1 = best)
+    of its mean over the case values, with the case bootstrap intervals of Dice and HD95, the Holm-corrected paired
     Wilcoxon p-values against ``scratch`` on the row's own backbone and against the best row, and ``stale``.
     The comparisons are :func:`ssl3d.analysis.stats.compare_inits`' (same tests, same pair-once family, same Holm);
     a row on a backbone scratch was not trained on (Models Genesis on its own UNet in the HybridMIM grid) has no
     p vs scratch.
+
+Method names and descriptions
+    Come from the registry (``Method.title()``, ``description()``, ``paper``, ``version``): :func:`init_titles` for
+    tables and legends, :func:`methods_table` for the report's Methods section. Scratch is described here; an init
+    that is a pre-training entry named otherwise (a variant) is titled after its method.
 
 Staleness
     A fine-tuning run is stale when the pre-training it starts from was made by an older version of its method
@@ -63,7 +71,6 @@ Staleness
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Mapping
 from functools import cache
@@ -72,16 +79,19 @@ import numpy as np
 import pandas as pd
 
 from ssl3d.analysis.aggregate import METRIC_TITLES, per_run_means
-from ssl3d.analysis.stats import (LOWER_IS_BETTER, MIN_PAIRS, best_row, bootstrap_ci, case_values, compare_rows,
-                                  format_p)
+from ssl3d.analysis.stats import (LOWER_IS_BETTER, MIN_PAIRS, SCRATCH, best_row, bootstrap_ci, case_values,
+                                  compare_rows, format_p)
 from ssl3d.evaluate.metrics import METRICS
-from ssl3d.pretrain.registry import methods
+from ssl3d.pretrain import registry
+from ssl3d.report.published import implemented, protocol_of
 
-__all__ = ["NOT_IMPLEMENTED", "NOT_MEASURED", "NOT_RUN", "PAPER_TABLE_LEGEND", "TIERS", "leaderboard",
-           "leaderboard_blocks", "leaderboard_legend", "leaderboard_markdown", "method_footnotes", "paper_table",
-           "paper_table_grid", "paper_table_markdown", "status_counts"]
+__all__ = ["NOT_IMPLEMENTED", "NOT_MEASURED", "NOT_RUN", "PAPER_TABLE_LEGEND", "SCRATCH_DESCRIPTION", "TIERS",
+           "init_titles", "leaderboard", "leaderboard_blocks", "leaderboard_legend", "leaderboard_markdown",
+           "method_footnotes", "methods_table", "paper_table", "paper_table_grid", "paper_table_markdown",
+           "status_counts"]
 
-SCRATCH = "scratch"
+SCRATCH_DESCRIPTION = ("No pre-training: the downstream network starts from random weights and is trained on the "
+                       "labelled cases alone, the supervised baseline every pre-trained init is compared with.")
 TIERS = {"demo": "demo scale", "mini": "mini scale", "paper": "paper scale"}
 NOT_IMPLEMENTED, NOT_MEASURED, NOT_RUN = "method not implemented", "metric not measured", "not run"
 FACTORS = {"percent": 100.0, "fraction": 1.0, "mm": 1.0}  # our per-case values -> the paper's scale
@@ -91,17 +101,47 @@ COLUMN_KEY = ["dataset", "target", "metric"]
 TARGETS = {"avg": "mean"}  # the paper's target name -> ours
 LEADERBOARD_METRICS = ("dice", "hd95")
 ROW = ["init", "backbone"]
+BLOCK = ["protocol", "dataset", "label_fraction"]  # a leaderboard ranks within one of these
 CONFIDENCE = 0.95
 N_RESAMPLES = 10_000
 
 Alias = str | tuple[str, str]
 
 
+# --- method names and descriptions ----------------------------------------------------------------------------
+
+def _method_class(init: str, method_of: Mapping[str, str] | None):
+    """The registered method behind an init (None for scratch or an init the registry does not know)."""
+    return registry.methods().get((method_of or {}).get(init, init))
+
+
+def init_titles(inits, method_of: Mapping[str, str] | None = None) -> dict[str, str]:
+    """init -> the name tables and legends show: the method's display name (``Method.title()``), followed by the init
+    for a variant (a pre-training entry named otherwise; ``method_of``: init -> method name); else the init."""
+    titles = {}
+    for init in dict.fromkeys(inits):
+        cls = _method_class(init, method_of)
+        titles[init] = init if cls is None else cls.title() if cls.name == init else f"{cls.title()} ({init})"
+    return titles
+
+
+def methods_table(inits, method_of: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """The report's Methods section: per init (scratch first) its title, method, paper, version and description,
+    each from the registry (``method_of``: init -> method name, for variants); scratch is described here, and an
+    init the registry does not know says so."""
+    titles = init_titles(inits, method_of)
+    lines = []
+    for init in sorted(titles, key=lambda init: init != SCRATCH):
+        cls = _method_class(init, method_of)
+        description = (SCRATCH_DESCRIPTION if init == SCRATCH else cls.description() if cls is not None
+                       else "not a registered method")
+        lines.append({"init": init, "title": titles[init], "method": "" if cls is None else cls.name,
+                      "paper": "" if cls is None else cls.paper, "version": "" if cls is None else str(cls.version),
+                      "description": description})
+    return pd.DataFrame(lines, columns=["init", "title", "method", "paper", "version", "description"])
+
+
 # --- paper tables ---------------------------------------------------------------------------------------------
-
-def _implemented(init: str) -> bool:
-    return init == SCRATCH or init in methods()
-
 
 def _published_cells(published: pd.DataFrame, paper: str, table: str) -> pd.DataFrame:
     """The table's cells in published order, numbered by printed row and column (order of first appearance)."""
@@ -109,7 +149,8 @@ def _published_cells(published: pd.DataFrame, paper: str, table: str) -> pd.Data
     if cells.empty:
         raise ValueError(f"no published cells for {paper} {table}")
     return cells.assign(row=cells.groupby(ROW_KEY, sort=False, dropna=False).ngroup(),
-                        column=cells.groupby(COLUMN_KEY, sort=False, dropna=False).ngroup())
+                        column=cells.groupby(COLUMN_KEY, sort=False, dropna=False).ngroup(),
+                        protocol=cells["setting"].map(protocol_of))
 
 
 def _aliased_runs(runs: pd.DataFrame, aliases: Mapping[str, Alias]) -> pd.DataFrame:
@@ -122,7 +163,7 @@ def _aliased_runs(runs: pd.DataFrame, aliases: Mapping[str, Alias]) -> pd.DataFr
 
 def _matching_runs(runs: pd.DataFrame, cell, backbones: Mapping[str, str]) -> pd.DataFrame:
     """Our per-run means matching a published cell (rules in the module docstring)."""
-    match = ((runs["dataset"] == cell.dataset) & (runs["as_init"] == cell.init)
+    match = ((runs["protocol"] == cell.protocol) & (runs["dataset"] == cell.dataset) & (runs["as_init"] == cell.init)
              & (runs["backbone"] == backbones.get(cell.backbone, cell.backbone))
              & (runs["target"] == TARGETS.get(cell.target, cell.target)) & (runs["metric"] == cell.metric))
     if not math.isnan(cell.label_fraction):
@@ -139,7 +180,7 @@ def _matching_runs(runs: pd.DataFrame, cell, backbones: Mapping[str, str]) -> pd
 
 
 def _status(cell, found: pd.DataFrame, tier: str) -> str:
-    if not _implemented(cell.init):
+    if not implemented(cell.init):
         return NOT_IMPLEMENTED
     if cell.metric not in METRICS:
         return NOT_MEASURED
@@ -150,7 +191,8 @@ def _reproduce(cell, found: pd.DataFrame, interval) -> dict:
     """Our number for one matched cell, in the paper's scale, with its interval and run counts."""
     factor = FACTORS[cell.scale]
     init, backbone, fraction = found[["init", "backbone", "label_fraction"]].iloc[0]
-    ci = interval(cell.dataset, float(fraction), TARGETS.get(cell.target, cell.target), cell.metric, init, backbone)
+    ci = interval(cell.protocol, cell.dataset, float(fraction), TARGETS.get(cell.target, cell.target), cell.metric,
+                  init, backbone)
     ours = found["value"].astype(float).mean() * factor
     low, high = ci["low"] * factor, ci["high"] * factor
     return {"ours": ours, "ci_low": low, "ci_high": high, "delta": ours - cell.value,
@@ -160,11 +202,13 @@ def _reproduce(cell, found: pd.DataFrame, interval) -> dict:
 
 
 def _case_interval(per_case: pd.DataFrame, confidence: float, n_resamples: int):
-    """A cached ``(dataset, fraction, target, metric, init, backbone) -> bootstrap_ci`` over one row's case values."""
-    values = cache(lambda dataset, fraction, target, metric: case_values(per_case, dataset, fraction, target, metric))
+    """A cached ``(protocol, dataset, fraction, target, metric, init, backbone) -> bootstrap_ci`` over one row's
+    case values."""
+    values = cache(lambda protocol, dataset, fraction, target, metric: case_values(
+        per_case[per_case["protocol"] == protocol], dataset, fraction, target, metric))
 
-    def interval(dataset, fraction, target, metric, init, backbone) -> dict:
-        table = values(dataset, fraction, target, metric)
+    def interval(protocol, dataset, fraction, target, metric, init, backbone) -> dict:
+        table = values(protocol, dataset, fraction, target, metric)
         row = table[(table["init"] == init) & (table["backbone"] == backbone)]
         return bootstrap_ci(row["value"], confidence, n_resamples)
     return interval
@@ -172,21 +216,20 @@ def _case_interval(per_case: pd.DataFrame, confidence: float, n_resamples: int):
 
 def paper_table(per_case: pd.DataFrame, published: pd.DataFrame, paper: str, table: str, tier: str = "demo", *,
                 aliases: Mapping[str, Alias] | None = None, backbones: Mapping[str, str] | None = None,
-                protocol: str = "finetune", confidence: float = CONFIDENCE,
-                n_resamples: int = N_RESAMPLES) -> pd.DataFrame:
+                confidence: float = CONFIDENCE, n_resamples: int = N_RESAMPLES) -> pd.DataFrame:
     """Our numbers for one published table, one line per published cell in the paper's order (module docstring:
     matching, interval, statuses). ``tier``: "demo", "mini" or "paper", the scale of the config behind ``per_case``.
 
     Columns: paper, table, row, column, the published key (method, init, backbone, setting, label_fraction,
-    dataset, target, metric, scale), published, published_pm, ours, ci_low, ci_high, delta, outside_ci (NA
-    without an interval), n_runs, n_seeds, n_subsets, n_cases, our_init, our_backbone, status, source_line,
-    inferred (the published cell's own: the INFERENCES.md keys it depends on).
+    dataset, target, metric, scale), protocol (the cell's: :func:`ssl3d.report.published.protocol_of`), published,
+    published_pm, ours, ci_low, ci_high, delta, outside_ci (NA without an interval), n_runs, n_seeds, n_subsets,
+    n_cases, our_init, our_backbone, status, source_line, inferred (the published cell's own: the INFERENCES.md keys
+    it depends on).
     """
     if tier not in TIERS:
         raise ValueError(f"tier must be one of {tuple(TIERS)}, got {tier!r}")
-    ours = per_case[per_case["protocol"] == protocol]
-    runs = _aliased_runs(per_run_means(ours), aliases or {})
-    interval = _case_interval(ours, confidence, n_resamples)
+    runs = _aliased_runs(per_run_means(per_case), aliases or {})
+    interval = _case_interval(per_case, confidence, n_resamples)
     lines = []
     for cell in _published_cells(published, paper, table).itertuples(index=False):
         found = _matching_runs(runs, cell, backbones or {})
@@ -194,7 +237,8 @@ def paper_table(per_case: pd.DataFrame, published: pd.DataFrame, paper: str, tab
         numbers = _reproduce(cell, found, interval) if status == TIERS[tier] else {}
         lines.append({**cell._asdict(), "published": cell.value, "published_pm": cell.pm, **numbers,
                       "status": status})
-    columns = ["paper", "table", "row", "column", *ROW_KEY, *COLUMN_KEY, "scale", "published", "published_pm",
+    columns = ["paper", "table", "row", "column", *ROW_KEY, *COLUMN_KEY, "scale", "protocol", "published",
+               "published_pm",
                "ours", "ci_low", "ci_high", "delta", "outside_ci", "n_runs", "n_seeds", "n_subsets", "n_cases",
                "our_init", "our_backbone", "status", "source_line", "inferred"]
     frame = pd.DataFrame(lines).reindex(columns=columns)
@@ -205,15 +249,10 @@ def paper_table(per_case: pd.DataFrame, published: pd.DataFrame, paper: str, tab
 
 
 def method_footnotes(inits) -> dict[str, str]:
-    """init -> the first paragraph of its method module's docstring (what the method is, and for a stand-in what
+    """init -> its method's description (``Method.description()``: what the method is, and for a stand-in what
     stands in: "UNetFormer-style masked volume modelling ... on MONAI's SwinUNETR."), for the registered inits."""
-    known = methods()
-    notes = {}
-    for init in dict.fromkeys(inits):
-        if init in known:
-            doc = inspect.getdoc(inspect.getmodule(known[init])) or ""
-            notes[init] = " ".join(doc.split("\n\n")[0].split())
-    return notes
+    known = registry.methods()
+    return {init: known[init].description() for init in dict.fromkeys(inits) if init in known}
 
 
 def _decimals(values: pd.Series) -> int:
@@ -302,7 +341,7 @@ def _run_stale(run_id: str, manifests: Mapping[str, dict]) -> bool | None:
             return None
         recorded = {"method": pretraining.get("method") or pretraining["config"].get("method"),
                     "method_version": pretraining["method_version"]}
-    method = methods().get(recorded["method"])
+    method = registry.methods().get(recorded["method"])
     return None if method is None else str(recorded["method_version"]) != str(method.version)
 
 
@@ -336,10 +375,12 @@ def _intervals(values: pd.DataFrame, metric: str, confidence: float, n_resamples
     return values.groupby(ROW)[["value"]].apply(one).reset_index()
 
 
-def _block(rows: pd.DataFrame, dataset: str, fraction: float, metrics: list[str], target: str,
+def _block(rows: pd.DataFrame, protocol: str, dataset: str, fraction: float, metrics: list[str], target: str,
            manifests: Mapping[str, dict] | None, confidence: float, n_resamples: int) -> pd.DataFrame:
-    """The leaderboard lines of one dataset × label fraction."""
-    here = rows[(rows["dataset"] == dataset) & np.isclose(rows["label_fraction"].astype(float), fraction)]
+    """The leaderboard lines of one protocol × dataset × label fraction: its rows are ranked and tested among
+    themselves only."""
+    here = rows[(rows["protocol"] == protocol) & (rows["dataset"] == dataset)
+                & np.isclose(rows["label_fraction"].astype(float), fraction)]
     board = here.groupby(ROW).agg(n_runs=("run_id", "nunique"), n_seeds=("seed", "nunique"),
                                   n_subsets=("subset", "nunique"), run_ids=("run_id", "unique")).reset_index()
     primary = metrics[0]
@@ -350,33 +391,37 @@ def _block(rows: pd.DataFrame, dataset: str, fraction: float, metrics: list[str]
             board = board.merge(_comparisons(values, metric), on=ROW, how="left")
     board["rank"] = board[primary].rank(ascending=primary in LOWER_IS_BETTER, method="min").astype("Int64")
     board["stale"] = pd.array([_stale(ids, manifests) for ids in board.pop("run_ids")], dtype="boolean")
-    return board.assign(dataset=dataset, label_fraction=fraction).sort_values(["rank", *ROW], ignore_index=True)
+    return (board.assign(protocol=protocol, dataset=dataset, label_fraction=fraction)
+            .sort_values(["rank", *ROW], ignore_index=True))
 
 
 def leaderboard(per_case: pd.DataFrame, manifests: Mapping[str, dict] | None = None, metric_primary: str = "dice",
-                *, protocol: str = "finetune", target: str = "mean", confidence: float = CONFIDENCE,
+                *, protocol: str | None = None, target: str = "mean", confidence: float = CONFIDENCE,
                 n_resamples: int = N_RESAMPLES) -> pd.DataFrame:
-    """Every (init, backbone) ranked within each dataset × label fraction of one protocol (module docstring).
+    """Every (init, backbone) ranked within each protocol × dataset × label fraction (module docstring): one
+    leaderboard per protocol of the table (``protocol``: that one only), never ranking or testing rows of two
+    protocols together.
 
     ``manifests``: run id -> manifest, of the fine-tuning runs and of the pre-training runs they start from (for
-    ``stale``; None: stale is NA). Columns: dataset, label_fraction, rank (1 = best ``metric_primary``; ties share
-    the lower rank), init, backbone, n_runs, n_seeds, n_subsets, then per metric (the primary, Dice and HD95, those
-    present) its case-bootstrap mean, _low, _high and n_cases_, p_vs_scratch, p_vs_best (Holm; primary metric),
-    stale. ``attrs`` records metric_primary, protocol, target and confidence for the Markdown legend.
+    ``stale``; None: stale is NA). Columns: protocol, dataset, label_fraction, rank (1 = best ``metric_primary``;
+    ties share the lower rank), init, backbone, n_runs, n_seeds, n_subsets, then per metric (the primary, Dice and
+    HD95, those present) its case-bootstrap mean, _low, _high and n_cases_, p_vs_scratch, p_vs_best (Holm; primary
+    metric), stale. ``attrs`` records metric_primary, protocols, target and confidence for the Markdown legend.
     """
-    rows = per_case[per_case["protocol"] == protocol]
+    rows = per_case if protocol is None else per_case[per_case["protocol"] == protocol]
     if rows.empty:
-        raise ValueError(f"no per-case rows of protocol {protocol!r}")
+        raise ValueError(f"no per-case rows of protocol {protocol!r}" if protocol else "no per-case rows")
     metrics = list(dict.fromkeys([metric_primary, *LEADERBOARD_METRICS]))
     if metric_primary not in set(rows["metric"]):
         raise ValueError(f"no {metric_primary} rows to rank by")
-    blocks = rows[["dataset", "label_fraction"]].drop_duplicates().sort_values(["dataset", "label_fraction"])
-    board = pd.concat([_block(rows, dataset, float(fraction), metrics, target, manifests, confidence, n_resamples)
-                       for dataset, fraction in blocks.itertuples(index=False)], ignore_index=True)
-    first = ["dataset", "label_fraction", "rank", *ROW, "n_runs", "n_seeds", "n_subsets"]
+    blocks = rows[BLOCK].drop_duplicates().sort_values(BLOCK)
+    board = pd.concat([_block(rows, protocol, dataset, float(fraction), metrics, target, manifests, confidence,
+                              n_resamples) for protocol, dataset, fraction in blocks.itertuples(index=False)],
+                      ignore_index=True)
+    first = [*BLOCK, "rank", *ROW, "n_runs", "n_seeds", "n_subsets"]
     board = board[first + [c for c in board.columns if c not in first + ["stale"]] + ["stale"]]
-    board.attrs = {"metric_primary": metric_primary, "protocol": protocol, "target": target,
-                   "confidence": confidence}
+    board.attrs = {"metric_primary": metric_primary, "protocols": list(blocks["protocol"].unique()),
+                   "target": target, "confidence": confidence}
     return board
 
 
@@ -391,26 +436,34 @@ def _interval_text(line: pd.Series, metric: str) -> str:
 
 def leaderboard_legend(board: pd.DataFrame) -> str:
     """What the leaderboard's columns mean, from the settings it was ranked under (``board.attrs``)."""
-    attrs = {"metric_primary": "dice", "protocol": "finetune", "target": "mean", "confidence": CONFIDENCE,
-             **board.attrs}
+    attrs = {"metric_primary": "dice", "protocols": list(board["protocol"].unique()), "target": "mean",
+             "confidence": CONFIDENCE, **board.attrs}
     primary = METRIC_TITLES.get(attrs["metric_primary"])
     target = "the mean over targets" if attrs["target"] == "mean" else attrs["target"]
-    return (f"Protocol `{attrs['protocol']}`, {target}; ranked by {primary} (1 = best). Values: mean over test cases "
-            f"(each averaged over the row's runs) [{attrs['confidence']:.0%} BCa bootstrap CI over cases]. p: paired "
+    protocols = ", ".join(f"`{protocol}`" for protocol in attrs["protocols"])
+    return (f"One leaderboard per protocol ({protocols}): rows are ranked and tested within a protocol, dataset and "
+            f"label fraction, never across protocols. {target.capitalize()}; ranked by {primary} (1 = best). Values: "
+            f"mean over test cases (each averaged over the row's runs) [{attrs['confidence']:.0%} BCa bootstrap CI "
+            f"over cases]. p: paired "
             f"Wilcoxon signed-rank on the cases ({primary}), Holm-corrected within each table, against scratch on "
             "the same backbone and against the best row; – where not tested (no scratch on that backbone, or fewer "
             f"than {MIN_PAIRS} cases whose values differ: the test could not reach 0.05). Stale: pre-trained with an "
             "older version of its method (? unknown).")
 
 
-def leaderboard_blocks(board: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
-    """The leaderboard as display tables, one per dataset × label fraction: (title, table of text cells)."""
+def leaderboard_blocks(board: pd.DataFrame, titles: Mapping[str, str] | None = None
+                       ) -> list[tuple[str, str, pd.DataFrame]]:
+    """The leaderboard as display tables, one per protocol × dataset × label fraction: (protocol, title, table of
+    text cells). Methods are shown by their display names (``titles``: init -> name; :func:`init_titles` by
+    default)."""
     primary = board.attrs.get("metric_primary", "dice")
     metrics = [m for m in dict.fromkeys([primary, *LEADERBOARD_METRICS]) if m in board.columns]
+    titles = init_titles(board["init"]) if titles is None else titles
     blocks = []
-    for (dataset, fraction), block in board.groupby(["dataset", "label_fraction"], sort=False):
-        blocks.append((f"{dataset} · label fraction {fraction:g}", pd.DataFrame({
-            "rank": block["rank"], "init": block["init"], "backbone": block["backbone"],
+    for (protocol, dataset, fraction), block in board.groupby(BLOCK, sort=False):
+        blocks.append((protocol, f"{dataset} · label fraction {fraction:g}", pd.DataFrame({
+            "rank": block["rank"], "method": block["init"].map(lambda init: titles.get(init, init)),
+            "backbone": block["backbone"],
             **{METRIC_TITLES.get(m, m): [_interval_text(line, m) for _, line in block.iterrows()] for m in metrics},
             "p vs scratch": block["p_vs_scratch"].map(format_p), "p vs best": block["p_vs_best"].map(format_p),
             "runs": block["n_runs"],
@@ -418,9 +471,13 @@ def leaderboard_blocks(board: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     return blocks
 
 
-def leaderboard_markdown(board: pd.DataFrame) -> str:
-    """The leaderboard as Markdown: a legend, then one ranked table per dataset × label fraction."""
+def leaderboard_markdown(board: pd.DataFrame, titles: Mapping[str, str] | None = None) -> str:
+    """The leaderboard as Markdown: a legend, then per protocol one ranked table per dataset × label fraction."""
     lines = ["# Leaderboard", "", leaderboard_legend(board), ""]
-    for title, table in leaderboard_blocks(board):
-        lines += [f"## {title}", "", table.to_markdown(index=False), ""]
+    shown = None
+    for protocol, title, table in leaderboard_blocks(board, titles):
+        if protocol != shown:
+            lines += [f"## Protocol `{protocol}`", ""]
+            shown = protocol
+        lines += [f"### {title}", "", table.to_markdown(index=False), ""]
     return "\n".join(lines)

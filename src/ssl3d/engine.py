@@ -1,0 +1,176 @@
+"""The one training engine of pre-training, fine-tuning and probing: the step loop and what surrounds it.
+
+Why one: methods and downstream protocols are compared under the same loop and the same clock, so data loading,
+AMP, gradient clipping, checkpoints, timing and progress are written once (``DESIGN.md``, "One training engine").
+A caller brings the model with its optimizer and schedule, a ``SeededSamples`` dataset and a function from a batch
+to its loss and named loss terms; two hooks do the rest: ``after_update`` right after the optimizer step, as part
+of it (an EMA target update), and ``after_step`` once the step is logged (validation, a request to stop early).
+
+Per step the engine records the time waiting for data, the forward pass (batch to loss terms) and the backward pass
+with clipping, optimizer and schedule step and ``after_update``, synchronised on GPU so that asynchronous kernels
+are counted where they run, and peak memory (``ssl3d.manifest.peak_memory_mb``). ``after_step`` runs after these
+timings (a validation is not a training step), within the wall time. On CUDA the forward pass runs under bf16
+autocast; on CPU in float32.
+
+Determinism and resume: sample ``i`` depends only on (seed, i) (``ssl3d.data.sampling``) and the sampler starts at
+the resumed step, so a run killed after its checkpoint at step k and re-run replays steps k+1... exactly as an
+uninterrupted run would (on CPU, same thread count); ``tests/test_resume.py`` checks it for both stages. A loss
+that is not finite stops the run before its backward pass, with an error naming the step and each loss term, and
+before the caller writes anything final.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ssl3d.checkpoint import resume, save_checkpoint
+from ssl3d.manifest import peak_memory_mb
+
+log = logging.getLogger(__name__)
+
+# a batch (on the device) -> (loss, named loss terms); the loss is what is back-propagated
+Forward = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
+# (step, its log row) -> True to stop after this step; may add columns to the row
+AfterStep = Callable[[int, dict], bool | None]
+AfterUpdate = Callable[[int], None]
+TIMED = ("data_s", "forward_s", "backward_s")
+
+
+class NonFiniteLoss(ValueError):
+    """A step's loss is NaN or infinite: the run stops before that step's update and writes nothing final."""
+
+
+def to_device(batch, device: torch.device):
+    """A collated batch (a tensor, or a dict, list or tuple of them) on ``device``."""
+    if isinstance(batch, dict):
+        return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return [value.to(device, non_blocking=True) for value in batch]
+    return batch.to(device, non_blocking=True)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class Engine:
+    """Trains ``model`` for ``steps`` optimizer steps, resuming from ``out_dir/checkpoints/last.pt`` if it exists.
+
+    The checkpoint (every ``checkpoint_every`` steps) holds the model's weights under ``model_key``, the optimizer,
+    the schedule and ``state``: ``step``, ``rows`` (the step log), ``seconds`` (wall time over all sessions) and the
+    caller's own keys, given with their initial values in ``fresh`` (e.g. the best validation so far), which the
+    caller's hook reads and updates in ``engine.state``.
+    """
+
+    run_id: str
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    out_dir: Path
+    steps: int
+    checkpoint_every: int
+    device: torch.device
+    model_key: str = "model"
+    grad_clip: float | None = None
+    workers: int = 0
+    log_every: int = 10
+    fresh: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.last = Path(self.out_dir) / "checkpoints" / "last.pt"
+        modules = {self.model_key: self.model, "optimizer": self.optimizer, "scheduler": self.scheduler}
+        self.state = resume(self.last, self.run_id, modules, self.device,
+                            fresh={"step": 0, "rows": [], "seconds": 0.0, **self.fresh})
+        self.resumed_from = self.state["step"]
+        self.elapsed = 0.0  # this session's seconds
+
+    def run(self, samples: Dataset, batch_size: int, forward: Forward, after_update: AfterUpdate | None = None,
+            after_step: AfterStep | None = None) -> dict:
+        """Train from the resumed step to ``steps``, or to the step after which ``after_step`` returns True
+        (recorded as ``state["stopped_at"]``); returns ``state``."""
+        loader = DataLoader(samples, batch_size=batch_size, num_workers=self.workers,
+                            sampler=range(self.resumed_from * batch_size, self.steps * batch_size))
+        batches = iter(loader)
+        start = time.perf_counter()
+        for step in range(self.resumed_from + 1, self.steps + 1):
+            row = self._step(step, batches, forward, after_update)
+            stop = bool(after_step and after_step(step, row))
+            self.state["rows"].append(row)
+            self.state["step"] = step
+            self.elapsed = time.perf_counter() - start
+            if step % self.log_every == 0 or step == self.steps or stop:
+                rate = (step - self.resumed_from) / self.elapsed
+                log.info("step %d/%d  loss %.4f  %.2f steps/s  ETA %.0f s", step, self.steps, row["loss"], rate,
+                         (self.steps - step) / rate)
+            if stop:
+                log.info("stopping after step %d of %d", step, self.steps)
+                self.state["stopped_at"] = step
+                break
+            if step % self.checkpoint_every == 0 and step < self.steps:
+                save_checkpoint(self.last, {
+                    "run_id": self.run_id, self.model_key: self.model.state_dict(),
+                    "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                    "state": {**self.state, "seconds": self.state["seconds"] + self.elapsed}})
+        self.elapsed = time.perf_counter() - start
+        self.state["seconds"] += self.elapsed
+        return self.state
+
+    def _step(self, step: int, batches, forward: Forward, after_update: AfterUpdate | None) -> dict:
+        """One timed optimizer step; returns its row of the step log."""
+        device = self.device
+        self.model.train()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        tick = time.perf_counter()
+        batch = to_device(next(batches), device)
+        _synchronize(device)
+        loaded = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss, terms = forward(batch)
+        _synchronize(device)
+        forwarded = time.perf_counter()
+        values = {f"loss_{name}": term.item() for name, term in terms.items()}
+        if not math.isfinite(loss.item()):
+            raise NonFiniteLoss(
+                f"step {step}: the loss is {loss.item()} ({', '.join(f'{k} {v}' for k, v in values.items())}); "
+                "nothing final was written. Lower optimizer.lr, set grad_clip, or check the inputs; a re-run resumes "
+                f"from the last checkpoint (delete {self.last} to start over)")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        if after_update:
+            after_update(step)
+        _synchronize(device)
+        done = time.perf_counter()
+        return {"step": step, "loss": loss.item(), **values, "lr": self.scheduler.get_last_lr()[0],
+                "data_s": loaded - tick, "forward_s": forwarded - loaded, "backward_s": done - forwarded,
+                "peak_memory_mb": peak_memory_mb(device)}
+
+    def measurements(self) -> dict:
+        """The manifest's timing fields: wall time over all sessions, this session's steps per second, and the
+        median time of each part of a step (the first step left out: it pays one-off start-up costs)."""
+        rows = pd.DataFrame(self.state["rows"], columns=["step", *TIMED])
+        timing = rows.iloc[1:] if len(rows) > 1 else rows
+        ran = self.state["step"] - self.resumed_from
+        return {"wall_seconds": round(self.state["seconds"], 2), "steps": self.steps,
+                "resumed_from_step": self.resumed_from,
+                "steps_per_second": round(ran / self.elapsed, 3) if ran > 0 else None,
+                "median_step_seconds": {key: round(float(timing[key].median()), 5) for key in TIMED}}
+
+    def finish(self) -> None:
+        """Call once the outputs are written: the resumable checkpoint is no longer needed."""
+        self.last.unlink(missing_ok=True)

@@ -1,0 +1,140 @@
+"""The one training engine: resume, workers, hooks, non-finite losses; fine-tuning's stopping and selection on it."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import ssl3d.finetune.train as train
+from ssl3d.data.sampling import SeededSamples
+from ssl3d.engine import Engine, NonFiniteLoss
+from ssl3d.finetune.train import finetune
+from ssl3d.io import read_json
+
+from conftest import run_config
+
+STEPS = 6
+
+
+class Killed(Exception):
+    pass
+
+
+class Points(SeededSamples):
+    def sample(self, item, rng):
+        x = torch.from_numpy(rng.normal(size=3).astype(np.float32))
+        return {"x": x, "y": x.sum(0, keepdim=True) * item}
+
+
+def engine(out, **kwargs) -> Engine:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / STEPS)
+    return Engine("run", model, optimizer, scheduler, out, STEPS, checkpoint_every=2, device=torch.device("cpu"),
+                  **kwargs)
+
+
+def run(engine: Engine, **hooks) -> dict:
+    def forward(batch):
+        error = (engine.model(batch["x"]) - batch["y"]).square().mean()
+        return error, {"mse": error}
+
+    return engine.run(Points([1.0, 2.0], seed=0, length=STEPS * 4), 4, forward, **hooks)
+
+
+def losses(state: dict) -> list[float]:
+    return [row["loss"] for row in state["rows"]]
+
+
+def test_a_resumed_run_replays_the_same_batches_and_ends_with_the_same_weights(tmp_path):
+    straight = engine(tmp_path / "straight")
+    run(straight)
+
+    def crash(step, row):
+        if step == 5:
+            raise Killed  # after the checkpoint of step 4
+
+    with pytest.raises(Killed):
+        run(engine(tmp_path / "resumed"), after_step=crash)
+    resumed = engine(tmp_path / "resumed")
+    assert resumed.resumed_from == 4
+    state = run(resumed)
+    assert losses(state) == losses(straight.state)
+    assert all(torch.equal(a, b) for a, b in zip(straight.model.state_dict().values(),
+                                                 resumed.model.state_dict().values()))
+    assert resumed.measurements()["resumed_from_step"] == 4 and straight.measurements()["steps"] == STEPS
+
+
+def test_workers_give_the_same_batches(tmp_path):
+    assert losses(run(engine(tmp_path / "a", workers=2))) == losses(run(engine(tmp_path / "b")))
+
+
+def test_rows_hooks_and_early_stop(tmp_path):
+    updates = []
+    state = run(engine(tmp_path, log_every=1), after_update=updates.append, after_step=lambda step, row: step == 3)
+    assert updates == [1, 2, 3] and state["stopped_at"] == 3 and len(state["rows"]) == 3
+    assert list(state["rows"][0]) == ["step", "loss", "loss_mse", "lr", "data_s", "forward_s", "backward_s",
+                                      "peak_memory_mb"]
+
+
+def test_clipping_bounds_the_gradient(tmp_path):
+    clipped = engine(tmp_path, grad_clip=1e-3)
+    norms = []
+    run(clipped, after_update=lambda step: norms.append(float(torch.cat([p.grad.ravel() for p in
+                                                                         clipped.model.parameters()]).norm())))
+    assert max(norms) <= 1e-3 * (1 + 1e-5)
+
+
+def test_a_non_finite_loss_names_the_step_and_terms(tmp_path):
+    def forward(batch):
+        error = engine_.model(batch["x"]).mean() * (float("nan") if engine_.state["step"] == 2 else 1.0)
+        return error, {"mse": error, "other": torch.tensor(0.5)}
+
+    engine_ = engine(tmp_path)
+    with pytest.raises(NonFiniteLoss, match=r"step 3: the loss is nan \(loss_mse nan, loss_other 0\.5\)"):
+        engine_.run(Points([1.0], seed=0, length=STEPS * 4), 4, forward)
+
+
+@pytest.fixture
+def config(tiny_index, tiny_splits, tmp_path):
+    def make(**overrides):
+        return run_config(tmp_path / "config.json", tiny_index, tiny_splits, **overrides)
+    return make
+
+
+def test_finetuning_stops_after_patience_validations_without_improvement(config, tmp_path, monkeypatch):
+    scores = iter([0.5, 0.6, 0.55, 0.4, 0.7])
+    monkeypatch.setattr(train, "mean_foreground_dice", lambda *args: next(scores))
+    out = tmp_path / "run"
+    saved = torch.load(finetune(config(steps=12, val_every=2, early_stopping={"patience": 2}), out),
+                       weights_only=False)
+    manifest = read_json(out / "manifest.json")
+    assert manifest["stopped_at_step"] == 8 and manifest["selected_step"] == saved["selected_step"] == 4
+    log = pd.read_csv(out / "train_log.csv")
+    assert list(log["step"]) == list(range(1, 9)) and list(log["val_dice"].dropna()) == [0.5, 0.6, 0.55, 0.4]
+    assert {"loss_dice", "loss_ce", "data_s", "forward_s", "backward_s", "peak_memory_mb"} <= set(log.columns)
+    assert not (out / "checkpoints" / "last.pt").exists()
+
+
+def test_finetuning_without_a_selected_validation_writes_no_model(config, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "mean_foreground_dice", lambda *args: float("nan"))
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"no validation step was selected \(validation Dice: nan at step 6, nan at "
+                                         r"step 12\), so no model.pt was written"):
+        finetune(config(), out)
+    assert not (out / "model.pt").exists() and not (out / "manifest.json").exists()
+
+
+def test_a_non_finite_finetuning_loss_writes_no_model(config, tmp_path, monkeypatch):
+    sample = train.PatchSamples.__getitem__
+
+    def poisoned(self, i):
+        image, label = sample(self, i)
+        return (image * float("nan") if i >= 4 else image), label  # the samples of step 3 on
+
+    monkeypatch.setattr(train.PatchSamples, "__getitem__", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(NonFiniteLoss, match=r"step 3: the loss is nan \(loss_dice nan, loss_ce nan\)"):
+        finetune(config(), out)
+    assert not (out / "model.pt").exists() and not (out / "train_log.csv").exists()
