@@ -75,14 +75,14 @@ def cmd_methods(args):
     import dataclasses
 
     from ssl3d.nets import BACKBONES
-    from ssl3d.pretrain.registry import methods, supported_backbones
+    from ssl3d.pretrain.registry import methods
 
     for name, cls in methods().items():
         defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
                     for f in dataclasses.fields(cls.Config)}
         requires = ", ".join(" or ".join(n) if isinstance(n, tuple) else n for n in cls.requires) or "nothing"
         print(f"{name} (version {cls.version})\n  paper: {cls.paper}\n  requires: {requires}; runs on: "
-              f"{', '.join(supported_backbones(cls))}; channels: {'any' if cls.multichannel else 'one'}")
+              f"{', '.join(cls.supported_backbones())}; channels: {'any' if cls.multichannel else 'one'}")
         print("  defaults: " + json.dumps(defaults, default=str))
     print("backbones (capabilities):")
     for name, backbone in BACKBONES.items():

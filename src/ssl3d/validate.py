@@ -1,9 +1,10 @@
 """Everything an experiment config says, checked when the workflow is planned, one line per problem.
 
 The JSON schema (``workflow/schemas/config.schema.yaml``, checked first by the workflow itself, one line per
-problem) checks the config's shape; what only the code knows is checked here, before any job runs: each method's settings (names, values, and the constraints its constructor
-enforces, on PyTorch's ``meta`` device so no weights are allocated), backbone names and fields, which method runs on
-which backbone (capabilities), multi-channel pools, inits, per-arm overrides and protocol settings. A misspelt
+problem) checks the config's shape; what only the code knows is checked here, before any job runs: each method's
+settings (names, then everything its constructor checks, built on PyTorch's ``meta`` device so no weight is
+allocated: values, which backbone it runs on, the pool's channels), backbone names and fields, inits, per-arm
+overrides and protocol settings. A misspelt
 setting thus fails ``snakemake -n`` with ``pretrain.methods.byol.noise_sd: unknown setting; known: ...`` instead of
 an hour later in the pre-training job. The Snakefile prints the lines and keeps the full detail in a log file.
 """
@@ -15,12 +16,12 @@ import inspect
 
 import torch
 
+from ssl3d.data.registry import get_entry
 from ssl3d.nets import BACKBONES
 from ssl3d.nets.backbone import Backbone
 from ssl3d.plan import pretrain_entries, protocols
-from ssl3d.pretrain.method import make_config, missing_capabilities
-from ssl3d.data.registry import get_entry
-from ssl3d.pretrain.registry import get_method, supported_backbones
+from ssl3d.pretrain.method import make_config
+from ssl3d.pretrain.registry import get_method
 
 
 def dataset_channels(name: str, settings: dict) -> int:
@@ -55,12 +56,6 @@ def method_problems(entry: str, settings: dict, pool_channels: int) -> list[str]
     problems += backbone_problems(settings["backbone"], f"{where}.backbone")
     if problems:
         return problems
-    missing = missing_capabilities(cls.requires, BACKBONES[settings["backbone"]["name"]].capabilities)
-    if missing:
-        return [f"{where}.backbone: {cls.name} needs a backbone with {', '.join(missing)}; "
-                f"{settings['backbone']['name']!r} has not (it runs on {', '.join(supported_backbones(cls))})"]
-    if pool_channels > 1 and not cls.multichannel:
-        return [f"{where}: {cls.name} pre-trains on one-channel volumes; the pool has {pool_channels} channels"]
     try:
         with torch.device("meta"):  # the constructor's own checks, without allocating any weight
             cls(make_config(cls.Config, settings["overrides"]), settings["backbone"], pool_channels)

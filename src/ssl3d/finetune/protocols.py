@@ -28,27 +28,26 @@ import torch
 
 from ssl3d.nets import build_network
 from ssl3d.nets.probe import LinearProbe
+from ssl3d.plan import PROTOCOL_SETTINGS
 from ssl3d.pretrain.optim import build_optimizer, build_scheduler, lr_factor
 from ssl3d.pretrain.registry import get_method
 from ssl3d.pretrain.transfer import load_pretrained
 
 log = logging.getLogger(__name__)
 
-SETTINGS = {"finetune": (), "probe": ("features",),
-            "frozen_then_finetune": ("frozen_steps", "ramp_steps", "start_fraction")}
 DEFAULT_SCHEDULER = {"name": "cosine"}  # to 0 over the run's steps (torch's CosineAnnealingLR, in closed form)
 
 
 def protocol(spec: dict) -> tuple[str, dict]:
     """The run's protocol and its settings, checked: an unknown protocol or setting is named."""
     name = spec.get("protocol", "finetune")
-    if name not in SETTINGS:
-        raise ValueError(f"protocol: unknown protocol {name!r} (allowed: {', '.join(SETTINGS)})")
+    if name not in PROTOCOL_SETTINGS:
+        raise ValueError(f"protocol: unknown protocol {name!r} (allowed: {', '.join(PROTOCOL_SETTINGS)})")
     settings = dict(spec.get("protocol_settings") or {})
-    unknown = sorted(set(settings) - set(SETTINGS[name]))
+    unknown = sorted(set(settings) - set(PROTOCOL_SETTINGS[name]))
     if unknown:
         raise ValueError(f"protocol_settings: unknown setting(s) {unknown} for protocol {name!r} "
-                         f"(allowed: {', '.join(SETTINGS[name]) or 'none'})")
+                         f"(allowed: {', '.join(PROTOCOL_SETTINGS[name]) or 'none'})")
     if name == "frozen_then_finetune":
         missing = [key for key in ("frozen_steps", "ramp_steps") if key not in settings]
         if missing:

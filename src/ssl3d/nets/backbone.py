@@ -29,6 +29,7 @@ actual tensors, parts covering each parameter exactly once, capabilities). Regis
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -69,11 +70,12 @@ def cumulative(pools) -> list[tuple[int, int, int]]:
     return strides
 
 
-class Backbone:
+class Backbone(abc.ABC):
     """Mixin declaring the backbone interface (module docstring); ``forward`` is ``head(decode(encode(x))[0])``.
 
     Subclasses set ``name``, ``smallest``, ``capabilities`` and, per instance, ``encoder_levels`` and
-    ``decoder_levels``, and implement ``encode``, ``decode``, ``head``, ``part`` and ``build``.
+    ``decoder_levels``, and implement ``encode``, ``decode``, ``head`` and ``part`` (a class missing one cannot be
+    instantiated); ``build`` by default passes the config's fields to the constructor.
     """
 
     name: ClassVar[str]
@@ -88,9 +90,21 @@ class Backbone:
         return cls(in_channels=in_channels, out_channels=out_channels, **fields)
 
     @classmethod
+    @abc.abstractmethod
     def part(cls, name: str) -> str:
         """``encoder``, ``decoder`` or ``head`` for a parameter (or buffer) name of this backbone."""
-        raise NotImplementedError
+
+    @abc.abstractmethod
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The encoder's feature maps, finest first."""
+
+    @abc.abstractmethod
+    def decode(self, features: list[torch.Tensor], region=None) -> list[torch.Tensor]:
+        """The decoder's feature maps, finest first (``[0]`` feeds the head); ``region`` needs ``region_decoding``."""
+
+    @abc.abstractmethod
+    def head(self, decoded: torch.Tensor) -> torch.Tensor:
+        """The output layer on ``decode(...)[0]``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.decode(self.encode(x))[0])

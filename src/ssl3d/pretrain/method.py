@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from ssl3d.nets import backbone_class
+from ssl3d.nets import BACKBONES, backbone_class
 
 
 @dataclass(frozen=True)
@@ -82,12 +82,12 @@ class Method(torch.nn.Module, abc.ABC):
 
     Which backbones a method runs on is computed, never listed: ``requires`` names the backbone capabilities it
     needs (``ssl3d.nets.backbone``), and every registered backbone offering them is supported
-    (:func:`ssl3d.pretrain.registry.supported_backbones`). ``in_channels`` is the pre-training data's channel
+    (:meth:`supported_backbones`). ``in_channels`` is the pre-training data's channel
     count; a method whose views or targets only make sense on one channel sets ``multichannel = False`` and is
     refused multi-channel data when the workflow is planned.
 
-    The report reads ``display_name`` (tables and legends), the class docstring's first paragraph (its method
-    descriptions) and ``figures`` (method-specific figures by name, drawn where an experiment has their data).
+    The report reads ``display_name`` (tables and legends), the first paragraph of the method module's docstring
+    (:meth:`description`) and ``figures`` (method-specific figures by name, drawn where an experiment has their data).
     ``probe_features`` is the pyramid a frozen-encoder probe reads on this method's weights (``decoder`` or
     ``encoder``: a method that trains only the encoder leaves the decoder at its initialisation).
     """
@@ -107,13 +107,19 @@ class Method(torch.nn.Module, abc.ABC):
         super().__init__()
         missing = missing_capabilities(self.requires, backbone_class(backbone["name"]).capabilities)
         if missing:
-            raise ValueError(f"method {self.name!r} needs a backbone with {', '.join(missing)}; "
-                             f"{backbone['name']!r} offers {sorted(backbone_class(backbone['name']).capabilities)}")
+            raise ValueError(f"{self.name} needs a backbone with {', '.join(missing)}; {backbone['name']!r} has not "
+                             f"(it runs on {', '.join(self.supported_backbones())})")
         if in_channels != 1 and not self.multichannel:
-            raise ValueError(f"method {self.name!r} pre-trains on one-channel volumes only, not {in_channels}")
+            raise ValueError(f"{self.name} pre-trains on one-channel volumes only; the data has {in_channels} channels")
         self.config = config
         self.backbone_spec = dict(backbone)
         self.in_channels = in_channels
+
+    @classmethod
+    def supported_backbones(cls) -> list[str]:
+        """The registered backbones offering every capability the method requires."""
+        return [name for name, backbone in BACKBONES.items()
+                if not missing_capabilities(cls.requires, backbone.capabilities)]
 
     @classmethod
     def title(cls) -> str:

@@ -13,8 +13,7 @@ from functools import cache
 from importlib import metadata
 from pathlib import Path
 
-from ssl3d.nets import BACKBONES
-from ssl3d.pretrain.method import Method, missing_capabilities
+from ssl3d.pretrain.method import Method
 
 CHECKOUT = Path(__file__).resolve().parents[3]
 FOLDERS = ("methods", "baselines")
@@ -55,9 +54,3 @@ def get_method(name: str) -> type[Method]:
     if name not in known:
         raise ValueError(f"unknown method {name!r}; registered: {', '.join(known) or 'none'}")
     return known[name]
-
-
-def supported_backbones(method: type[Method]) -> list[str]:
-    """The registered backbones offering every capability the method requires (computed, never listed)."""
-    return [name for name, backbone in BACKBONES.items()
-            if not missing_capabilities(method.requires, backbone.capabilities)]
