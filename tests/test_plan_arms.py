@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from ssl3d.plan import finetune_runs
+from ssl3d.validate import config_problems
 
 from conftest import REPO
 
@@ -59,3 +60,18 @@ def test_per_init_settings_apply_after_per_backbone_settings():
     assert specs[("hybridmim", "hybridmim_unet")]["steps"] == 500
     assert specs[("hybridmim", "hybridmim_unet")]["val_every"] == 50
     assert specs[("scratch", "hybridmim_unet")]["steps"] == 300 and specs[("scratch", "unet")]["steps"] == 200
+
+
+def test_a_dataset_fine_tunes_on_its_own_label_fractions():
+    config = copy.deepcopy(DEMO)
+    config["datasets"]["phantom"]["label_fractions"] = [1.0]
+    runs = finetune_runs(config)
+    assert runs and {run["spec"]["label_fraction"] for run in runs.values()} == {1.0}
+    assert len(runs) == sum(run["spec"]["label_fraction"] == 1.0 for run in finetune_runs(DEMO).values())
+
+
+def test_a_dataset_label_fraction_outside_the_grid_is_a_config_problem():
+    config = copy.deepcopy(DEMO)
+    config["datasets"]["phantom"]["label_fractions"] = [0.5, 1.0]
+    assert config_problems(config) == ["datasets.phantom.label_fractions: [0.5] not in splits.label_fractions "
+                                       "[0.2, 1.0] (a dataset fine-tunes on some of them)"]

@@ -179,7 +179,8 @@ def finetune_runs(config: dict) -> dict[str, dict]:
     An init other than ``scratch`` names an entry of ``pretrain.methods``; the run's spec then holds the identity
     of the pre-training run it starts from (fine-tuning seed i uses pre-training seed i mod the number of
     pre-training seeds), so a new checkpoint makes new fine-tuning runs. Fraction 1 has a single subset (every
-    draw of all training cases is the same set), so it is trained once per seed rather than once per draw.
+    draw of all training cases is the same set), so it is trained once per seed rather than once per draw. A
+    dataset's own ``label_fractions`` keeps only those of ``splits.label_fractions`` for it.
     """
     finetune = config["finetune"]
     pretrained = {(run["spec"]["variant"], run["spec"]["seed"]): (name, run["run_id"])
@@ -192,6 +193,8 @@ def finetune_runs(config: dict) -> dict[str, dict]:
             grid, _init_backbones(config), protocols(config), config["splits"]["label_fractions"],
             range(config["splits"]["subsets"]), enumerate(finetune["seeds"])):
         if fraction == 1 and subset > 0 or init != "scratch" and not pretrained:  # no pool: skipped
+            continue
+        if fraction not in config["datasets"][dataset].get("label_fractions", [fraction]):
             continue
         training, protocol_settings = arm_training(config, init, backbone, protocol)
         spec = {

@@ -97,6 +97,10 @@ def config_problems(config: dict) -> list[str]:
                  for name in finetune.get("per_backbone", {}) if name not in BACKBONES]
     problems += [f"finetune.per_init.{init}: not one of finetune.inits ({', '.join(finetune['inits'])})"
                  for init in finetune.get("per_init", {}) if init not in finetune["inits"]]
+    problems += [f"datasets.{name}.label_fractions: {sorted(extra)} not in splits.label_fractions "
+                 f"{config['splits']['label_fractions']} (a dataset fine-tunes on some of them)"
+                 for name, data in datasets.items()
+                 if (extra := set(data.get("label_fractions", ())) - set(config["splits"]["label_fractions"]))]
     frozen = protocols(config).get("frozen_then_finetune")
     if frozen and frozen["frozen_steps"] >= frozen.get("steps", finetune["steps"]):
         problems.append(f"finetune.protocols.frozen_then_finetune.frozen_steps: {frozen['frozen_steps']} leaves "
