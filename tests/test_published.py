@@ -101,7 +101,7 @@ def test_a_cell_is_printed_once():
     ("value", "", "column 'value'"),
     ("pm", "x", "column 'pm'"),
     ("dataset", "lits", "column 'dataset'"),
-    ("init", "pgl", "column 'init'"),
+    ("init", "transvw", "column 'init'"),
     ("table", "Tab. 1", "column 'table'"),
     ("source_line", "0", "column 'source_line'"),
     ("label_fraction", "20", "column 'label_fraction'"),
@@ -226,14 +226,14 @@ def test_an_init_is_scratch_or_a_registered_method(monkeypatch):
     from ssl3d.pretrain import registry
 
     assert published.implemented("scratch") and published.implemented("hybridmim")
-    assert not published.implemented("") and not published.implemented("pgl")
+    assert not published.implemented("") and not published.implemented("transvw")
     rows = raw_rows("pgl")
-    rows[4]["init"] = "pgl"
+    rows[4]["init"] = "transvw"
     with pytest.raises(PublishedSchemaError, match="leave it empty for a method the suite does not implement"):
         validate_rows("pgl.csv", list(COLUMNS), rows, paper="pgl")
-    known = {**registry.methods(), "pgl": object}  # once the suite implements it
+    known = {**registry.methods(), "transvw": object}  # once the suite implements it
     monkeypatch.setattr(registry, "methods", lambda: known)
-    assert published.implemented("pgl")
+    assert published.implemented("transvw")
     validate_rows("pgl.csv", list(COLUMNS), rows, paper="pgl")
 
 

@@ -153,7 +153,7 @@ def test_statuses(per_case, published):
     assert status["SwinUNETR SSL", "liver", "dice"] == NOT_RUN  # registered, but no runs
     assert status["UNetFormer", "liver", "dice"] == NOT_RUN  # the paper's network: no stand-in named
     assert table[table.status.isin([NOT_RUN, NOT_IMPLEMENTED, NOT_MEASURED])].ours.isna().all()
-    unregistered = published.assign(init=published.init.replace({"swinunetr_ssl": "pgl"}))
+    unregistered = published.assign(init=published.init.replace({"swinunetr_ssl": "transvw"}))
     assert (paper_table(per_case, unregistered, "hybridmim", "Table 1", **FAST).set_index("method")
             .status["SwinUNETR SSL"] == NOT_IMPLEMENTED)
     paper = paper_table(per_case, published, "hybridmim", "Table 1", tier="paper", **FAST)
