@@ -159,9 +159,9 @@ class HybridMIM(Method):
         network = self.network
         if self.transformer:
             hidden = network.hidden_states(x)
-            return hidden[-1], lambda box: network.decode(network.encode(x, hidden, region=box))[0]
+            return hidden[-1], lambda box: network.decode(network.encode(x, hidden, region=box))
         features = network.encode(x)
-        return features[-1], lambda box: network.decode(features, region=box)[0]
+        return features[-1], lambda box: network.decode(features, region=box)
 
     def _contrast_input(self, bottleneck: torch.Tensor) -> torch.Tensor:
         """(B, C): the mean of the UNet's bottleneck, but the Swin's token 1 alone, as each official variant."""

@@ -57,7 +57,7 @@ def test_declared_levels_are_the_tensors_and_forward_is_head_of_decode(name):
         decoded = network.decode(features)
         assert_levels(features, network.encoder_levels, x.shape[2:])
         assert_levels(decoded, network.decoder_levels, x.shape[2:])
-        logits = network.head(decoded[0])
+        logits = network.head(decoded)
         assert logits.shape == (2, 3, *x.shape[2:])
     strides = [level.stride for level in network.encoder_levels]
     assert strides == sorted(strides)  # finest first
@@ -72,7 +72,7 @@ def test_parts_classify_every_parameter_by_what_uses_it(name):
     assert all(DEAD[name].match(n) for n in dead) if name in DEAD else not dead
     assert used_by(network, features) == of_part(name, "encoder") - dead
     detached = [f.detach() for f in network.encode(x)]
-    assert used_by(network, [network.head(network.decode(detached)[0])]) == of_part(name, "decoder") | of_part(
+    assert used_by(network, [network.head(network.decode(detached))]) == of_part(name, "decoder") | of_part(
         name, "head")
 
 
@@ -133,7 +133,7 @@ def test_hidden_states_rebuild_the_encoder_and_crop_before_its_blocks(name):
 
 
 def test_unknown_backbone_names_the_choices():
-    with pytest.raises(ValueError, match="backbone.name: unknown backbone 'vit'; known: basicunet, genesis_unet3d"):
+    with pytest.raises(ValueError, match="backbone.name: unknown backbone 'vit'; known: basicunet, fpn3d, genesis_unet3d"):
         build_network({"name": "vit"}, 1, 2)
 
 
@@ -163,7 +163,7 @@ class TinyNet(Backbone, torch.nn.Module):
         return [self.dec(features[0])]
 
     def head(self, decoded):
-        return self.out(decoded)
+        return self.out(decoded[0])
 
 
 def test_a_new_backbone_is_one_class_and_one_registration_line(monkeypatch):

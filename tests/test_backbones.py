@@ -95,13 +95,13 @@ def test_hybridmim_unet_spatial_path_and_partial_region_decoding():
     with torch.no_grad():
         features = network.encode(x)
         assert [f.shape[-1] for f in features] == [32, 16, 8, 4, 4]  # last pool is 1 (official 96→48→24→12→12)
-        partial = network.head(network.decode(features, region=(1, 3))[0])
+        partial = network.head(network.decode(features, region=(1, 3)))
         assert partial.shape == (2, 3, 16, 16, 16)
         assert network.voxel_region((1, 3)) == (slice(8, 24),) * 3
         anisotropic = network.decode(features, region=((0, 1, 2), (2, 4, 3)))[0]
         assert anisotropic.shape == (2, 4, 16, 24, 8)
         assert network.voxel_region(((0, 1, 2), (2, 4, 3))) == (slice(0, 16), slice(8, 32), slice(16, 24))
-        whole = network.head(network.decode(features, region=(0, 4))[0])
+        whole = network.head(network.decode(features, region=(0, 4)))
         torch.testing.assert_close(whole, network(x))
         with pytest.raises(ValueError, match="beyond"):
             network.decode(features, region=(2, 5))

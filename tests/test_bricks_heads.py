@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ssl3d.pretrain.bricks.heads import conv_head, mlp_head
+from ssl3d.pretrain.bricks.heads import conv_head, mlp_head, voxel_projector
 
 
 def test_mlp_head_shapes():
@@ -33,3 +33,10 @@ def test_conv_head_on_one_voxel_equals_mlp_head_with_the_same_weights(train):
     assert out.shape == (5, 8, 1, 1, 1)
     torch.testing.assert_close(out.flatten(start_dim=1), mlp(x.flatten(start_dim=1)))
     assert conv(torch.randn(2, 32, 3, 4, 2)).shape == (2, 8, 3, 4, 2)
+
+
+def test_voxel_projector_is_the_official_three_layer_mlp():
+    head = voxel_projector(40, 8)
+    assert [type(m) for m in head] == [torch.nn.Linear, torch.nn.BatchNorm1d, torch.nn.ReLU] * 2 + [torch.nn.Linear]
+    assert [(m.in_features, m.out_features) for m in head[::3]] == [(40, 40), (40, 40), (40, 8)]
+    assert head(torch.randn(5, 40)).shape == (5, 8)

@@ -25,7 +25,7 @@ def swin() -> torch.nn.Module:
 
 
 def cropped(network, x, hidden, region):
-    return network.head(network.decode(network.encode(x, hidden, region=region))[0])
+    return network.head(network.decode(network.encode(x, hidden, region=region)))
 
 
 def method(backbone: dict = SWIN_WITH_DROPOUT, **config):

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from ssl3d.evaluate.run import PER_CASE_COLUMNS
+from ssl3d.nets import BACKBONES
 
 from conftest import REPO
 
@@ -225,3 +226,23 @@ def test_every_pretraining_entry_of_every_config_builds_its_method(config_path):
     for name, run in pretrain_runs(yaml.safe_load(config_path.read_text())).items():
         method = build_method(run["spec"])
         assert method.backbone_spec == run["spec"]["backbone"], name
+
+
+@pytest.mark.slow
+def test_a_micro_dag_pretrains_pgl_and_fine_tunes_its_segmentation_network(tmp_path):
+    """PGL pre-trains the segmentation network's ResNet encoder and hands over all of it and nothing else."""
+    segnet = {"name": "pgl_segnet", **BACKBONES["pgl_segnet"].smallest["fields"]}
+    config = json.loads(json.dumps(MICRO))
+    config["pretrain"].update(backbone=segnet, methods={"pgl": {
+        "patch_size": [32, 32, 32], "batch_size": 2, "projector_hidden": 16, "predictor_hidden": 16,
+        "projection_dim": 8}})
+    config["splits"]["label_fractions"] = [1.0]
+    config["finetune"].update(inits=["scratch", "pgl"], seeds=[0], backbones=[segnet], patch_size=[32, 32, 32])
+    config["inference"]["roi_size"] = [32, 32, 32]
+    result = snakemake(tmp_path, config)
+    assert result.returncode == 0, result.stderr[-5000:]
+    (finetuned,) = (tmp_path / "results" / "micro" / "finetune").glob("phantom_pgl_pgl_segnet_*")
+    transfer = json.loads((finetuned / "manifest.json").read_text())["transfer"]
+    assert transfer["fractions"] == {"encoder": 1.0, "decoder": 0.0, "head": 0.0}
+    table = pd.read_csv(tmp_path / "results" / "micro" / "per_case.csv")
+    assert set(table["init"]) == {"scratch", "pgl"} and table["value"].notna().any()

@@ -6,8 +6,10 @@ network's pyramid and never its name. Adding a backbone is one file holding its 
 ``tests/test_backbone_contract.py`` then checks it, and ``ssl3d methods`` shows which methods run on it.
 
 Backbones: ``unet``, ``basicunet`` (MONAI), ``segresnet``, ``unetr``, ``swinunetr`` (MONAI, for the supervised
-rows of the papers' tables; the last offers ``hidden_states``), ``genesis_unet3d`` (Models Genesis' UNet) and
-``hybridmim_unet`` (HybridMIM's UNet, with ``region_decoding``).
+rows of the papers' tables; the last offers ``hidden_states``), ``genesis_unet3d`` (Models Genesis' UNet),
+``hybridmim_unet`` (HybridMIM's UNet, with ``region_decoding``), ``resnet50_3d`` (PGL's 3D ResNet-50 encoder
+with a linear head), ``pgl_segnet`` (PGL's ResNet-50 + ASPP + light decoder segmentation network) and ``fpn3d``
+(vox2vec's / hierarchical dense SSL's FPN3d with its linear or non-linear FPN head).
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ import torch
 from monai.inferers import sliding_window_inference
 
 from ssl3d.nets.backbone import Backbone
+from ssl3d.nets.fpn import FPN3dBackbone
 from ssl3d.nets.genesis import UNet3D
 from ssl3d.nets.hybridmim_unet import HybridMIMUNet
+from ssl3d.nets.resnet import PGLSegNet, ResNet50Encoder3d
 from ssl3d.nets.split import SplitBasicUNet, SplitSegResNet, SplitSwinUNETR, SplitUNet, SplitUNETR
 
 BACKBONES: dict[str, type[Backbone]] = {cls.name: cls for cls in (
@@ -28,6 +32,9 @@ BACKBONES: dict[str, type[Backbone]] = {cls.name: cls for cls in (
     SplitSwinUNETR,
     UNet3D,
     HybridMIMUNet,
+    ResNet50Encoder3d,
+    PGLSegNet,
+    FPN3dBackbone,
 )}
 
 

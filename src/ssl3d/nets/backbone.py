@@ -3,9 +3,9 @@
 Pre-training methods and downstream protocols never ask a network's name: they read its pyramid.
 
 * ``encode(x)`` gives the encoder's feature maps, finest first (index 0 nearest full resolution);
-* ``decode(features, region=None)`` gives the decoder's feature maps, finest first: ``decoded[0]`` is what the
-  output layer reads;
-* ``head(decoded[0])`` is the output layer (the only parameters whose shape depends on the number of classes);
+* ``decode(features, region=None)`` gives the decoder's feature maps, finest first;
+* ``head(decoded)`` is the output layer on them (the only parameters whose shape depends on the number of
+  classes): most heads read ``decoded[0]``, an FPN's linear head every level;
 * ``encoder_levels`` / ``decoder_levels`` declare, per map, its channels and per-axis stride against the input
   (a map of an input of size ``n`` along an axis has size ``n / stride``);
 * ``part(name)`` says whether a parameter is ``encoder``, ``decoder`` or ``head`` (weight transfer, probing and
@@ -71,7 +71,7 @@ def cumulative(pools) -> list[tuple[int, int, int]]:
 
 
 class Backbone(abc.ABC):
-    """Mixin declaring the backbone interface (module docstring); ``forward`` is ``head(decode(encode(x))[0])``.
+    """Mixin declaring the backbone interface (module docstring); ``forward`` is ``head(decode(encode(x)))``.
 
     Subclasses set ``name``, ``smallest``, ``capabilities`` and, per instance, ``encoder_levels`` and
     ``decoder_levels``, and implement ``encode``, ``decode``, ``head`` and ``part`` (a class missing one cannot be
@@ -100,14 +100,14 @@ class Backbone(abc.ABC):
 
     @abc.abstractmethod
     def decode(self, features: list[torch.Tensor], region=None) -> list[torch.Tensor]:
-        """The decoder's feature maps, finest first (``[0]`` feeds the head); ``region`` needs ``region_decoding``."""
+        """The decoder's feature maps, finest first; ``region`` needs ``region_decoding``."""
 
     @abc.abstractmethod
-    def head(self, decoded: torch.Tensor) -> torch.Tensor:
-        """The output layer on ``decode(...)[0]``."""
+    def head(self, decoded: list[torch.Tensor]) -> torch.Tensor:
+        """The output layer on the decoder's maps (``decode(...)``)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.decode(self.encode(x))[0])
+        return self.head(self.decode(self.encode(x)))
 
     def check_region(self, region) -> None:
         if region is not None and "region_decoding" not in self.capabilities:

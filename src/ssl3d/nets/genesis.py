@@ -186,8 +186,8 @@ class UNet3D(Backbone, nn.Module):
         d128 = self.up_tr128(d256, skip128)
         return [self.up_tr64(d128, skip64), d128, d256]
 
-    def head(self, decoded: torch.Tensor) -> torch.Tensor:
-        return self.out_tr(decoded)
+    def head(self, decoded: list[torch.Tensor]) -> torch.Tensor:
+        return self.out_tr(decoded[0])
 
 
 def _strip_module_prefix(state: dict[str, torch.Tensor]) -> OrderedDict:

@@ -159,5 +159,5 @@ class HybridMIMUNet(Backbone, torch.nn.Module):
             decoded.insert(0, x)
         return decoded
 
-    def head(self, decoded: torch.Tensor) -> torch.Tensor:
-        return self.final_conv(decoded)
+    def head(self, decoded: list[torch.Tensor]) -> torch.Tensor:
+        return self.final_conv(decoded[0])

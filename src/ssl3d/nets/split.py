@@ -84,8 +84,8 @@ class SplitUNet(Backbone, UNet):
             decoded.insert(0, x)
         return [torch.cat([features[0], decoded[0]], dim=1), *decoded[1:]]
 
-    def head(self, decoded: torch.Tensor) -> torch.Tensor:
-        return self.model[2](decoded)
+    def head(self, decoded: list[torch.Tensor]) -> torch.Tensor:
+        return self.model[2](decoded[0])
 
 
 class SplitBasicUNet(Backbone, BasicUNet):
@@ -123,8 +123,8 @@ class SplitBasicUNet(Backbone, BasicUNet):
         u1 = self.upcat_2(u2, x1)
         return [self.upcat_1(u1, x0), u1, u2, u3]
 
-    def head(self, decoded: torch.Tensor) -> torch.Tensor:
-        return self.final_conv(decoded)
+    def head(self, decoded: list[torch.Tensor]) -> torch.Tensor:
+        return self.final_conv(decoded[0])
 
 
 class SplitSegResNet(Backbone, SegResNet):
@@ -172,8 +172,8 @@ class SplitSegResNet(Backbone, SegResNet):
             decoded.insert(0, x)
         return decoded
 
-    def head(self, decoded: torch.Tensor) -> torch.Tensor:
-        return self.conv_final(decoded) if self.use_conv_final else decoded
+    def head(self, decoded: list[torch.Tensor]) -> torch.Tensor:
+        return self.conv_final(decoded[0]) if self.use_conv_final else decoded[0]
 
 
 class SplitUNETR(Backbone, UNETR):
@@ -218,8 +218,8 @@ class SplitUNETR(Backbone, UNETR):
         d1 = self.decoder3(d2, enc2)
         return [self.decoder2(d1, enc1), d1, d2, d3]
 
-    def head(self, decoded: torch.Tensor) -> torch.Tensor:
-        return self.out(decoded)
+    def head(self, decoded: list[torch.Tensor]) -> torch.Tensor:
+        return self.out(decoded[0])
 
 
 class SplitSwinUNETR(Backbone, SwinUNETR):
@@ -313,5 +313,5 @@ class SplitSwinUNETR(Backbone, SwinUNETR):
         d0 = self.decoder2(d1, enc1)
         return [self.decoder1(d0, enc0), d0, d1, d2, d3]
 
-    def head(self, decoded: torch.Tensor) -> torch.Tensor:
-        return self.out(decoded)
+    def head(self, decoded: list[torch.Tensor]) -> torch.Tensor:
+        return self.out(decoded[0])

@@ -1,6 +1,6 @@
 """Projector and predictor heads, kept in one place so that methods citing the same head build the same layers.
 
-BYOL, PGL and the contrastive methods put small heads on top of the encoder and throw them away after
+BYOL, PGL, vox2vec, hierarchical dense SSL and the contrastive methods put small heads on top of the encoder and throw them away after
 pre-training; whether a head is an MLP on pooled vectors or its 1×1×1 convolutional twin on feature maps should be
 the only difference between two methods that use them, which ``tests/test_bricks_heads.py`` checks.
 """
@@ -24,3 +24,12 @@ def conv_head(in_channels: int, hidden: int, out: int) -> torch.nn.Sequential:
     """
     return torch.nn.Sequential(torch.nn.Conv3d(in_channels, hidden, kernel_size=1), torch.nn.BatchNorm3d(hidden),
                                torch.nn.ReLU(inplace=True), torch.nn.Conv3d(hidden, out, kernel_size=1))
+
+
+def voxel_projector(dim: int, out_dim: int) -> torch.nn.Sequential:
+    """vox2vec's and hierarchical dense SSL's projector of voxel embeddings (methods.md §4.3, §7.2):
+    Linear(D, D) -> BN -> ReLU -> Linear(D, D) -> BN -> ReLU -> Linear(D, out); the caller L2-normalises its output."""
+    return torch.nn.Sequential(
+        torch.nn.Linear(dim, dim), torch.nn.BatchNorm1d(dim), torch.nn.ReLU(inplace=True),
+        torch.nn.Linear(dim, dim), torch.nn.BatchNorm1d(dim), torch.nn.ReLU(inplace=True),
+        torch.nn.Linear(dim, out_dim))
