@@ -2,10 +2,12 @@
 
 The run's protocol (``ssl3d.finetune.protocols``: whole network, linear probe, or frozen then fine-tuned) decides
 which network trains and at which rates; its ``augmentation`` preset (``ssl3d.finetune.augment``) what the patches
-go through; ``early_stopping: {patience: k}`` stops it after k validations without a better validation Dice. The
-step loop (AMP, clipping, workers, timing, checkpoint/resume) is the shared ``ssl3d.engine.Engine``: a run killed
-after its checkpoint at step k and re-run replays steps k+1... exactly as an uninterrupted run would (on CPU, same
-thread count), which ``tests/test_resume.py`` checks. A spec without these keys trains as before them.
+go through; ``early_stopping: {patience: k}`` stops it after k validations without a better validation Dice;
+``loss`` (``ssl3d.finetune.losses``) is softmax Dice + cross-entropy (``dice_ce``, the default) or vox2vec's and
+HDSSL's per-class sigmoid BCE + soft Dice (``sigmoid_bce_dice``). The step loop (AMP, clipping, workers, timing,
+checkpoint/resume) is the shared ``ssl3d.engine.Engine``: a run killed after its checkpoint at step k and re-run
+replays steps k+1... exactly as an uninterrupted run would (on CPU, same thread count), which
+``tests/test_resume.py`` checks. A spec without these keys trains as before them.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from monai.losses import DiceCELoss
 from monai.metrics import compute_dice
 from monai.networks.utils import one_hot
 from monai.transforms import Compose, RandCropByPosNegLabeld, SpatialPadd
@@ -31,13 +32,12 @@ from ssl3d.finetune.augment import augmentation
 from ssl3d.finetune.protocols import build_downstream, build_optimization
 from ssl3d.io import atomic_path, read_json, write_json
 from ssl3d.manifest import run_manifest
+from ssl3d.finetune.losses import segmentation_loss
 from ssl3d.nets import predict_volume
 
 log = logging.getLogger(__name__)
 
 TRAIN_LOG_COLUMNS = ["step", "loss", "loss_dice", "loss_ce", "lr", "val_dice", *TIMED, "peak_memory_mb"]
-
-
 class PatchSamples(SeededSamples):
     """A case, a foreground/background-balanced patch of it (MONAI's RandCropByPosNegLabeld) and the
     ``augmentation`` preset's transforms of that patch."""
@@ -115,14 +115,12 @@ def finetune(run_config: str | Path, out_dir: str | Path, device: str = "cpu", w
     engine = Engine(run_id, model, optimizer, scheduler, out_dir, steps, spec["checkpoint_every"], device,
                     grad_clip=spec.get("grad_clip"), workers=workers, log_every=log_every,
                     fresh={"best": {"score": -1.0, "step": 0, "weights": None}, "validations_since_best": 0})
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    loss_fn = segmentation_loss(spec.get("loss", "dice_ce"))
 
     def forward(batch) -> tuple[torch.Tensor, dict]:
-        """DiceCELoss's two terms, summed as it sums them."""
+        """The loss and its Dice and (binary) cross-entropy terms."""
         image, label = batch
-        logits = model(image)
-        terms = {"dice": loss_fn.dice(logits, label), "ce": loss_fn.ce(logits, label)}
-        return loss_fn.lambda_dice * terms["dice"] + loss_fn.lambda_ce * terms["ce"], terms
+        return loss_fn(model(image), label)
 
     patience = spec.get("early_stopping", {}).get("patience")
 
