@@ -42,7 +42,6 @@ Switches and deviations:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
@@ -52,22 +51,14 @@ from scipy import ndimage
 from ssl3d.nets import build_network
 from ssl3d.pretrain.bricks.heads import voxel_projector
 from ssl3d.pretrain.bricks.losses import voxel_info_nce
-from ssl3d.pretrain.bricks.voxel_pairs import anchored_view_pair, body_mask, pyramid_at_voxels
-from ssl3d.pretrain.method import Method, MethodConfig, Transfer
+from ssl3d.pretrain.bricks.voxel_pairs import (VoxelContrastConfig, anchored_view_pair, body_mask,
+                                               pyramid_at_voxels)
+from ssl3d.pretrain.method import Method, Transfer
 
 
 @dataclass
-class Vox2VecConfig(MethodConfig):
+class Vox2VecConfig(VoxelContrastConfig):
     loss_weights: dict[str, float] = field(default_factory=lambda: {"info_nce": 1.0})
-    patch_size: tuple[int, int, int] = (128, 128, 32)
-    batch_size: int = 10
-    pairs_per_region: int = 1  # view pairs cut from each sample's region; the step sees batch_size x this many
-    optimizer: dict[str, Any] = field(default_factory=lambda: {"name": "adamw", "lr": 3e-4, "weight_decay": 0.0})
-    scheduler: dict[str, Any] = field(default_factory=lambda: {"name": "constant"})
-    grad_clip: float | None = 1.0
-    max_voxels: int = 1024
-    temperature: float = 0.1
-    projection_dim: int = 128
     cache_window_hu: tuple[float, float] = (-1350.0, 1000.0)  # the HU window the pool's recipe scaled to [0, 1]
     body_threshold_hu: float = -500.0
     noise_std_hu: float = 30.0  # the noise's sigma is drawn from U(0, this)

@@ -47,7 +47,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ssl3d.nets.backbone import Backbone, levels

@@ -9,9 +9,32 @@ holds for both and the comparison between them cannot come from two diverging co
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any
+
 import numpy as np
 import torch
 from scipy import ndimage
+
+from ssl3d.pretrain.method import MethodConfig
+
+
+@dataclass
+class VoxelContrastConfig(MethodConfig):
+    """The official vox2vec recipe (methods.md §4.7, §7.5), which hierarchical dense SSL keeps: 10 pairs of
+    128 x 128 x 32 views, at most 1024 matched voxels per pair, Adam lr 3e-4 without weight decay or schedule
+    (``adamw`` with weight decay 0 is Adam), gradient clipping 1.0 (norm), InfoNCE at temperature 0.1 on
+    projections of 128. Each method's config adds its own fields."""
+
+    patch_size: tuple[int, int, int] = (128, 128, 32)
+    batch_size: int = 10
+    pairs_per_region: int = 1  # view pairs cut from each sample's region; the step sees batch_size x this many
+    optimizer: dict[str, Any] = field(default_factory=lambda: {"name": "adamw", "lr": 3e-4, "weight_decay": 0.0})
+    scheduler: dict[str, Any] = field(default_factory=lambda: {"name": "constant"})
+    grad_clip: float | None = 1.0
+    max_voxels: int = 1024
+    temperature: float = 0.1
+    projection_dim: int = 128
 
 
 def body_mask(image: np.ndarray, threshold: float) -> np.ndarray:
