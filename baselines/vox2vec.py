@@ -26,8 +26,8 @@ the random window's low end in [0, 0.149] and its high end in [0.702, 1]; the de
 to the official order is that the cache is already clipped to the window before blur and noise.
 
 Switches and deviations:
-- ``rotate_rescale`` (default False): the official code's comment promises "random rescale, rotation" but only the
-  crop is implemented; True raises NotImplementedError.
+- No rotation or rescaling: the official code's comment promises "random rescale, rotation" but applies only the
+  crop, and so do the views here (voxels keep their place, so matched indices need no transform).
 - The official batch is 10 pairs from ONE scan (all negatives from the same scan). The suite's loader cuts each
   sample from a random scan of the pool, so by default (``batch_size`` 10, ``pairs_per_region`` 1) each pair
   comes from its own scan and negatives come from other scans too. ``pairs_per_region`` 10 with ``batch_size`` 1
@@ -64,7 +64,6 @@ class Vox2VecConfig(VoxelContrastConfig):
     noise_std_hu: float = 30.0  # the noise's sigma is drawn from U(0, this)
     window_low_hu: tuple[float, float] = (-1350.0, -1000.0)  # random window: low end ~ U(*this)
     window_high_hu: tuple[float, float] = (300.0, 1000.0)  # high end ~ U(*this)
-    rotate_rescale: bool = False
 
 
 def in_plane_blur(view: np.ndarray, sigma: float) -> np.ndarray:
@@ -82,10 +81,6 @@ class Vox2Vec(Method):
 
     def __init__(self, config: Vox2VecConfig, backbone: dict, in_channels: int = 1):
         super().__init__(config, backbone, in_channels)
-        if config.rotate_rescale:
-            raise NotImplementedError("vox2vec: rotate_rescale=True is not implemented (the official code promises "
-                                      "random rescale and rotation in a comment but applies only the crop); set "
-                                      "rotate_rescale: false")
         self.backbone = build_network(backbone, in_channels=in_channels, out_channels=1)
         levels = self.backbone.decoder_levels
         self.strides = [level.stride for level in levels]

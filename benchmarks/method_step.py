@@ -23,8 +23,8 @@ import time
 
 import numpy as np
 import torch
-from monai.losses import DiceCELoss
 
+from ssl3d.finetune.losses import segmentation_loss
 from ssl3d.nets import build_network
 from ssl3d.pretrain.method import make_config
 from ssl3d.pretrain.optim import build_optimizer
@@ -67,7 +67,7 @@ def finetuning_step(args, device: torch.device):
     torch.manual_seed(0)
     network = build_network(json.loads(args.backbone), in_channels=1, out_channels=args.classes).to(device)
     optimizer = torch.optim.SGD(network.parameters(), lr=0.01, momentum=0.9)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    loss_fn = segmentation_loss("dice_ce")
     rng = np.random.default_rng(0)
 
     def views():
@@ -76,7 +76,7 @@ def finetuning_step(args, device: torch.device):
         return {"image": image.to(device), "label": label.to(device)}
 
     def step(batch, i):
-        loss = loss_fn(network(batch["image"]), batch["label"])
+        loss, _ = loss_fn(network(batch["image"]), batch["label"])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

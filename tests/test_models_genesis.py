@@ -156,7 +156,7 @@ def test_vectorised_shuffle_equals_the_sequential_block_loop():
         window = cube[block].ravel()[np.argsort(keys[offset:offset + n], kind="stable")]
         expected[block] = window.reshape(size)
         offset += n
-    assert np.array_equal(gt._apply_shuffle_plan(cube, corners, sizes, keys), expected)
+    assert np.array_equal(gt.apply_shuffle_plan(cube, corners, sizes, keys), expected)
 
 
 def test_overlapping_blocks_read_the_original_so_the_cube_multiset_can_change():
@@ -165,7 +165,7 @@ def test_overlapping_blocks_read_the_original_so_the_cube_multiset_can_change():
     corners = np.array([[0, 0, 0], [0, 0, 1]])
     sizes = np.array([[1, 1, 2], [1, 1, 1]])
     keys = np.array([1, 0, 0])  # block 0 swaps (0,0,0) and (0,0,1); block 1 rewrites (0,0,1) with its own value
-    out = gt._apply_shuffle_plan(cube, corners, sizes, keys)
+    out = gt.apply_shuffle_plan(cube, corners, sizes, keys)
     assert out[0, 0, 0] == cube[0, 0, 1] and out[0, 0, 1] == cube[0, 0, 1]
     assert not np.array_equal(np.sort(out, axis=None), np.sort(cube, axis=None))
 

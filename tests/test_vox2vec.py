@@ -42,14 +42,14 @@ def test_official_defaults():
     assert config["optimizer"] == {"name": "adamw", "lr": 3e-4, "weight_decay": 0.0}  # Adam: AdamW without decay
     assert config["scheduler"] == {"name": "constant"} and config["grad_clip"] == 1.0
     assert config["temperature"] == 0.1 and config["projection_dim"] == 128
-    assert config["loss_weights"] == {"info_nce": 1.0} and not config["rotate_rescale"]
+    assert config["loss_weights"] == {"info_nce": 1.0}
     method = vox2vec()
     assert method.unit(method.config.body_threshold_hu) == pytest.approx(850 / 2350)  # -500 HU on hdssl_ct's scale
     assert method.region_size() == (63, 63, 63)
 
 
-def test_rotate_rescale_is_refused_by_name():
-    with pytest.raises(NotImplementedError, match="rotate_rescale"):
+def test_there_is_no_rotation_setting_as_the_official_code_applies_none():
+    with pytest.raises(ValueError, match="unknown setting.*rotate_rescale"):
         vox2vec(rotate_rescale=True)
 
 

@@ -95,7 +95,25 @@ def upsample(x: torch.Tensor, stride: int, size=None) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="trilinear", align_corners=False)
 
 
-class ResNet50Encoder3d(Backbone, torch.nn.Module):
+class ResNetBackbone(Backbone, torch.nn.Module):
+    """What both PGL networks share: the ResNet encoder under ``encoder.``, a 1×1×1 head conv ``out`` on the finest
+    decoded map, up-sampled to the input size; everything else is decoder."""
+
+    @classmethod
+    def part(cls, name: str) -> str:
+        return by_prefix(name, ("encoder.",), ("out.",))
+
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.encoder(x)
+
+    def head(self, decoded: list[torch.Tensor], size=None) -> torch.Tensor:
+        return upsample(self.out(decoded[0]), self.decoder_levels[0].stride[0], size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.decode(self.encode(x)), size=x.shape[2:])
+
+
+class ResNet50Encoder3d(ResNetBackbone):
     """PGL's 3D ResNet-50 encoder alone, with a linear head (module docstring): ``encoder.``, ``decoder.`` (a batch
     norm) and ``out.`` (the head's 1×1×1 conv)."""
 
@@ -117,22 +135,9 @@ class ResNet50Encoder3d(Backbone, torch.nn.Module):
     def build(cls, in_channels, out_channels, layers=LAYERS, widths=WIDTHS):
         return cls(in_channels=in_channels, out_channels=out_channels, layers=tuple(layers), widths=tuple(widths))
 
-    @classmethod
-    def part(cls, name: str) -> str:
-        return by_prefix(name, ("encoder.",), ("out.",))
-
-    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return self.encoder(x)
-
     def decode(self, features: list[torch.Tensor], region=None) -> list[torch.Tensor]:
         self.check_region(region)
         return [self.decoder(features[-1])]
-
-    def head(self, decoded: list[torch.Tensor], size=None) -> torch.Tensor:
-        return upsample(self.out(decoded[0]), self.decoder_levels[0].stride[0], size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.decode(self.encode(x)), size=x.shape[2:])
 
 
 def sep_conv(in_channels: int, out_channels: int, dilation: int = 1, act: bool = True) -> torch.nn.Sequential:
@@ -186,7 +191,7 @@ class UpBlock(torch.nn.Module):
         return self.block(up + self.skip(skip))
 
 
-class PGLSegNet(Backbone, torch.nn.Module):
+class PGLSegNet(ResNetBackbone):
     """PGL's segmentation network (Figure 6): ``encoder.`` (3D ResNet-50), ``aspp.`` and ``decoder.`` (the decoder
     part), ``out.`` (the head's 1×1×1 conv). Decoded maps, finest first: strides 4, 8, 16 and the ASPP's 32."""
 
@@ -217,13 +222,6 @@ class PGLSegNet(Backbone, torch.nn.Module):
                    aspp_channels=aspp_channels, aspp_dilations=tuple(aspp_dilations),
                    decoder_channels=tuple(decoder_channels))
 
-    @classmethod
-    def part(cls, name: str) -> str:
-        return by_prefix(name, ("encoder.",), ("out.",))  # aspp. and decoder. are the decoder part
-
-    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return self.encoder(x)
-
     def decode(self, features: list[torch.Tensor], region=None) -> list[torch.Tensor]:
         self.check_region(region)
         x = self.aspp(features[-1])
@@ -232,9 +230,3 @@ class PGLSegNet(Backbone, torch.nn.Module):
             x = block(x, skip)
             decoded.insert(0, x)
         return decoded
-
-    def head(self, decoded: list[torch.Tensor], size=None) -> torch.Tensor:
-        return upsample(self.out(decoded[0]), self.decoder_levels[0].stride[0], size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.decode(self.encode(x)), size=x.shape[2:])

@@ -178,7 +178,7 @@ def _shuffle_plan(rng: np.random.Generator, dims: np.ndarray, n_blocks: int):
     return corners, sizes, keys
 
 
-def _apply_shuffle_plan(volume: np.ndarray, corners: np.ndarray, sizes: np.ndarray, keys: np.ndarray) -> np.ndarray:
+def apply_shuffle_plan(volume: np.ndarray, corners: np.ndarray, sizes: np.ndarray, keys: np.ndarray) -> np.ndarray:
     """Vectorised equivalent of the official loop over blocks, in block order.
 
     For each block b (in order): ``out[block_b] = permute(volume[block_b])`` with the permutation given by a stable
@@ -232,7 +232,7 @@ def local_pixel_shuffling(x: np.ndarray, rng: np.random.Generator, prob: float =
     if rng.random() >= prob or n_blocks == 0:
         return x.copy()
     corners, sizes, keys = _shuffle_plan(rng, _spatial(x), n_blocks)
-    return _apply_shuffle_plan(x[0], corners, sizes, keys)[None]
+    return apply_shuffle_plan(x[0], corners, sizes, keys)[None]
 
 
 # -------------------------------------------------------------------------------------------------------- painting

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ssl3d.pretrain.genesis_transforms import Box, _apply_shuffle_plan, nonlinear_transformation
+from ssl3d.pretrain.genesis_transforms import Box, apply_shuffle_plan, nonlinear_transformation
 
 PROJECTIONS = ("fixed_random", "learned")
 
@@ -70,7 +70,7 @@ def local_pixel_shuffling(x: np.ndarray, rng: np.random.Generator, prob: float =
     corners, size, permutation = shuffle_plan(rng, x.shape[1:], n_blocks)
     # MG's writer gives block b the order argsort(keys_b): the inverse permutation as keys yields ``permutation``
     keys = np.tile(np.argsort(permutation), n_blocks)
-    return _apply_shuffle_plan(x[0], corners, np.tile(size, (n_blocks, 1)), keys)[None]
+    return apply_shuffle_plan(x[0], corners, np.tile(size, (n_blocks, 1)), keys)[None]
 
 
 # ------------------------------------------------------------------------------------------------- in-painting
