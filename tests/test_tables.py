@@ -12,7 +12,7 @@ from ssl3d.evaluate.run import PER_CASE_COLUMNS
 from ssl3d.pretrain import registry
 from ssl3d.pretrain.method import Method, Transfer
 from ssl3d.report.published import COLUMNS, load_published, validate_rows
-from ssl3d.report.tables import (NOT_IMPLEMENTED, NOT_MEASURED, NOT_RUN, SCRATCH_DESCRIPTION, init_titles,
+from ssl3d.report.tables import (NOT_IMPLEMENTED, NOT_MEASURED, NOT_RUN, SCRATCH_DESCRIPTION, UNATTRIBUTED, init_titles,
                                  leaderboard, leaderboard_markdown, method_footnotes, methods_table, paper_table,
                                  paper_table_markdown)
 
@@ -196,6 +196,14 @@ def test_markdown_has_every_row_cell_and_footnote(per_case, published):
     assert f"- `unetformer_mim`: {notes['unetformer_mim']}" in text
     custom = paper_table_markdown(table, {"hybridmim": "our own words"})
     assert "- `hybridmim`: our own words" in custom and "unetformer_mim`:" not in custom
+
+
+def test_rows_the_text_lost_the_label_of_say_so_and_a_released_init_is_run_like_any():
+    table = paper_table(pd.DataFrame(columns=PER_CASE_COLUMNS), load_published("hdssl"), "hdssl", "Table 1")
+    assert set(table[table.method == "unattributed"].status) == {UNATTRIBUTED}
+    assert set(table[table.method != "unattributed"].status) == {NOT_RUN}
+    table = paper_table(pd.DataFrame(columns=PER_CASE_COLUMNS), load_published("hdssl"), "hdssl", "Table 2")
+    assert set(table.status) == {NOT_RUN}  # vox2vec_official included
 
 
 @pytest.mark.parametrize("table_name, rows", [("Table 4", 12), ("Table 1", 11)])

@@ -106,29 +106,6 @@ def test_pretraining_feeds_fine_tuning_through_the_verified_transfer(micro_run):
 
 
 @pytest.mark.slow
-def test_a_micro_dag_with_all_three_protocols(tmp_path):
-    """Fine-tuning, linear probing and frozen-then-fine-tuned training of scratch and BYOL, end to end: each
-    protocol its own runs, per-case rows and leaderboard."""
-    config = json.loads(json.dumps(MICRO))
-    config["pretrain"]["methods"] = {"byol": MICRO["pretrain"]["methods"]["byol"]}
-    config["splits"]["label_fractions"] = [1.0]
-    config["finetune"].update(inits=["scratch", "byol"], seeds=[0], protocols={
-        "finetune": None, "probe": {"optimizer": {"lr": 0.01}},
-        "frozen_then_finetune": {"frozen_steps": 2, "ramp_steps": 2}})
-    result = snakemake(tmp_path, config)
-    assert result.returncode == 0, result.stderr[-5000:]
-    table = pd.read_csv(tmp_path / "results" / "micro" / "per_case.csv")
-    assert table.groupby("protocol")["run_id"].nunique().to_dict() == {
-        "finetune": 2, "frozen_then_finetune": 2, "probe": 2}
-    runs = tmp_path / "results" / "micro" / "finetune"
-    (probe,) = runs.glob("phantom_byol_probe_unet_*")
-    assert json.loads((probe / "manifest.json").read_text())["probe_features"] == "encoder"  # BYOL's declaration
-    board = pd.read_csv(tmp_path / "reports" / "micro" / "tables" / "leaderboard.csv")
-    assert sorted(board.groupby("protocol").size().items()) == [("finetune", 2), ("frozen_then_finetune", 2),
-                                                               ("probe", 2)]
-
-
-@pytest.mark.slow
 def test_rerun_has_nothing_to_do_and_an_override_makes_new_runs(micro_run):
     assert "Nothing to be done" in snakemake(micro_run, MICRO, "-n").stdout
     changed = {**MICRO, "finetune": {**MICRO["finetune"], "steps": 7}}
@@ -246,3 +223,55 @@ def test_a_micro_dag_pretrains_pgl_and_fine_tunes_its_segmentation_network(tmp_p
     assert transfer["fractions"] == {"encoder": 1.0, "decoder": 0.0, "head": 0.0}
     table = pd.read_csv(tmp_path / "results" / "micro" / "per_case.csv")
     assert set(table["init"]) == {"scratch", "pgl"} and table["value"].notna().any()
+
+
+@pytest.mark.slow
+def test_a_micro_dag_with_all_three_protocols_on_vox2vec_hdssl_and_the_released_vox2vec(tmp_path, server):
+    """vox2vec and hierarchical dense SSL pre-train an FPN; they and the released vox2vec weights (a synthetic file
+    in the official layout, fetched from a loopback server as `ssl3d fetch-weights` would) are fine-tuned, probed
+    and fine-tuned with the backbone frozen first, end to end: each protocol its own runs, per-case rows and
+    leaderboard."""
+    import dataclasses
+
+    import torch
+
+    from ssl3d.nets import build_network
+    from ssl3d.pretrain.registry import get_method
+    from ssl3d.pretrain.released import get_released
+    from ssl3d.pretrain.transfer import fetch_released
+
+    released = get_released("vox2vec_official")
+    state = build_network(released.backbone, in_channels=1, out_channels=2).state_dict()
+    torch.save(released.to_official({key: value for key, value in state.items() if key.startswith("fpn.")}),
+               tmp_path / released.file)
+    server.files[released.file] = (tmp_path / released.file).read_bytes()
+    fetch_released(dataclasses.replace(released, urls=(server.url(released.file),)), tmp_path / "data")
+
+    fpn = {"name": "fpn3d", **BACKBONES["fpn3d"].smallest["fields"]}
+    voxels = {"patch_size": [32, 32, 16], "batch_size": 1, "pairs_per_region": 2, "max_voxels": 64,
+              "projection_dim": 16}
+    config = json.loads(json.dumps(MICRO))
+    config["pretrain"].update(backbone=fpn, methods={
+        "vox2vec": {**voxels, "cache_window_hu": [-175.0, 250.0]},  # the demo recipe's window
+        "hdssl": voxels})
+    config["splits"]["label_fractions"] = [1.0]
+    config["finetune"].update(
+        inits=["vox2vec", "hdssl", "vox2vec_official"], seeds=[0], backbones=[fpn], patch_size=[32, 32, 32],
+        loss="sigmoid_bce_dice", protocols={"finetune": None, "probe": {"optimizer": {"lr": 0.01}},
+                                            "frozen_then_finetune": {"frozen_steps": 2, "ramp_steps": 2}})
+    config["inference"]["roi_size"] = [32, 32, 32]
+    result = snakemake(tmp_path, config)
+    assert result.returncode == 0, result.stderr[-5000:]
+    table = pd.read_csv(tmp_path / "results" / "micro" / "per_case.csv")
+    assert table.groupby("protocol")["init"].unique().map(sorted).to_dict() == {
+        protocol: ["hdssl", "vox2vec", "vox2vec_official"] for protocol in ("finetune", "frozen_then_finetune",
+                                                                           "probe")}
+    runs = tmp_path / "results" / "micro" / "finetune"
+    (probe,) = runs.glob("phantom_vox2vec_official_probe_fpn3d_*")
+    manifest = json.loads((probe / "manifest.json").read_text())
+    assert manifest["transfer"]["method"] == "vox2vec" and manifest["transfer"]["fractions"]["encoder"] == 1.0
+    assert manifest["probe_features"] == get_method("vox2vec").probe_features  # the released weights' method's
+    assert not (tmp_path / "logs" / "fetch_weights").exists()  # fetched before: the workflow trusts verified.json
+    board = pd.read_csv(tmp_path / "reports" / "micro" / "tables" / "leaderboard.csv")
+    assert sorted(board.groupby("protocol").size().items()) == [("finetune", 3), ("frozen_then_finetune", 3),
+                                                               ("probe", 3)]

@@ -25,6 +25,13 @@ def cmd_fetch(args):
     fetch_dataset(args.dataset, args.settings, args.data_root)
 
 
+def cmd_fetch_weights(args):
+    from ssl3d.pretrain.released import get_released
+    from ssl3d.pretrain.transfer import fetch_released
+
+    fetch_released(get_released(args.name), args.data_root)
+
+
 def cmd_prepare(args):
     from ssl3d.data.acquire import prepare_dataset
 
@@ -76,6 +83,7 @@ def cmd_methods(args):
 
     from ssl3d.nets import BACKBONES
     from ssl3d.pretrain.registry import methods
+    from ssl3d.pretrain.released import released_checkpoints
 
     for name, cls in methods().items():
         defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
@@ -84,6 +92,10 @@ def cmd_methods(args):
         print(f"{name} (version {cls.version})\n  paper: {cls.paper}\n  requires: {requires}; runs on: "
               f"{', '.join(cls.supported_backbones())}; channels: {'any' if cls.multichannel else 'one'}")
         print("  defaults: " + json.dumps(defaults, default=str))
+    print("released checkpoints (finetune.inits; `ssl3d fetch-weights --name <name>`):")
+    for name, entry in released_checkpoints().items():
+        print(f"  {name}: {entry.title}; method {entry.method} on {json.dumps(entry.backbone)}; {entry.access}; "
+              f"licence: {entry.licence}")
     print("backbones (capabilities):")
     for name, backbone in BACKBONES.items():
         print(f"  {name}: {', '.join(sorted(backbone.capabilities)) or '-'}")
@@ -136,6 +148,12 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--settings", type=_json, required=True, help="JSON: the dataset's entry in the config")
         p.add_argument("--data-root", type=Path, default=Path("data"))
         p.set_defaults(func=func)
+
+    p = sub.add_parser("fetch-weights", help="download (or find your copy of) a released checkpoint and check it "
+                                             "against its backbone; writes <data-root>/weights/<name>/verified.json")
+    p.add_argument("--name", required=True, help="the checkpoint's name (`ssl3d methods` lists them)")
+    p.add_argument("--data-root", type=Path, default=Path("data"))
+    p.set_defaults(func=cmd_fetch_weights)
 
     p = sub.add_parser("preprocess", help="run a named recipe on every case of a dataset into the per-case cache")
     p.add_argument("--dataset", required=True, help="folder holding dataset.json")

@@ -1,7 +1,8 @@
 """What an experiment config expands to: the runs of the grid and their identities.
 
-The Snakefile imports this module to name its jobs, so it uses the standard library only (the Snakemake
-process may live outside the suite's environment when rules run under ``--use-conda``).
+The Snakefile imports this module to name its jobs, so it uses the standard library and what Snakemake itself
+depends on (PyYAML, jsonschema) only: the Snakemake process may live outside the suite's environment when rules
+run under ``--use-conda``.
 
 A run's identity is the hash of everything that determines its trained weights (data, recipe, splits, init,
 backbone, training and inference settings, seed, code version). Output paths contain it: an override makes a new
@@ -16,6 +17,7 @@ import json
 from pathlib import Path
 
 from ssl3d import __version__
+from ssl3d.pretrain.released import released_checkpoints
 
 
 def canonical_hash(obj, length: int = 10) -> str:
@@ -117,8 +119,9 @@ def pretrain_runs(config: dict) -> dict[str, dict]:
 
 
 def _init_backbones(config: dict) -> list[tuple[str, dict]]:
-    """(init, backbone) pairs: ``scratch`` on each of ``finetune.backbones`` (the supervised rows), and each
-    pre-trained init on the backbone it was pre-trained on (the only one its weights fit)."""
+    """(init, backbone) pairs: ``scratch`` on each of ``finetune.backbones`` (the supervised rows), each
+    pre-trained init on the backbone it was pre-trained on and each released checkpoint on the backbone of its
+    registry entry (the only ones their weights fit)."""
     finetune = config["finetune"]
     entries = pretrain_entries(config)
     pairs = []
@@ -127,8 +130,11 @@ def _init_backbones(config: dict) -> list[tuple[str, dict]]:
             pairs += [(init, backbone) for backbone in finetune["backbones"]]
         elif init in entries:
             pairs.append((init, entries[init]["backbone"]))
+        elif init in released_checkpoints():
+            pairs.append((init, released_checkpoints()[init].backbone))
         else:
-            raise ValueError(f"finetune.inits: {init!r} is neither 'scratch' nor an entry of pretrain.methods")
+            raise ValueError(f"finetune.inits: {init!r} is not 'scratch', an entry of pretrain.methods or a "
+                             f"released checkpoint ({', '.join(released_checkpoints())})")
     return pairs
 
 
@@ -176,23 +182,25 @@ def finetune_runs(config: dict) -> dict[str, dict]:
     frozen_then_finetune), and so are the arm's training settings (:func:`arm_training`): a per-backbone, per-init
     or per-protocol override makes new runs for that arm only.
 
-    An init other than ``scratch`` names an entry of ``pretrain.methods``; the run's spec then holds the identity
-    of the pre-training run it starts from (fine-tuning seed i uses pre-training seed i mod the number of
-    pre-training seeds), so a new checkpoint makes new fine-tuning runs. Fraction 1 has a single subset (every
-    draw of all training cases is the same set), so it is trained once per seed rather than once per draw. A
-    dataset's own ``label_fractions`` keeps only those of ``splits.label_fractions`` for it.
+    An init other than ``scratch`` names an entry of ``pretrain.methods``, whose run's identity the spec then holds
+    (fine-tuning seed i uses pre-training seed i mod the number of pre-training seeds), so a new checkpoint makes
+    new fine-tuning runs; or a released checkpoint (``ssl3d.pretrain.released``), whose identity it holds.
+    Fraction 1 has a single subset (every draw of all training cases is the same set), so it is trained once per
+    seed rather than once per draw. A dataset's own ``label_fractions`` keeps only those of
+    ``splits.label_fractions`` for it.
     """
     finetune = config["finetune"]
     pretrained = {(run["spec"]["variant"], run["spec"]["seed"]): (name, run["run_id"])
                   for name, run in pretrain_runs(config).items()}
     pretrain_seeds = config.get("pretrain", {}).get("seeds", [])
+    entries = pretrain_entries(config)
     runs = {}
     datasets = [dataset for dataset in finetune["datasets"] if dataset not in skipped_datasets(config)]
     grid = [(dataset, fold) for dataset in datasets for fold in dataset_folds(config, dataset)]
     for (dataset, fold), (init, backbone), protocol, fraction, subset, (i, seed) in itertools.product(
             grid, _init_backbones(config), protocols(config), config["splits"]["label_fractions"],
             range(config["splits"]["subsets"]), enumerate(finetune["seeds"])):
-        if fraction == 1 and subset > 0 or init != "scratch" and not pretrained:  # no pool: skipped
+        if fraction == 1 and subset > 0 or init in entries and not pretrained:  # no pool: skipped
             continue
         if fraction not in config["datasets"][dataset].get("label_fractions", [fraction]):
             continue
@@ -215,7 +223,9 @@ def finetune_runs(config: dict) -> dict[str, dict]:
         if protocol != "finetune":  # likewise absent for whole-network fine-tuning
             spec["protocol_settings"] = protocol_settings
         entry = {}
-        if init != "scratch":
+        if init in released_checkpoints():
+            spec["released"], entry["released"] = released_checkpoints()[init].identity(), init
+        elif init != "scratch":
             entry["pretrain_run"], spec["pretrained"] = pretrained[(init, pretrain_seeds[i % len(pretrain_seeds)])]
         run_id = canonical_hash(spec)
         where = dataset if fold is None else f"{dataset}_fold{fold}"

@@ -21,6 +21,7 @@ from ssl3d.nets import BACKBONES
 from ssl3d.nets.backbone import Backbone
 from ssl3d.plan import pretrain_entries, protocols
 from ssl3d.pretrain.method import make_config
+from ssl3d.pretrain.released import released_checkpoints
 from ssl3d.pretrain.registry import get_method
 
 
@@ -90,9 +91,13 @@ def config_problems(config: dict) -> list[str]:
     for i, backbone in enumerate(finetune["backbones"]):
         problems += backbone_problems(backbone, f"finetune.backbones[{i}]")
     for init in finetune["inits"]:
-        if init != "scratch" and init not in entries:
-            problems.append(f"finetune.inits: {init!r} is neither 'scratch' nor an entry of pretrain.methods "
-                            f"({', '.join(entries) or 'none'})")
+        if init != "scratch" and init not in entries and init not in released_checkpoints():
+            problems.append(f"finetune.inits: {init!r} is not 'scratch', an entry of pretrain.methods "
+                            f"({', '.join(entries) or 'none'}) or a released checkpoint "
+                            f"({', '.join(released_checkpoints())})")
+        if init in entries and init in released_checkpoints():
+            problems.append(f"pretrain.methods.{init}: the name of a released checkpoint; rename the entry so "
+                            "finetune.inits says which one it means")
     problems += [f"finetune.per_backbone.{name}: unknown backbone; known: {', '.join(sorted(BACKBONES))}"
                  for name in finetune.get("per_backbone", {}) if name not in BACKBONES]
     problems += [f"finetune.per_init.{init}: not one of finetune.inits ({', '.join(finetune['inits'])})"

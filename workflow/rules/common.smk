@@ -103,6 +103,8 @@ def run_inputs(wildcards):
     inputs = {"cache_index": cache_index(spec), "splits": f"{RESULTS}/splits/{spec['dataset']}.json"}
     if "pretrain_run" in entry:
         inputs["pretrained"] = f"{RESULTS}/pretrain/{entry['pretrain_run']}/pretrained.pt"
+    if "released" in entry:
+        inputs["pretrained"] = f"data/weights/{entry['released']}/verified.json"
     return inputs
 
 

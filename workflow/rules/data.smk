@@ -11,6 +11,17 @@ rule fetch:
         "python -m ssl3d fetch --dataset {wildcards.dataset} --settings {params.settings:q} > {log} 2>&1"
 
 
+rule fetch_weights:
+    output:
+        "data/weights/{checkpoint}/verified.json",
+    log:
+        "logs/fetch_weights/{checkpoint}.log",
+    conda:
+        "../../environment.yml"
+    shell:
+        "python -m ssl3d fetch-weights --name {wildcards.checkpoint} > {log} 2>&1"
+
+
 rule prepare:
     input:
         verified_source,

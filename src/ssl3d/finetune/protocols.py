@@ -31,7 +31,7 @@ from ssl3d.nets.probe import LinearProbe
 from ssl3d.plan import PROTOCOL_SETTINGS
 from ssl3d.pretrain.optim import build_optimizer, build_scheduler, lr_factor
 from ssl3d.pretrain.registry import get_method
-from ssl3d.pretrain.transfer import load_pretrained
+from ssl3d.pretrain.transfer import load_pretrained, load_released
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,8 @@ class Downstream:
 def build_downstream(spec: dict, in_channels: int, out_channels: int, pretrained=None,
                      probe_features: str | None = None) -> Downstream:
     """The downstream model of ``spec`` for its protocol: its backbone network, initialised from the pre-training
-    checkpoint ``pretrained`` (a path) when given, wrapped in a :class:`LinearProbe` for ``probe``.
+    checkpoint ``pretrained`` (a path: a pre-training run's ``pretrained.pt``, or the ``verified.json`` of the
+    released checkpoint that ``spec["released"]`` names) when given, wrapped in a :class:`LinearProbe` for ``probe``.
 
     Fine-tuning calls it with ``pretrained``; evaluation calls it with the ``probe_features`` that ``model.pt``
     recorded, then loads the trained weights.
@@ -80,7 +81,8 @@ def build_downstream(spec: dict, in_channels: int, out_channels: int, pretrained
     network = build_network(spec["backbone"], in_channels=in_channels, out_channels=out_channels)
     transfer = None
     if pretrained is not None:
-        report = load_pretrained(network, pretrained, spec["backbone"]["name"])
+        report = (load_released(network, pretrained) if "released" in spec
+                  else load_pretrained(network, pretrained, spec["backbone"]["name"]))
         transfer = report.as_dict()
         log.info("initialised from %s (%s): %s", spec["init"], pretrained, transfer["fractions"])
     if name != "probe":

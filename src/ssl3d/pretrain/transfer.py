@@ -2,17 +2,25 @@
 
 Following nnssl's lesson, the mapping is checked before any pre-training step runs (on a freshly built method and
 downstream network), so a wrong prefix or a shape mismatch fails in seconds, not after hours of pre-training;
-fine-tuning runs the same check when it loads the checkpoint and records the report in its manifest.
+fine-tuning runs the same check when it loads the checkpoint and records the report in its manifest. A released
+checkpoint (``ssl3d.pretrain.released``) goes through the same check, when it is fetched and when it is loaded.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import torch
 
-from ssl3d.nets import parameter_part
+from ssl3d.data.fetch import ManualDataMissing, download, verify_file
+from ssl3d.io import read_json, write_json
+from ssl3d.nets import build_network, parameter_part
 from ssl3d.pretrain.method import Transfer
+from ssl3d.pretrain.released import ReleasedCheckpoint, get_released
+
+log = logging.getLogger(__name__)
 
 PARTS = ("encoder", "decoder", "head")
 
@@ -93,3 +101,68 @@ def load_pretrained(downstream: torch.nn.Module, checkpoint_path, backbone: str)
         raise TransferError(f"{checkpoint_path}: {err}") from err
     downstream.load_state_dict(load, strict=False)
     return replace(report, method=checkpoint["method"], method_version=str(checkpoint["method_version"]))
+
+
+def read_state(entry: ReleasedCheckpoint, path: Path) -> dict[str, torch.Tensor]:
+    """The state dict inside ``path`` (tensors only, never unpickling code)."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError or EOFError for a file it cannot read
+        raise TransferError(f"{path}: not a checkpoint torch can read as tensors ({type(err).__name__}: {err}); "
+                            f"delete it and fetch {entry.name} again") from err
+    state = saved.get(entry.state_key) if entry.state_key and isinstance(saved, dict) else saved
+    if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
+        where = f"its {entry.state_key!r} entry" if entry.state_key else "the file"
+        raise TransferError(f"{path}: {where} is not a state dict of tensors, as {entry.name}'s release is")
+    return state
+
+
+def check_released(entry: ReleasedCheckpoint, state: dict, downstream: torch.nn.Module
+                   ) -> tuple[dict[str, torch.Tensor], TransferReport]:
+    """The tensors to load into ``downstream`` and the transfer report; raises TransferError naming every key
+    without a place in the backbone and every shape that differs."""
+    try:
+        mapped = entry.to_suite(state)
+    except ValueError as err:
+        raise TransferError(str(err)) from err
+    unknown = sorted(set(mapped) - set(downstream.state_dict()))
+    if unknown:
+        raise TransferError(f"{entry.name}: {len(unknown)} tensor(s) have no place in backbone "
+                            f"{entry.backbone['name']!r}, e.g. {unknown[:5]}; is this the release the registry names?")
+    transfer = Transfer(prefixes={"": ""}, coverage=entry.coverage)
+    try:
+        load, report = plan_transfer(mapped, downstream, entry.backbone["name"], transfer)
+    except TransferError as err:
+        raise TransferError(f"{entry.name}: {err}") from err
+    return load, replace(report, method=entry.method, method_version=f"released: {entry.name}")
+
+
+def fetch_released(entry: ReleasedCheckpoint, data_root: str | Path = Path("data")) -> Path:
+    """Download (or find) and check ``entry``'s file; returns ``<data_root>/weights/<name>/verified.json``."""
+    path = entry.folder(data_root) / entry.file
+    if entry.access == "automatic":
+        download(list(entry.urls), path, entry.size, sha256=entry.sha256)  # which logs the sha256 to pin
+    elif not path.is_file():
+        raise ManualDataMissing(entry.name, path, entry.instructions)
+    record = verify_file(path, entry.size, sha256=entry.sha256)
+    if entry.sha256 is None and entry.access == "manual":
+        log.warning("%s: no sha256 pinned in released.yaml; this file's is %s: pin it", entry.name, record["sha256"])
+    network = build_network(entry.backbone, in_channels=1, out_channels=2)
+    _, report = check_released(entry, read_state(entry, path), network)
+    log.info("%s: %d tensors fit %s (%s)", entry.name, report.loaded, entry.backbone["name"], report.fractions)
+    verified = entry.folder(data_root) / "verified.json"
+    write_json(verified, {"name": entry.name, "file": str(path), "size": record["size"], "sha256": record["sha256"],
+                          "pinned": entry.sha256 is not None, "transfer": report.as_dict()})
+    return verified
+
+
+def load_released(downstream: torch.nn.Module, verified: str | Path) -> TransferReport:
+    """Initialise ``downstream`` from the released checkpoint that ``verified`` (fetch_released's record) names."""
+    record = read_json(verified)
+    entry = get_released(record["name"])
+    path = Path(record["file"])
+    if verify_file(path)["sha256"] != record["sha256"]:
+        raise TransferError(f"{path} changed since it was verified ({verified}); delete both and fetch again")
+    load, report = check_released(entry, read_state(entry, path), downstream)
+    downstream.load_state_dict(load, strict=False)
+    return report

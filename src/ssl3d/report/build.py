@@ -46,6 +46,7 @@ from ssl3d.analysis.aggregate import SUMMARY_LEGEND, read_per_case, summarise, s
 from ssl3d.analysis.stats import LOWER_IS_BETTER, SCRATCH, case_values, friedman_nemenyi, significance_matrix
 from ssl3d.io import read_json, write_text
 from ssl3d.pretrain import registry
+from ssl3d.pretrain.released import released_checkpoints
 from ssl3d.report import figures, tables
 from ssl3d.report.published import load_published, published_tables
 
@@ -103,9 +104,13 @@ class ExperimentResults:
         return [run for run in self.run_dirs if run.startswith(f"{stage}/")]
 
     def method_of(self) -> dict[str, str]:
-        """Pre-training entry (the init fine-tuning runs name) -> its method, from the pre-training manifests."""
-        return {m["config"].get("variant", m["config"]["method"]): m["config"]["method"]
-                for run, m in self.manifests.items() if run.startswith("pretrain/") and "method" in m["config"]}
+        """Pre-training entry (the init fine-tuning runs name) -> its method, from the pre-training manifests; a
+        released checkpoint the runs start from -> the method it was trained with (``released.yaml``)."""
+        released = {init: released_checkpoints()[init].method for init in self.per_case["init"].unique()
+                    if init in released_checkpoints()}
+        return released | {m["config"].get("variant", m["config"]["method"]): m["config"]["method"]
+                           for run, m in self.manifests.items()
+                           if run.startswith("pretrain/") and "method" in m["config"]}
 
     def methods(self) -> list[str]:
         """The registered methods of the experiment: pre-trained by its runs, or named as an init."""
@@ -171,9 +176,10 @@ def run_table(results: ExperimentResults) -> pd.DataFrame:
 
 def reproduction_status(cells: pd.DataFrame) -> pd.DataFrame:
     """Paper × table: how many published cells have each status (not run, demo / mini / paper scale, method not
-    implemented, metric not measured) and, of those we have numbers for, how many published values lie inside and
+    implemented, components not recoverable, metric not measured) and, of those we have numbers for, how many published values lie inside and
     outside our 95 % interval."""
-    statuses = [tables.NOT_RUN, *tables.TIERS.values(), tables.NOT_IMPLEMENTED, tables.NOT_MEASURED]
+    statuses = [tables.NOT_RUN, *tables.TIERS.values(), tables.NOT_IMPLEMENTED, tables.UNATTRIBUTED,
+                tables.NOT_MEASURED]
     counts = pd.crosstab([cells["paper"], cells["table"]], cells["status"]).reindex(columns=statuses, fill_value=0)
     with_ci = cells[cells["outside_ci"].notna()]
     ci = pd.crosstab([with_ci["paper"], with_ci["table"]], with_ci["outside_ci"].astype(bool))

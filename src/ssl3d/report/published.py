@@ -9,9 +9,10 @@
 - ``dataset``: a key of the dataset registry (``ssl3d.data.registry``), e.g. btcv, msd_liver, brats2020, amos_mri.
 - ``method``: the row label as printed, without its citation marker ("MG [39]" -> "MG"); where the extraction lost
   the label, the label the inference gives (see ``inferred``).
-- ``init``: the suite's init name for that row: ``scratch`` or the ``name`` of a registered method
-  (``ssl3d.pretrain.registry``); empty where the suite has none (PGL, TransVW, vox2vec, HDSSL), which the paper
-  tables call "method not implemented". The methods a table names are this data (``method``); the methods the
+- ``init``: the suite's init name for that row: ``scratch``, the ``name`` of a registered method
+  (``ssl3d.pretrain.registry``) or a released checkpoint (``ssl3d.pretrain.released``); empty where the suite has
+  none (TransVW), which the paper tables call "method not implemented", or where the row cannot be attributed
+  (its ``setting`` then says "components not recoverable", which the tables say instead). The methods a table names are this data (``method``); the methods the
   suite implements are the registry's, so a row is tied to a method by filling its init once the method exists.
 - ``backbone``: the suite's backbone name where there is one (segresnet, unetr, swinunetr, hybridmim_unet,
   genesis_unet3d), else the paper's network in a few words (unetformer, resnet50_aspp, fpn3d).
@@ -44,6 +45,7 @@ import pandas as pd
 
 from ssl3d.analysis.stats import SCRATCH
 from ssl3d.pretrain import registry
+from ssl3d.pretrain.released import released_checkpoints
 
 COLUMNS = ("paper", "table", "dataset", "method", "init", "backbone", "setting", "label_fraction", "target",
            "metric", "value", "scale", "pm", "source_line", "inferred")
@@ -80,8 +82,9 @@ def _datasets() -> frozenset[str]:
 
 
 def implemented(init: str) -> bool:
-    """Whether the suite has a published row's init: scratch, or a method of the registry (empty: no init)."""
-    return init == SCRATCH or init in registry.methods()
+    """Whether the suite has a published row's init: scratch, a method of the registry or a released checkpoint
+    (empty: no init)."""
+    return init == SCRATCH or init in registry.methods() or init in released_checkpoints()
 
 
 def protocol_of(setting: str) -> str:
@@ -128,8 +131,8 @@ def validate_rows(name: str, header: list[str], rows: list[dict[str, str]], pape
         if row["dataset"] not in _datasets():
             fail("dataset", "not a dataset registry key")
         if row["init"] and not implemented(row["init"]):
-            fail("init", f"neither empty, {SCRATCH!r} nor a registered method ({', '.join(registry.methods())}); "
-                         "leave it empty for a method the suite does not implement")
+            fail("init", f"neither empty, {SCRATCH!r}, a registered method ({', '.join(registry.methods())}) nor a "
+                         "released checkpoint; leave it empty for a method the suite does not implement")
         if row["metric"] not in METRICS:
             fail("metric", f"not one of {tuple(METRICS)}")
         if row["scale"] not in SCALES:

@@ -41,8 +41,9 @@ Numbers of a cell
     test. For the ``mean`` target the interval is over each case's mean over targets, so where a target is NaN its
     centre can differ slightly from ``ours`` (a mean of target means).
 
-Status of a cell, first that applies: "method not implemented" (the published init is empty, e.g. TransVW, PGL,
-vox2vec, or neither ``scratch`` nor a registered method: :func:`ssl3d.report.published.implemented`), "metric not
+Status of a cell, first that applies: "components not recoverable" (a row the paper's text lost the label of, with
+no init: HDSSL Table 1's rows 2-4), "method not implemented" (the published init is empty, e.g. TransVW, or not
+``scratch``, a registered method or a released checkpoint: :func:`ssl3d.report.published.implemented`), "metric not
 measured", "not run" (no run matches), else the scale of the experiment that produced the per-case table, which only
 the caller knows: "demo scale", "mini scale" or "paper scale" (the experiment config's ``report.tier``).
 
@@ -86,6 +87,7 @@ from ssl3d.pretrain import registry
 from ssl3d.report.published import implemented, protocol_of
 
 __all__ = ["NOT_IMPLEMENTED", "NOT_MEASURED", "NOT_RUN", "PAPER_TABLE_LEGEND", "SCRATCH_DESCRIPTION", "TIERS",
+           "UNATTRIBUTED",
            "init_titles", "leaderboard", "leaderboard_blocks", "leaderboard_legend", "leaderboard_markdown",
            "method_footnotes", "methods_table", "paper_table", "paper_table_grid", "paper_table_markdown",
            "status_counts"]
@@ -94,6 +96,7 @@ SCRATCH_DESCRIPTION = ("No pre-training: the downstream network starts from rand
                        "labelled cases alone, the supervised baseline every pre-trained init is compared with.")
 TIERS = {"demo": "demo scale", "mini": "mini scale", "paper": "paper scale"}
 NOT_IMPLEMENTED, NOT_MEASURED, NOT_RUN = "method not implemented", "metric not measured", "not run"
+UNATTRIBUTED = "components not recoverable"  # the phrase of such a row's setting, and its status
 FACTORS = {"percent": 100.0, "fraction": 1.0, "mm": 1.0}  # our per-case values -> the paper's scale
 MIN_DECIMALS = {"fraction": 3}
 ROW_KEY = ["method", "init", "backbone", "setting", "label_fraction"]
@@ -180,6 +183,8 @@ def _matching_runs(runs: pd.DataFrame, cell, backbones: Mapping[str, str]) -> pd
 
 
 def _status(cell, found: pd.DataFrame, tier: str) -> str:
+    if not cell.init and UNATTRIBUTED in cell.setting:
+        return UNATTRIBUTED
     if not implemented(cell.init):
         return NOT_IMPLEMENTED
     if cell.metric not in METRICS:
@@ -332,8 +337,8 @@ def _run_stale(run_id: str, manifests: Mapping[str, dict]) -> bool | None:
     manifest = manifests.get(run_id)
     if manifest is None:
         return None
-    if manifest["config"].get("init") == SCRATCH:
-        return False
+    if manifest["config"].get("init") == SCRATCH or "released" in manifest["config"]:
+        return False  # no code of ours made scratch weights or released ones
     recorded = manifest.get("transfer") or {}  # fine-tuning manifests record the checkpoint's method and version
     if recorded.get("method_version") is None:
         pretraining = manifests.get(manifest["config"].get("pretrained"))  # older runs: the pre-training manifest
