@@ -9,6 +9,8 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 
 from ssl3d.data.cache import preprocess_dataset
@@ -115,3 +117,12 @@ def server(monkeypatch):
     server.shutdown()
     server.server_close()
     thread.join()
+
+
+def rewrite(path: Path, change) -> None:
+    """Save ``change(voxels)`` in place of the NIfTI at ``path``, keeping its geometry (a file edited in place)."""
+    image = nib.load(path)
+    voxels = change(np.asarray(image.dataobj).copy())
+    header = image.header.copy()
+    header.set_data_dtype(voxels.dtype)
+    nib.save(nib.Nifti1Image(voxels, image.affine, header), path)

@@ -7,10 +7,13 @@ from pathlib import Path
 
 import pytest
 
+from ssl3d import __version__
 from ssl3d.cli import parser
 
-SUBCOMMANDS = ["datasets", "fetch", "prepare", "preprocess", "splits", "pretrain", "methods", "finetune", "evaluate",
-               "collect", "summarise"]
+from conftest import REPO
+
+SUBCOMMANDS = ["datasets", "fetch", "fetch-weights", "prepare", "preprocess", "splits", "pretrain", "methods",
+               "finetune", "evaluate", "collect", "summarise", "report", "status"]
 
 
 def test_console_script_is_installed():
@@ -38,8 +41,22 @@ def test_bad_input_is_a_clear_error_not_a_traceback(phantom_root, tmp_path):
 def test_methods_lists_every_method_with_paper_requirements_backbones_and_defaults():
     result = subprocess.run([sys.executable, "-m", "ssl3d", "methods"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert "models_genesis (version 1)" in result.stdout and "byol (version 1)" in result.stdout
+    assert f"models_genesis (version 1, {REPO / 'baselines' / 'models_genesis.py'})" in result.stdout
+    assert f"hybridmim (version 1, {REPO / 'methods' / 'hybridmim.py'})" in result.stdout
     assert "Zhou et al." in result.stdout and "requires: nothing; runs on: unet, basicunet" in result.stdout
     assert "requires: region_decoding or hidden_states; runs on: swinunetr, hybridmim_unet" in result.stdout
     assert "hybridmim_unet: region_decoding" in result.stdout  # the backbones with their capabilities
     assert '"name": "lars", "lr": 0.2' in result.stdout
+
+
+def test_version_device_choices_and_a_closed_pipe(capsys):
+    with pytest.raises(SystemExit):
+        parser().parse_args(["--version"])
+    assert capsys.readouterr().out.strip() == f"ssl3d {__version__}"
+    with pytest.raises(SystemExit):
+        parser().parse_args(["finetune", "--run-config", "c.json", "--out", "o", "--device", "gpu"])
+    assert "'gpu' is not cpu, cuda or cuda:<index>" in capsys.readouterr().err
+    assert parser().parse_args(["finetune", "--run-config", "c", "--out", "o", "--device", "cuda:1"]).device == "cuda:1"
+    piped = subprocess.run(f"{sys.executable} -m ssl3d methods | head -1", shell=True, capture_output=True, text=True)
+    assert piped.stdout.startswith("byol (") and not piped.stderr  # no "Broken pipe" error when head stops reading
+

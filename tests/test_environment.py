@@ -22,15 +22,12 @@ def test_torch_is_pinned_to_the_cpu_build_on_disk():
     assert lock_pins()["torch"] == "2.13.0"
 
 
-def test_conda_environment_uses_the_lock_file_versions():
-    env = yaml.safe_load((REPO / "environment.yml").read_text())
+def test_the_rules_conda_environment_pins_every_version_of_the_lock_file():
+    env = yaml.safe_load((REPO / "workflow" / "envs" / "ssl3d.yaml").read_text())
     pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
-    pins = lock_pins()
-    for requirement in pip_section:
-        name, version = requirement.split("==")
-        assert pins[name.lower()] == version, requirement
-    assert {"torch", "monai", "nibabel", "pandas", "scipy", "statsmodels", "matplotlib"} <= {
-        r.split("==")[0] for r in pip_section}
+    assert dict(requirement.lower().split("==") for requirement in pip_section) == lock_pins()
+    rules = "".join(path.read_text() for path in (REPO / "workflow" / "rules").glob("*.smk"))
+    assert rules.count('conda:\n        "../envs/ssl3d.yaml"') == rules.count("shell:")  # every shell rule uses it
 
 
 def test_lock_file_holds_the_test_tools_and_snakemake():

@@ -7,10 +7,12 @@ The job count of each plan is printed (``pytest -s tests/test_experiment_configs
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
 
+from ssl3d.data.files import manual_copy
 from ssl3d.data.paper_splits import load_paper_split
 from ssl3d.data.recipes import get_recipe
 from ssl3d.data.registry import get_entry
@@ -37,8 +39,8 @@ def plan(name: str, tmp_path_factory, placed: bool) -> subprocess.CompletedProce
     if (name, placed) not in _PLANS:
         workdir = tmp_path_factory.mktemp(f"{name}_{'placed' if placed else 'bare'}")
         if placed:
-            for settings in manual(load(name)).values():
-                copy = workdir / settings["path"]
+            for dataset, settings in manual(load(name)).items():
+                copy = workdir / manual_copy(dataset, settings)
                 copy.mkdir(parents=True)
                 (copy / "placeholder.txt").write_text("a stand-in for the user's copy\n")
         _PLANS[name, placed] = subprocess.run(
@@ -68,8 +70,9 @@ def test_config_names_its_datasets_as_the_registry_expects(name):
         assert settings["source"] == "registry", dataset
         entry = get_entry(settings.get("entry", dataset))
         assert entry.access in ("automatic", "manual"), f"{dataset}: {entry.access} cannot be obtained"
-        if entry.access == "manual":  # never downloaded: the user's copy at a path the config documents
-            assert settings.get("missing") == "skip" and settings["path"] == f"data/manual/{dataset}", dataset
+        if entry.access == "manual":  # never downloaded: the user's copy where `ssl3d datasets` says
+            assert settings.get("missing") == "skip" and "path" not in settings, dataset
+            assert manual_copy(dataset, settings) == Path("data") / "manual" / dataset
         else:
             assert "path" not in settings and "missing" not in settings, dataset
         get_recipe(dataset_recipe(config, dataset))
@@ -97,7 +100,7 @@ def test_config_plans_with_no_data_present(name, tmp_path_factory):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert f"results/{name}/summary.md" in result.stdout
     for dataset, settings in manual(config).items():
-        assert f"skipping dataset {dataset}: no copy at {settings['path']} (missing: skip)" in result.stderr
+        assert f"skipping dataset {dataset}: no copy at {manual_copy(dataset, settings)} (missing: skip)" in result.stderr
     if "btcv" in config["datasets"]:
         assert "skipping dataset btcv" in result.stderr
     assert fetched(result.stdout) == set(config["datasets"]) - set(manual(config))

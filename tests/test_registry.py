@@ -136,8 +136,9 @@ def test_a_bad_entry_fails_on_load_naming_file_entry_and_field(tmp_path, change,
 def test_status_follows_the_on_disk_conventions(tmp_path):
     root = tmp_path / "data"
     seen = [dataset_status("btcv", root)]
-    (root / "sources" / "btcv" / "copy").mkdir(parents=True)
+    (root / "manual" / "btcv" / "RawData").mkdir(parents=True)  # the user's copy
     seen.append(dataset_status("btcv", root))
+    (root / "sources" / "btcv").mkdir(parents=True)
     (root / "sources" / "btcv" / "verified.json").write_text("{}")
     seen.append(dataset_status("btcv", root))
     (root / "raw" / "btcv").mkdir(parents=True)
@@ -162,7 +163,7 @@ def test_datasets_command_lists_every_entry_with_its_status(tmp_path, capsys):
             for cells in [[cell.strip() for cell in line.strip("|").split("|")]]}
     assert list(rows) == list(load_registry()) and set(rows) == set(NAMES)
     assert rows["msd_spleen"]["status"] == "verified" and rows["btcv"]["status"] == "absent"
-    assert rows["btcv"]["expected at"] == f"{tmp_path}/sources/btcv/copy/"
+    assert rows["btcv"]["expected at"] == f"{tmp_path}/manual/btcv/"
     assert rows["nako"]["expected at"] == "not obtainable" and rows["btcv"]["redistributable"] == "no"
 
 
@@ -170,7 +171,7 @@ def test_datasets_show_prints_the_manual_steps(capsys):
     assert main(["datasets", "--show", "btcv"]) == 0
     out = capsys.readouterr().out
     assert get_entry("btcv").instructions.splitlines()[0].strip() in out
-    assert "syn3193805" in out and "not redistributable" in out and "data/sources/btcv/copy" in out
+    assert "syn3193805" in out and "not redistributable" in out and "data/manual/btcv" in out
 
 
 def test_datasets_show_of_an_unknown_name_lists_the_known_ones(caplog):

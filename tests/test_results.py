@@ -64,7 +64,8 @@ def test_pretrained_inits_chain_the_identity_of_their_pretraining_run(demo_confi
 
 def test_an_init_without_a_pretraining_method_is_named(demo_config):
     demo_config["finetune"]["inits"] = ["scratch", "simclr"]
-    with pytest.raises(ValueError, match="finetune.inits: 'simclr' is neither 'scratch' nor an entry of pretrain"):
+    with pytest.raises(ValueError, match="finetune.inits: 'simclr' is not 'scratch', an entry of pretrain.methods or "
+                                         "a released checkpoint"):
         finetune_runs(demo_config)
 
 

@@ -13,33 +13,14 @@ import yaml
 from ssl3d.evaluate.run import PER_CASE_COLUMNS
 from ssl3d.nets import BACKBONES
 
-from conftest import REPO
+from conftest import REPO, rewrite
 
-MICRO = {
-    "experiment": "micro",
-    "datasets": {"phantom": {"source": "phantom", "labelled": 5, "unlabelled": 2, "seed": 1,
-                             "shape": [64, 64, 32], "spacing": [2.4, 2.4, 4.5]}},
-    "preprocess": {"recipe": "demo_ct"},
-    "splits": {"seed": 0, "validation": 1, "test": 2, "label_fractions": [0.5, 1.0], "subsets": 1},
-    "pretrain": {"datasets": ["phantom"], "seeds": [0], "steps": 4, "checkpoint_every": 2,
-                 "backbone": {"name": "unet", "channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 0},
-                 "methods": {"models_genesis": {"patch_size": [32, 32, 16], "batch_size": 2},
-                             "byol": {"patch_size": [32, 32, 16], "batch_size": 2, "projector_hidden": 32,
-                                      "predictor_hidden": 32, "projection_dim": 16}}},
-    "finetune": {"datasets": ["phantom"], "inits": ["scratch", "models_genesis", "byol"], "seeds": [0, 1],
-                 "backbones": [{"name": "unet", "channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 0}],
-                 "optimizer": {"name": "adamw", "lr": 0.003, "weight_decay": 0.0}, "steps": 6, "batch_size": 2,
-                 "patch_size": [32, 32, 16], "pos_neg_ratio": [1, 1], "val_every": 3, "checkpoint_every": 3},
-    "inference": {"roi_size": [32, 32, 16], "overlap": 0.25, "sw_batch_size": 2},
-    "evaluation": {"nsd_tolerance_mm": {"spleen": 2.0, "kidney_right": 2.0, "kidney_left": 2.0, "liver": 3.0,
-                                        "stomach": 3.0, "aorta": 1.5},
-                   "empty": {"both_empty": "nan", "one_empty_distance": "max"}},
-}
+MICRO = yaml.safe_load((REPO / "config" / "experiments" / "micro.yaml").read_text())
 
 
-def snakemake(workdir, config, *args):
+def snakemake(workdir, config, *args, sort_keys=True):
     path = workdir / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path.write_text(yaml.safe_dump(config, sort_keys=sort_keys))
     return subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory",
                            str(workdir), "--configfile", str(path), "--cores", "2", *args],
                           capture_output=True, text=True)
@@ -106,6 +87,48 @@ def test_pretraining_feeds_fine_tuning_through_the_verified_transfer(micro_run):
 
 
 @pytest.mark.slow
+def test_a_cosmetic_config_edit_plans_nothing(micro_run):
+    """Reordered keys, and a dataset's label_fractions equal to the global ones, change no run and no data stage."""
+    edited = json.loads(json.dumps(MICRO))
+    for section in (edited, edited["datasets"]["phantom"], edited["splits"], edited["finetune"],
+                    edited["evaluation"]["nsd_tolerance_mm"]):
+        items = list(section.items())
+        section.clear()
+        section.update(reversed(items))
+    edited["datasets"]["phantom"]["label_fractions"] = MICRO["splits"]["label_fractions"]
+    assert "Nothing to be done" in snakemake(micro_run, edited, "-n", sort_keys=False).stdout
+
+
+@pytest.mark.slow
+def test_a_folder_dataset_edited_or_grown_after_a_run_is_prepared_again(tmp_path):
+    """Your own folder: a label edited in place re-runs prepare and preprocess and rebuilds that case only; an added
+    image re-runs prepare. (Before, both were "Nothing to be done" and the cache kept the old case.)"""
+    from ssl3d.data.phantom import write_phantom_dataset
+
+    write_phantom_dataset(tmp_path / "mine", n_labelled=4, n_unlabelled=1, seed=2, shape=[64, 64, 32],
+                          spacing=[2.4, 2.4, 4.5])
+    config = json.loads(json.dumps(MICRO))
+    config["datasets"] = {"phantom": {"source": "folder", "images": str(tmp_path / "mine" / "imagesTr"),
+                                      "labels": str(tmp_path / "mine" / "labelsTr")}}
+    target = "data/preprocessed/demo_ct/phantom/index.json"
+    assert snakemake(tmp_path, config, target).returncode == 0
+    assert "Nothing to be done" in snakemake(tmp_path, config, "-n", target).stdout
+    cache = tmp_path / "data" / "preprocessed" / "demo_ct" / "phantom"
+    before = {path.name: path.stat().st_mtime_ns for path in cache.glob("*.npz")}
+
+    rewrite(tmp_path / "mine" / "labelsTr" / "phantom_001.nii.gz", lambda label: np.where(label == 1, 0, label))
+    planned = snakemake(tmp_path, config, "-n", target).stdout
+    assert re.search(r"^prepare\s+1$", planned, re.M) and re.search(r"^preprocess\s+1$", planned, re.M)
+    assert snakemake(tmp_path, config, target).returncode == 0
+    after = {path.name: path.stat().st_mtime_ns for path in cache.glob("*.npz")}
+    assert [name for name in before if after[name] != before[name]] == ["phantom_001.npz"]
+
+    (tmp_path / "mine" / "imagesTr" / "extra.nii.gz").write_bytes(
+        (tmp_path / "mine" / "imagesTs" / "phantom_004.nii.gz").read_bytes())
+    assert re.search(r"^prepare\s+1$", snakemake(tmp_path, config, "-n", target).stdout, re.M)
+
+
+@pytest.mark.slow
 def test_rerun_has_nothing_to_do_and_an_override_makes_new_runs(micro_run):
     assert "Nothing to be done" in snakemake(micro_run, MICRO, "-n").stdout
     changed = {**MICRO, "finetune": {**MICRO["finetune"], "steps": 7}}
@@ -129,7 +152,8 @@ def test_the_report_links_every_figure_and_table_and_regenerates_without_trainin
     assert all((report / "manifests" / stage / f"{run}.json").is_file() for stage, run in zip(runs.stage, runs.run))
     assert len(pd.read_csv(report / "tables" / "leaderboard.csv")) == 3 * 2  # inits x label fractions
     cells = pd.read_csv(report / "tables" / "paper_tables.csv")
-    assert set(cells.status) <= {"not run", "method not implemented", "metric not measured"}  # no paper dataset here
+    assert set(cells.status) <= {"not run", "method not implemented", "metric not measured",  # no paper dataset here
+                                 "components not recoverable"}
 
     (report / "index.html").unlink()
     result = snakemake(micro_run, MICRO, "--forcerun", "report", "--", "reports/micro")
@@ -275,3 +299,31 @@ def test_a_micro_dag_with_all_three_protocols_on_vox2vec_hdssl_and_the_released_
     board = pd.read_csv(tmp_path / "reports" / "micro" / "tables" / "leaderboard.csv")
     assert sorted(board.groupby("protocol").size().items()) == [("finetune", 3), ("frozen_then_finetune", 3),
                                                                ("probe", 3)]
+
+
+def dry_run_commands(tmp_path, profile, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory",
+                           str(tmp_path), "--configfile", str(REPO / "config" / "config.yaml"), "-n", "-p",
+                           "--cores", "8", "--workflow-profile", str(REPO / "profiles" / profile), *args],
+                          capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("profile, device, threads, workers", [("default", "cpu", 1, 0), ("gpu", "cuda", 4, 3)])
+def test_each_profile_puts_every_training_job_on_its_device_with_loader_workers(profile, device, threads, workers,
+                                                                                tmp_path):
+    result = dry_run_commands(tmp_path, profile)
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = re.findall(r"python -m ssl3d --threads (\d+) (pretrain|finetune|evaluate) .*?--device (\w+)"
+                      r"(?: --workers (\d+))?", result.stdout)
+    assert {stage for _, stage, _, _ in jobs} == {"pretrain", "finetune", "evaluate"}
+    assert {found for _, _, found, _ in jobs} == {device}
+    assert {int(n) for _, stage, _, n in jobs if stage == "finetune"} == {workers}
+    assert {int(n) for n, stage, _, _ in jobs if stage == "finetune"} == {threads}
+
+
+def test_a_pretraining_job_on_several_gpus_claims_them_and_runs_one_process_per_gpu(tmp_path):
+    result = dry_run_commands(tmp_path, "gpu", "--set-resources", "pretrain:gpu=2", "--resources", "gpu=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"python -m ssl3d\.gpus 2 python -m torch\.distributed\.run --standalone --nproc_per_node 2 "
+                     r"-m ssl3d --threads 3 pretrain .* --device cuda --workers 2", result.stdout)
+

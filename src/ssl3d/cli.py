@@ -6,10 +6,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import re
 import sys
 from pathlib import Path
 
 import torch
+
+from ssl3d import __version__
+from ssl3d.data.files import data_root
 
 
 def _json(text: str):
@@ -17,6 +22,18 @@ def _json(text: str):
         return json.loads(text)
     except json.JSONDecodeError as err:
         raise argparse.ArgumentTypeError(f"not valid JSON: {text!r} ({err})") from err
+
+
+def _device(text: str) -> str:
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not cpu, cuda or cuda:<index>")
+    return text
+
+
+def cmd_status(args):
+    from ssl3d.status import status_text
+
+    print(status_text(args.results))
 
 
 def cmd_fetch(args):
@@ -44,7 +61,8 @@ def cmd_preprocess(args):
 
     label_map = {int(k): int(v) for k, v in args.label_map.items()} if args.label_map else None
     classes = {int(k): v for k, v in args.classes.items()} if args.classes else None
-    preprocess_dataset(args.dataset, get_recipe(args.recipe), args.out, label_map=label_map, classes=classes)
+    preprocess_dataset(args.dataset, get_recipe(args.recipe), args.out, label_map=label_map, classes=classes,
+                       nonfinite=args.nonfinite, undeclared_labels=args.undeclared_labels)
 
 
 def cmd_splits(args):
@@ -73,13 +91,16 @@ def cmd_finetune(args):
 
 
 def cmd_pretrain(args):
+    from ssl3d.distributed import torchrun_process_group
     from ssl3d.pretrain.loop import pretrain
 
-    pretrain(args.run_config, args.out, device=args.device, workers=args.workers, log_every=args.log_every)
+    with torchrun_process_group(args.device) as device:
+        pretrain(args.run_config, args.out, device=device, workers=args.workers, log_every=args.log_every)
 
 
 def cmd_methods(args):
     import dataclasses
+    import inspect
 
     from ssl3d.nets import BACKBONES
     from ssl3d.pretrain.registry import methods
@@ -89,7 +110,8 @@ def cmd_methods(args):
         defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
                     for f in dataclasses.fields(cls.Config)}
         requires = ", ".join(" or ".join(n) if isinstance(n, tuple) else n for n in cls.requires) or "nothing"
-        print(f"{name} (version {cls.version})\n  paper: {cls.paper}\n  requires: {requires}; runs on: "
+        print(f"{name} (version {cls.version}, {inspect.getsourcefile(cls)})\n  paper: {cls.paper}\n"
+              f"  requires: {requires}; runs on: "
               f"{', '.join(cls.supported_backbones())}; channels: {'any' if cls.multichannel else 'one'}")
         print("  defaults: " + json.dumps(defaults, default=str))
     print("released checkpoints (finetune.inits; `ssl3d fetch-weights --name <name>`):")
@@ -135,6 +157,7 @@ def cmd_report(args):
 
 def parser() -> argparse.ArgumentParser:
     main = argparse.ArgumentParser(prog="ssl3d", description=__doc__)
+    main.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     main.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     sub = main.add_subparsers(dest="command", required=True)
 
@@ -146,13 +169,13 @@ def parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         p.add_argument("--dataset", required=True, help="the dataset's name in the config")
         p.add_argument("--settings", type=_json, required=True, help="JSON: the dataset's entry in the config")
-        p.add_argument("--data-root", type=Path, default=Path("data"))
+        p.add_argument("--data-root", type=Path, default=data_root(), help="default: $SSL3D_DATA, else data")
         p.set_defaults(func=func)
 
     p = sub.add_parser("fetch-weights", help="download (or find your copy of) a released checkpoint and check it "
                                              "against its backbone; writes <data-root>/weights/<name>/verified.json")
     p.add_argument("--name", required=True, help="the checkpoint's name (`ssl3d methods` lists them)")
-    p.add_argument("--data-root", type=Path, default=Path("data"))
+    p.add_argument("--data-root", type=Path, default=data_root(), help="default: $SSL3D_DATA, else data")
     p.set_defaults(func=cmd_fetch_weights)
 
     p = sub.add_parser("preprocess", help="run a named recipe on every case of a dataset into the per-case cache")
@@ -161,6 +184,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--label-map", type=_json, default=None, help='JSON {"source": target}')
     p.add_argument("--classes", type=_json, default=None, help='JSON {"index": "name"} after the label map')
+    p.add_argument("--nonfinite", type=lambda text: text if text == "error" else float(text), default="error",
+                   help="NaN / inf voxels: error (default) or a number to replace them with")
+    p.add_argument("--undeclared-labels", choices=("error", "background"), default="error",
+                   help="label values dataset.json does not declare: an error (default) or background")
     p.set_defaults(func=cmd_preprocess)
 
     p = sub.add_parser("splits", help="write train/validation/test and nested label-fraction subsets")
@@ -178,7 +205,7 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", help="train one fine-tuning run (resumes from its last checkpoint)")
     p.add_argument("--run-config", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:<index>")
     p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
     p.add_argument("--log-every", type=int, default=10)
     p.set_defaults(func=cmd_finetune)
@@ -186,16 +213,21 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="pre-train one method (resumes from its last checkpoint)")
     p.add_argument("--run-config", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:<index>")
     p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
     p.add_argument("--log-every", type=int, default=10)
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("status", help="each run of an experiment: done, training (step, steps/s, ETA, its log) "
+                                      "or pending; safe while snakemake runs")
+    p.add_argument("results", type=Path, help="the experiment's results folder, e.g. results/demo")
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("methods", help="list the registered pre-training methods with their papers and defaults")
     p.set_defaults(func=cmd_methods)
 
     p = sub.add_parser("datasets", help="list the registry's datasets: access, licence, size and status here")
-    p.add_argument("--data-root", default="data", help="where the suite keeps data (default: data)")
+    p.add_argument("--data-root", type=Path, default=data_root(), help="default: $SSL3D_DATA, else data")
     p.add_argument("--show", metavar="NAME", help="print one entry in full, with the steps to get a manual one")
     p.set_defaults(func=cmd_datasets)
 
@@ -205,7 +237,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--nsd-tolerance", type=_json, required=True, help="mm: a number or JSON {target: mm}")
     p.add_argument("--empty-policy", type=_json, default={}, help='JSON, e.g. {"both_empty": "nan"}')
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:<index>")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("collect", help="concatenate per-case tables")
@@ -234,11 +266,23 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from ssl3d.data.fetch import FetchError  # a failed download, verification, unsafe archive or missing copy
+    if getattr(args, "device", None) == "cuda" and "LOCAL_RANK" not in os.environ:  # torchrun's ranks: claimed
+        from ssl3d.gpus import claim_gpus
 
+        claim_gpus(1)  # a GPU no other job of this machine holds (ssl3d.gpus)
+    from ssl3d.data.fetch import FetchError  # a failed download, verification, unsafe archive or missing copy
+    from ssl3d.io import WriteError, describe_os_error
+
+    log = logging.getLogger("ssl3d")
     try:
         args.func(args)
-    except (ValueError, KeyError, FileNotFoundError, FetchError) as err:
-        logging.getLogger("ssl3d").error("%s", err)
+    except (ValueError, KeyError, FileNotFoundError, FetchError, WriteError) as err:
+        log.error("%s", err)
+        return 1
+    except BrokenPipeError:  # the reader of the output went away (`ssl3d methods | head`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 0
+    except OSError as err:  # outside ssl3d.io (a read-only results folder, a full disk): the file and the fix
+        log.error("%s", describe_os_error(err))
         return 1
     return 0

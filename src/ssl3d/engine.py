@@ -17,6 +17,13 @@ the resumed step, so a run killed after its checkpoint at step k and re-run repl
 uninterrupted run would (on CPU, same thread count); ``tests/test_resume.py`` checks it for both stages. A loss
 that is not finite stops the run before its backward pass, with an error naming the step and each loss term, and
 before the caller writes anything final.
+
+Several processes (``ssl3d.distributed``; only pre-training uses them): ``batch_size`` stays the batch of a step,
+each process loads its share of it (``ssl3d.data.sampling.StepShards``), and the caller's ``forward`` runs the
+DistributedDataParallel-wrapped model, which averages the gradients in the backward pass, so every process takes
+the same optimizer step. The step log's losses are averaged over the processes (the loss of the whole batch for a
+loss that averages over samples; the non-finite check reads them, so every process stops at the same step); its
+timings and memory are rank 0's. Rank 0 alone writes the checkpoint; every process resumes from it.
 """
 
 from __future__ import annotations
@@ -33,6 +40,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ssl3d.checkpoint import resume, save_checkpoint
+from ssl3d.data.sampling import StepShards
+from ssl3d.distributed import is_main, mean_over_ranks, rank, world_size
 from ssl3d.manifest import peak_memory_mb
 
 log = logging.getLogger(__name__)
@@ -98,9 +107,9 @@ class Engine:
     def run(self, samples: Dataset, batch_size: int, forward: Forward, after_update: AfterUpdate | None = None,
             after_step: AfterStep | None = None) -> dict:
         """Train from the resumed step to ``steps``, or to the step after which ``after_step`` returns True
-        (recorded as ``state["stopped_at"]``); returns ``state``."""
-        loader = DataLoader(samples, batch_size=batch_size, num_workers=self.workers,
-                            sampler=range(self.resumed_from * batch_size, self.steps * batch_size))
+        (recorded as ``state["stopped_at"]``); returns ``state``. ``batch_size``: a step's, over all processes."""
+        shards = StepShards(self.resumed_from, self.steps, batch_size, rank(), world_size())
+        loader = DataLoader(samples, batch_size=shards.per_process, num_workers=self.workers, sampler=shards)
         batches = iter(loader)
         start = time.perf_counter()
         for step in range(self.resumed_from + 1, self.steps + 1):
@@ -117,7 +126,7 @@ class Engine:
                 log.info("stopping after step %d of %d", step, self.steps)
                 self.state["stopped_at"] = step
                 break
-            if step % self.checkpoint_every == 0 and step < self.steps:
+            if step % self.checkpoint_every == 0 and step < self.steps and is_main():
                 save_checkpoint(self.last, {
                     "run_id": self.run_id, self.model_key: self.model.state_dict(),
                     "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
@@ -140,10 +149,11 @@ class Engine:
             loss, terms = forward(batch)
         _synchronize(device)
         forwarded = time.perf_counter()
-        values = {f"loss_{name}": term.item() for name, term in terms.items()}
-        if not math.isfinite(loss.item()):
+        values = mean_over_ranks({"loss": loss, **{f"loss_{name}": term for name, term in terms.items()}})
+        if not math.isfinite(values["loss"]):
+            terms_text = ", ".join(f"{k} {v}" for k, v in values.items() if k != "loss")
             raise NonFiniteLoss(
-                f"step {step}: the loss is {loss.item()} ({', '.join(f'{k} {v}' for k, v in values.items())}); "
+                f"step {step}: the loss is {values['loss']} ({terms_text}); "
                 "nothing final was written. Lower optimizer.lr, set grad_clip, or check the inputs; a re-run resumes "
                 f"from the last checkpoint (delete {self.last} to start over)")
         self.optimizer.zero_grad(set_to_none=True)
@@ -156,7 +166,7 @@ class Engine:
             after_update(step)
         _synchronize(device)
         done = time.perf_counter()
-        return {"step": step, "loss": loss.item(), **values, "lr": self.scheduler.get_last_lr()[0],
+        return {"step": step, **values, "lr": self.scheduler.get_last_lr()[0],
                 "data_s": loaded - tick, "forward_s": forwarded - loaded, "backward_s": done - forwarded,
                 "peak_memory_mb": peak_memory_mb(device)}
 

@@ -2,11 +2,13 @@
 
 Every artefact the suite writes goes through here: the content is written to a temporary file in the
 destination folder and renamed into place, so a killed job never leaves a half-written file that a later
-step (or a Snakemake rerun) would mistake for a finished one.
+step (or a Snakemake rerun) would mistake for a finished one. A write that fails (a full disk, a read-only folder)
+likewise leaves nothing behind and raises :class:`WriteError`, one line naming the file and the fix.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -14,25 +16,62 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+# torch.save's messages when its zip writer cannot write (a full disk): a RuntimeError, not an OSError
+_TORCH_WRITE_FAILURES = ("unexpected pos", "PytorchStreamWriter failed writing")
+
+
+class WriteError(OSError):
+    """A file could not be written; the message names it and the fix."""
+
+
+def describe_os_error(err: OSError | RuntimeError, path: str | os.PathLike | None = None) -> str:
+    """One line for a failed file operation: the file (``path``, else the error's), what failed and the fix."""
+    path = path or getattr(err, "filename", None)
+    text = getattr(err, "strerror", None) or str(err).strip() or type(err).__name__
+    reason = " ".join(text.splitlines()[0].split())  # torch may append a C++ stack trace
+    code = getattr(err, "errno", None)
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = "make its folder writable (or choose another output folder) and re-run"
+    elif code == errno.ENOSPC or any(marker in reason for marker in _TORCH_WRITE_FAILURES):
+        fix = "no space left on device? Free some space and re-run: a re-run resumes from the last checkpoint"
+    else:
+        fix = "fix the cause and re-run: a re-run resumes from the last checkpoint"
+    return f"{path}: {reason}; {fix}"
+
+
+def _failed_write(err: Exception, tmp: Path) -> bool:
+    """Whether ``err``, raised while ``tmp`` was being written, is the write failing rather than something the
+    writer read (a converter reads a source volume inside the block)."""
+    if isinstance(err, OSError):
+        return err.filename is None or Path(os.fsdecode(err.filename)) == tmp
+    return isinstance(err, RuntimeError) and any(marker in str(err) for marker in _TORCH_WRITE_FAILURES)
+
 
 @contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` if the block succeeds.
 
     ``suffix`` keeps the extension that writers such as nibabel use to pick a format (default: the
-    extension of ``path``, e.g. ``.nii.gz``).
+    extension of ``path``, e.g. ``.nii.gz``). A failed write raises :class:`WriteError` naming ``path``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if suffix is None:
         suffix = "".join(path.suffixes)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{suffix}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{suffix}")
+    except OSError as err:
+        raise WriteError(describe_os_error(err, path)) from err
     os.close(fd)
     tmp = Path(tmp)
     try:
         yield tmp
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the permissions open() would
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:
+        if isinstance(err, WriteError) or not _failed_write(err, tmp):
+            raise
+        raise WriteError(describe_os_error(err, path)) from err
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 from ssl3d import __version__
+from ssl3d.data.files import folder_fingerprint, manual_copy
 from ssl3d.pretrain.released import released_checkpoints
 
 
@@ -36,10 +37,12 @@ def dataset_recipe(config: dict, dataset: str) -> str:
 
 
 def skipped_datasets(config: dict) -> dict[str, str]:
-    """Dataset -> why its arm is skipped: a user's copy (``path``) that is absent where the config allows it
-    (``missing: skip``); otherwise an absent copy stops the workflow with the dataset's instructions."""
-    return {name: f"no copy at {settings['path']} (missing: skip)" for name, settings in config["datasets"].items()
-            if settings.get("missing") == "skip" and not Path(settings["path"]).exists()}
+    """Dataset -> why its arm is skipped: a user's copy (``path``, else ``<data root>/manual/<name>``) that is absent
+    where the config allows it (``missing: skip``); otherwise an absent copy stops the workflow with the dataset's
+    instructions."""
+    return {name: f"no copy at {manual_copy(name, settings)} (missing: skip)"
+            for name, settings in config["datasets"].items()
+            if settings.get("missing") == "skip" and not manual_copy(name, settings).exists()}
 
 
 def dataset_folds(config: dict, dataset: str) -> list[int | None]:
@@ -65,8 +68,37 @@ def dataset_folds(config: dict, dataset: str) -> list[int | None]:
     return folds
 
 
+# The keys of a dataset's entry each data stage reads: a stage's params are these alone, canonically serialised
+# (stage_settings), so reordering the config or editing another key re-runs nothing.
+STAGE_KEYS = {
+    "fetch": ("source", "entry", "path"),
+    "prepare": ("source", "labelled", "unlabelled", "seed", "shape", "spacing", "entry", "options", "images",
+                "labels", "labels_map", "modality"),
+    "preprocess": ("nonfinite", "undeclared_labels"),
+}
+# Keys that say where a copy lives or which runs to plan, not what the data are: left out of run identities
+PLANNING_KEYS = ("path", "missing", "folds", "label_fractions")
+
+
+def stage_settings(config: dict, dataset: str, stage: str) -> str:
+    """The keys of ``STAGE_KEYS[stage]`` that the dataset's entry sets, as canonical JSON."""
+    settings = config["datasets"][dataset]
+    return json.dumps({key: settings[key] for key in STAGE_KEYS[stage] if key in settings}, sort_keys=True)
+
+
 def _data_spec(config: dict, dataset: str) -> dict:
-    return {"dataset": dataset, "data": config["datasets"][dataset], "recipe": dataset_recipe(config, dataset)}
+    """What a run's identity holds of a dataset: its config entry (less ``PLANNING_KEYS``) and recipe, and for your
+    own folder the fingerprint of its files (``ssl3d.data.files``), so that an added, removed or rewritten file
+    makes new runs."""
+    settings = config["datasets"][dataset]
+    data = {key: value for key, value in settings.items() if key not in PLANNING_KEYS}
+    spec = {"dataset": dataset, "data": data, "recipe": dataset_recipe(config, dataset)}
+    if settings["source"] == "folder":
+        try:
+            spec["files"] = folder_fingerprint(settings["images"], settings.get("labels"))
+        except (ValueError, OSError) as err:
+            raise ValueError(f"datasets.{dataset}: {err}") from None
+    return spec
 
 
 def pretrain_entries(config: dict) -> dict[str, dict]:
@@ -100,10 +132,11 @@ def pretrain_runs(config: dict) -> dict[str, dict]:
     pool = [dataset for dataset in pretrain["datasets"] if dataset not in skipped_datasets(config)]
     if not pool:
         return {}
+    pool_specs = [_data_spec(config, dataset) for dataset in pool]
     runs = {}
     for (entry, settings), seed in itertools.product(pretrain_entries(config).items(), pretrain["seeds"]):
         spec = {
-            "pool": [_data_spec(config, dataset) for dataset in pool],
+            "pool": pool_specs,
             "variant": entry,
             "method": settings["method"],
             "method_config": settings["overrides"],
@@ -197,6 +230,7 @@ def finetune_runs(config: dict) -> dict[str, dict]:
     runs = {}
     datasets = [dataset for dataset in finetune["datasets"] if dataset not in skipped_datasets(config)]
     grid = [(dataset, fold) for dataset in datasets for fold in dataset_folds(config, dataset)]
+    data_specs = {dataset: _data_spec(config, dataset) for dataset in datasets}
     for (dataset, fold), (init, backbone), protocol, fraction, subset, (i, seed) in itertools.product(
             grid, _init_backbones(config), protocols(config), config["splits"]["label_fractions"],
             range(config["splits"]["subsets"]), enumerate(finetune["seeds"])):
@@ -206,7 +240,7 @@ def finetune_runs(config: dict) -> dict[str, dict]:
             continue
         training, protocol_settings = arm_training(config, init, backbone, protocol)
         spec = {
-            **_data_spec(config, dataset),
+            **data_specs[dataset],
             "splits": config["splits"],
             "protocol": protocol,
             "init": init,

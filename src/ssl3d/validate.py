@@ -4,7 +4,7 @@ The JSON schema (``workflow/schemas/config.schema.yaml``, checked first by the w
 problem) checks the config's shape; what only the code knows is checked here, before any job runs: each method's
 settings (names, then everything its constructor checks, built on PyTorch's ``meta`` device so no weight is
 allocated: values, which backbone it runs on, the pool's channels), backbone names and fields, inits, per-arm
-overrides and protocol settings. A misspelt
+overrides and protocol settings, recipe names, and the user's copy of each manual registry dataset. A misspelt
 setting thus fails ``snakemake -n`` with ``pretrain.methods.byol.noise_sd: unknown setting; known: ...`` instead of
 an hour later in the pre-training job. The Snakefile prints the lines and keeps the full detail in a log file.
 """
@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+from pathlib import Path
 
 import torch
 
-from ssl3d.data.registry import get_entry
+from ssl3d.data.recipes import builtin_recipes
+from ssl3d.data.files import data_root, manual_copy
+from ssl3d.data.registry import get_entry, source_dir
 from ssl3d.nets import BACKBONES
 from ssl3d.nets.backbone import Backbone
-from ssl3d.plan import pretrain_entries, protocols
+from ssl3d.plan import dataset_recipe, pretrain_entries, protocols, skipped_datasets
 from ssl3d.pretrain.method import make_config
 from ssl3d.pretrain.released import released_checkpoints
 from ssl3d.pretrain.registry import get_method
@@ -58,13 +61,49 @@ def method_problems(entry: str, settings: dict, pool_channels: int) -> list[str]
     if problems:
         return problems
     try:
+        config = make_config(cls.Config, settings["overrides"], where)
+    except ValueError as err:
+        return [str(err)]
+    try:
         with torch.device("meta"):  # the constructor's own checks, without allocating any weight
-            cls(make_config(cls.Config, settings["overrides"]), settings["backbone"], pool_channels)
+            cls(config, settings["backbone"], pool_channels)
     except (ValueError, TypeError) as err:
         return [f"{where}: {err}"]
     except RuntimeError:  # a network that reads values while it is built (MONAI's Swin): checked when it runs
         pass
     return []
+
+
+def dataset_problems(config: dict, root: Path | None = None) -> list[str]:
+    """Unknown recipes and registry entries, and a manual dataset without its copy (unless ``missing: skip``):
+    otherwise found only when the dataset's fetch or preprocess job runs, after other jobs have run. A copy is
+    looked for where ``ssl3d fetch`` looks (``ssl3d.data.files.manual_copy``, under ``root``: the data root); a
+    source verified before is not looked for again, as its fetch job does not run again."""
+    recipes = builtin_recipes()
+    used = dict.fromkeys((f"datasets.{name}.recipe" if "recipe" in settings else "preprocess.recipe",
+                          dataset_recipe(config, name)) for name, settings in config["datasets"].items())
+    problems = [f"{where}: unknown recipe {recipe!r}; known: {', '.join(sorted(recipes))}"
+                for where, recipe in used if recipe not in recipes]
+    skipped = skipped_datasets(config)
+    for name, settings in config["datasets"].items():
+        if settings.get("source") != "registry" or name in skipped:
+            continue
+        try:
+            entry = get_entry(settings.get("entry", name))
+        except ValueError as err:
+            problems.append(f"datasets.{name}: {err}")
+            continue
+        root = root or data_root()
+        sources = source_dir(name, root)
+        copy = manual_copy(name, settings, root)
+        if entry.access == "unavailable":
+            problems.append(f"datasets.{name}: {entry.name} cannot be obtained by the suite; use the registry entry "
+                            f"{entry.substitute.entry} instead (ssl3d datasets --show {entry.name})")
+        elif entry.access == "manual" and not copy.exists() and not (sources / "verified.json").is_file():
+            problems.append(f"datasets.{name}: no copy at {copy}; register for {entry.name}, download it by hand and "
+                            f"put it (or a symlink to it) there (ssl3d datasets --show {entry.name}), or set "
+                            "missing: skip")
+    return problems
 
 
 def config_problems(config: dict) -> list[str]:
@@ -76,6 +115,7 @@ def config_problems(config: dict) -> list[str]:
                  for where, names in (("pretrain.datasets", pretrain.get("datasets", [])),
                                       ("finetune.datasets", config["finetune"]["datasets"]))
                  for name in names if name not in datasets]
+    problems += dataset_problems(config)  # before dataset_channels, which reads each registry entry
     if problems:
         return problems
     try:

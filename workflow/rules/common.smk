@@ -20,7 +20,8 @@ if not workflow.overwrite_configfiles:
 # The plan (run names and identities) comes from the package, read from this checkout.
 SRC = Path(workflow.basedir) / "src"
 sys.path.insert(0, str(SRC))
-from ssl3d.plan import dataset_recipe, finetune_runs, pretrain_runs, skipped_datasets
+from ssl3d.data.files import data_root, folder_cases
+from ssl3d.plan import dataset_recipe, finetune_runs, pretrain_runs, skipped_datasets, stage_settings
 
 CONFIG_LOG = Path("logs/config_problems.log")
 
@@ -65,9 +66,15 @@ envvars:
     "PYTHONPATH",
 
 RESULTS = f"results/{config['experiment']}"
+DATA = data_root()  # $SSL3D_DATA, else data/: sources, converted and preprocessed datasets, released weights
 RUNS = finetune_runs(config)
 PRETRAIN_RUNS = pretrain_runs(config)
 SKIPPED = skipped_datasets(config)
+# A summary of the plan, first in the console (a paper config's job list is thousands of lines: add
+# `--quiet rules` to a dry run to see only this and the job counts)
+print(f"experiment {config['experiment']}: {len(PRETRAIN_RUNS)} pre-training and {len(RUNS)} fine-tuning runs; "
+      f"follow one with `tail -f {RESULTS}/<stage>/<run>/<stage>.log`, all with `ssl3d status {RESULTS}`",
+      file=sys.stderr)
 for name, reason in SKIPPED.items():
     print(f"skipping dataset {name}: {reason}", file=sys.stderr)
 
@@ -79,11 +86,22 @@ wildcard_constraints:
     stage="finetune|pretrain",
 
 
-def verified_source(wildcards):
-    """A registry dataset is converted from its verified source; phantoms and your own folders need none."""
-    if config["datasets"][wildcards.dataset]["source"] == "registry":
-        return f"data/sources/{wildcards.dataset}/verified.json"
+def prepare_inputs(wildcards):
+    """A registry dataset is converted from its verified source; your own folder from its files, so that a file
+    added, removed (the input set changes) or rewritten (its mtime) re-runs prepare; phantoms need none."""
+    settings = config["datasets"][wildcards.dataset]
+    if settings["source"] == "registry":
+        return f"{DATA}/sources/{wildcards.dataset}/verified.json"
+    if settings["source"] == "folder":
+        cases = folder_cases(settings["images"], settings.get("labels"))
+        return [str(path) for _, image, label in cases for path in (image, label) if path is not None]
     return []
+
+
+def preprocess_options(wildcards):
+    """The dataset's data options (nonfinite, undeclared_labels) as command-line flags."""
+    options = json.loads(stage_settings(config, wildcards.dataset, "preprocess"))
+    return " ".join(f"--{key.replace('_', '-')} {value}" for key, value in sorted(options.items()))
 
 
 def run_entry(wildcards):
@@ -91,7 +109,7 @@ def run_entry(wildcards):
 
 
 def cache_index(spec):
-    return f"data/preprocessed/{spec['recipe']}/{spec['dataset']}/index.json"
+    return f"{DATA}/preprocessed/{spec['recipe']}/{spec['dataset']}/index.json"
 
 
 def run_inputs(wildcards):
@@ -104,12 +122,22 @@ def run_inputs(wildcards):
     if "pretrain_run" in entry:
         inputs["pretrained"] = f"{RESULTS}/pretrain/{entry['pretrain_run']}/pretrained.pt"
     if "released" in entry:
-        inputs["pretrained"] = f"data/weights/{entry['released']}/verified.json"
+        inputs["pretrained"] = f"{DATA}/weights/{entry['released']}/verified.json"
     return inputs
+
+
+def run_record(wildcards):
+    """A run's identity and the files it reads, as canonical JSON (key order in the config is cosmetic)."""
+    return json.dumps({**run_entry(wildcards), "inputs": run_inputs(wildcards)}, sort_keys=True)
 
 
 def input_dir(wildcards, input):
     return str(Path(input[0]).parent)
+
+
+def data_root_of(wildcards, output):
+    """The data root of a data stage's output (``<root>/<stage folder>/<name>/<file>``), for the stage's command."""
+    return str(Path(output[0]).parents[2])
 
 
 def output_dir(wildcards, output):
@@ -124,3 +152,23 @@ def write_record(path, log, record, message):
 
 def device(wildcards, resources):
     return "cuda" if resources.gpu > 0 else "cpu"
+
+
+def threads_per_process(wildcards, threads, resources):
+    """A multi-GPU job runs one process per GPU (``launcher``): they share the job's threads."""
+    return max(threads // max(resources.gpu, 1), 1)
+
+
+def loader_workers(wildcards, threads, resources):
+    """Data-loader processes of each training process: on a GPU, all its threads but one (the main process feeds
+    the device); on a CPU the threads compute the steps, so the batches are drawn in the main process."""
+    return max(threads_per_process(wildcards, threads, resources) - 1, 0) if resources.gpu > 0 else 0
+
+
+def launcher(wildcards, resources):
+    """How a pre-training job starts: one process, or with ``resources.gpu`` > 1 one process per GPU under
+    torchrun (data-parallel, ssl3d.distributed), after claiming that many GPUs no other job holds (ssl3d.gpus)."""
+    gpus = resources.gpu
+    if gpus <= 1:
+        return "python"
+    return f"python -m ssl3d.gpus {gpus} python -m torch.distributed.run --standalone --nproc_per_node {gpus}"

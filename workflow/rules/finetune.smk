@@ -2,14 +2,13 @@ rule run_config:
     output:
         f"{RESULTS}/{{stage}}/{{run}}/config.json",
     params:
-        run=run_entry,
-        inputs=run_inputs,
+        record=run_record,
     log:
         f"{RESULTS}/{{stage}}/{{run}}/run_config.log",
     localrule: True
     run:
         # the run's identity and the files it reads: what `ssl3d pretrain|finetune|evaluate` are given
-        write_record(output[0], log[0], {**params.run, "inputs": dict(params.inputs)}, f"wrote {output[0]}")
+        write_record(output[0], log[0], json.loads(params.record), f"wrote {output[0]}")
 
 
 rule finetune:
@@ -23,6 +22,7 @@ rule finetune:
     params:
         out=output_dir,
         device=device,
+        workers=loader_workers,
     log:
         f"{RESULTS}/{{stage}}/{{run}}/finetune.log",
     benchmark:
@@ -32,10 +32,10 @@ rule finetune:
     resources:
         gpu=0,
     conda:
-        "../../environment.yml"
+        "../envs/ssl3d.yaml"
     shell:
         "python -m ssl3d --threads {threads} finetune --run-config {input.config} --out {params.out}"
-        " --device {params.device} > {log} 2>&1"
+        " --device {params.device} --workers {params.workers} > {log} 2>&1"
 
 
 rule evaluate:
@@ -45,8 +45,8 @@ rule evaluate:
     output:
         f"{RESULTS}/{{stage}}/{{run}}/per_case.csv",
     params:
-        tolerance=json.dumps(config["evaluation"]["nsd_tolerance_mm"]),
-        policy=json.dumps(config["evaluation"]["empty"]),
+        tolerance=json.dumps(config["evaluation"]["nsd_tolerance_mm"], sort_keys=True),
+        policy=json.dumps(config["evaluation"]["empty"], sort_keys=True),
         device=device,
     log:
         f"{RESULTS}/{{stage}}/{{run}}/evaluate.log",
@@ -55,7 +55,7 @@ rule evaluate:
     resources:
         gpu=0,
     conda:
-        "../../environment.yml"
+        "../envs/ssl3d.yaml"
     shell:
         "python -m ssl3d --threads {threads} evaluate --run-config {input.config} --model {input.model} --out {output}"
         " --nsd-tolerance {params.tolerance:q} --empty-policy {params.policy:q} --device {params.device}"

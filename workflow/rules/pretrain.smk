@@ -9,6 +9,9 @@ rule pretrain:
     params:
         out=output_dir,
         device=device,
+        workers=loader_workers,
+        python=launcher,
+        threads=threads_per_process,
     log:
         f"{RESULTS}/{{stage}}/{{run}}/pretrain.log",
     benchmark:
@@ -18,7 +21,7 @@ rule pretrain:
     resources:
         gpu=0,
     conda:
-        "../../environment.yml"
+        "../envs/ssl3d.yaml"
     shell:
-        "python -m ssl3d --threads {threads} pretrain --run-config {input.config} --out {params.out}"
-        " --device {params.device} > {log} 2>&1"
+        "{params.python} -m ssl3d --threads {params.threads} pretrain --run-config {input.config} --out {params.out}"
+        " --device {params.device} --workers {params.workers} > {log} 2>&1"

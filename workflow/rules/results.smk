@@ -6,7 +6,7 @@ rule collect:
     log:
         f"{RESULTS}/logs/collect.log",
     conda:
-        "../../environment.yml"
+        "../envs/ssl3d.yaml"
     shell:
         "python -m ssl3d collect --out {output} {input} > {log} 2>&1"
 
@@ -20,7 +20,7 @@ rule summarise:
     log:
         f"{RESULTS}/logs/summarise.log",
     conda:
-        "../../environment.yml"
+        "../envs/ssl3d.yaml"
     shell:
         "python -m ssl3d summarise --per-case {input} --out-csv {output.csv} --out-md {output.md} > {log} 2>&1"
 
@@ -29,7 +29,7 @@ rule skipped:
     output:
         f"{RESULTS}/skipped.json",
     params:
-        skipped=SKIPPED,
+        skipped=dict(sorted(SKIPPED.items())),
     log:
         f"{RESULTS}/logs/skipped.log",
     localrule: True
@@ -51,10 +51,10 @@ rule report:
         ),
     params:
         results=input_dir,  # results/<experiment>, the folder of per_case.csv
-        options=json.dumps(config.get("report", {})),
+        options=json.dumps(config.get("report", {}), sort_keys=True),
     log:
         f"{RESULTS}/logs/report.log",
     conda:
-        "../../environment.yml"
+        "../envs/ssl3d.yaml"
     shell:
         "python -m ssl3d report --results {params.results} --out {output} --options {params.options:q} > {log} 2>&1"

@@ -21,7 +21,8 @@ from pathlib import Path
 
 from ssl3d.data.convert import convert
 from ssl3d.data.fetch import ManualDataMissing, download, safe_extract, verify_manual
-from ssl3d.data.registry import MANUAL_COPY, Archive, get_entry, source_dir
+from ssl3d.data.files import manual_copy
+from ssl3d.data.registry import Archive, get_entry, source_dir
 from ssl3d.io import read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ def fetch_dataset(name: str, settings: dict, data_root: Path = Path("data")) -> 
     if entry.access == "unavailable":
         raise ManualDataMissing(name, sources, f"{entry.title} cannot be obtained by the suite. {entry.substitute}")
     if entry.access == "manual":
-        copy = Path(settings.get("path", sources / MANUAL_COPY))
+        copy = manual_copy(name, settings, data_root)
         if not copy.exists():
             raise ManualDataMissing(name, copy, entry.instructions)
         record = {"access": "manual", "path": str(copy.resolve()),

@@ -48,15 +48,15 @@ Layouts (``convert(layout, source, dest, **options)``); the case id is the image
                    ``**/*.nii.gz``) below ``source``; ids = file name. Two files with one name are an error (narrow
                    ``pattern``, e.g. to leave out a label folder).
 ``folder``         bring your own data: option ``images`` (a folder or a glob; default ``source``), optional
-                   ``labels`` (a folder; a label is matched to its image by file name, images without one are
-                   unlabelled), ``labels_map`` ({value: name}; default: the values found in the labels),
-                   ``modality`` (default ``"CT"``).
+                   ``labels`` (a folder; a label is matched to its image by file name, or in nnU-Net's naming
+                   ``case.nii.gz`` to ``case_0000.nii.gz``; images without one are unlabelled), ``labels_map``
+                   ({value: name}; default: the values found in the labels), ``modality`` (default ``"CT"``).
+                   ``ssl3d.data.files.folder_cases`` lists the cases.
 =================  ==========================================================================================
 """
 
 from __future__ import annotations
 
-import glob
 import inspect
 import logging
 import os
@@ -71,6 +71,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ssl3d.data.dataset import AFFINE_TOLERANCE_MM, DataError, case_id_of, check_same_grid, load_nifti
+from ssl3d.data.files import folder_cases, glob_files, is_junk
 from ssl3d.io import atomic_path, read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -219,10 +220,6 @@ def _prune(root: Path, keep: Callable[[str, Path], bool]) -> int:
 # finding files
 
 
-def _junk(path: Path) -> bool:
-    return path.name.startswith("._") or path.name == "__MACOSX"
-
-
 def _find_dirs(source: Path, predicate: Callable[[Path], bool]) -> list[Path]:
     """Folders at most ``SEARCH_DEPTH`` below ``source`` (itself included) for which ``predicate`` holds; the search
     does not descend into them."""
@@ -235,7 +232,7 @@ def _find_dirs(source: Path, predicate: Callable[[Path], bool]) -> list[Path]:
             if predicate(folder):
                 found.append(folder)
             else:
-                below += sorted(child for child in folder.iterdir() if child.is_dir() and not _junk(child))
+                below += sorted(child for child in folder.iterdir() if child.is_dir() and not is_junk(child))
         level = below
     return found
 
@@ -254,13 +251,6 @@ def _find_root(source: Path, what: str, predicate: Callable[[Path], bool]) -> Pa
 def _named(folder: Path, pattern: re.Pattern) -> list[Path]:
     """Entries of ``folder`` whose whole name matches ``pattern``, sorted by name."""
     return sorted(child for child in folder.iterdir() if pattern.fullmatch(child.name))
-
-
-def _glob(root: Path | None, pattern: str) -> list[Path]:
-    """Files matching ``pattern`` (``**`` recurses) below ``root`` (None: ``pattern`` is a full path), sorted, with
-    ``._*`` files and anything below ``__MACOSX`` dropped."""
-    matches = (Path(root or "", match) for match in glob.glob(pattern, root_dir=root, recursive=True))
-    return sorted(path for path in matches if path.is_file() and not any(map(_junk, [path, *path.parents])))
 
 
 def _nifti(folder: Path, stem: str) -> Path:
@@ -423,7 +413,7 @@ def _amos(source: Path, out: _Output, modality: str = "ct") -> dict:
 
 def _covid19_20(source: Path, out: _Output, faithful: bool = False) -> dict:
     root = _find_root(source, "COVID-19-20_v2 folder (Train/)", lambda d: (d / "Train").is_dir())
-    for image in _glob(root, "*/*.nii.gz" if faithful else "*/*_ct.nii.gz"):
+    for image in glob_files(root, "*/*.nii.gz" if faithful else "*/*_ct.nii.gz"):
         out.add(case_id_of(image), image)
     return {"name": "COVID-19-20", "modality": {"0": "CT"}, "labels": BACKGROUND_ONLY,
             "description": "COVID-19-20 CT, unlabelled" + (" (HybridMIM's glob: *_seg masks included as images)"
@@ -433,7 +423,7 @@ def _covid19_20(source: Path, out: _Output, faithful: bool = False) -> dict:
 def _images_folder(source: Path, out: _Output, pattern: str = "**/*.nii.gz", modality: str = "CT") -> dict:
     if not source.is_dir():
         raise DataError(f"{source}: source folder not found")
-    images = _glob(source, pattern)
+    images = glob_files(source, pattern)
     if not images:
         raise DataError(f"{source}: no file matches {pattern!r}")
     for image in images:
@@ -443,33 +433,21 @@ def _images_folder(source: Path, out: _Output, pattern: str = "**/*.nii.gz", mod
 
 def _folder(source: Path, out: _Output, images: str | Path | None = None, labels: str | Path | None = None,
             labels_map: dict | None = None, modality: str = "CT") -> dict:
-    images = str(images or source)
-    paths = _glob(None, images) if any(char in images for char in "*?[") else _niftis_in(Path(images))
-    if not paths:
-        raise DataError(f"{images}: no NIfTI image found")
-    label_files = {path.name: path for path in _niftis_in(Path(labels))} if labels else {}
-    orphans = sorted(set(label_files) - {path.name for path in paths})
-    if orphans:
-        raise DataError(f"{label_files[orphans[0]]}: label without an image of the same name in {images} "
-                        f"({len(orphans)} such labels)")
-    for image in paths:
-        label = label_files.get(image.name)
+    try:
+        cases = folder_cases(images or source, labels)
+    except ValueError as err:
+        raise DataError(str(err)) from None
+    for case_id, image, label in cases:
         if label is not None:
             image_header, label_header = nib.load(image), nib.load(label)
             check_same_grid(image, image_header.shape, image_header.affine, label, label_header.shape,
                             label_header.affine)
-        out.add(case_id_of(image), image, label)
+        out.add(case_id, image, label)
     if labels_map is None:
-        values = set().union(*(np.unique(load_nifti(path)[0]).tolist() for path in label_files.values()))
+        values = set().union(*(np.unique(load_nifti(label)[0]).tolist() for _, _, label in cases if label))
         labels_map = {int(v): f"label_{int(v)}" for v in values - {0}}
     return {"name": out.dest.name, "modality": {"0": modality},
             "labels": {**BACKGROUND_ONLY, **{int(k): str(v) for k, v in labels_map.items()}}}
-
-
-def _niftis_in(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        raise DataError(f"{folder}: folder not found")
-    return [path for path in _glob(folder, "*") if path.name.endswith((".nii", ".nii.gz"))]
 
 
 CONVERTERS: dict[str, Callable[..., dict]] = {

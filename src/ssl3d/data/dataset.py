@@ -16,6 +16,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from ssl3d.data.files import stem
 from ssl3d.io import read_json
 
 AFFINE_TOLERANCE_MM = 1e-3
@@ -50,11 +51,10 @@ class Dataset:
 
 
 def case_id_of(path: str | Path) -> str:
-    name = Path(path).name
-    for ext in (".nii.gz", ".nii"):
-        if name.endswith(ext):
-            return name[: -len(ext)]
-    raise DataError(f"{path}: expected a .nii or .nii.gz file")
+    try:
+        return stem(path)
+    except ValueError as err:
+        raise DataError(str(err)) from None
 
 
 def read_dataset(root: str | Path) -> Dataset:
@@ -100,8 +100,9 @@ def load_nifti(path: str | Path, channels: bool = False) -> tuple[np.ndarray, np
         img = nib.load(path)
         data = np.asanyarray(img.dataobj)
     except Exception as err:  # nibabel raises many types (EOFError, zlib.error, ImageFileError, ...)
-        raise DataError(f"{path}: cannot be read as NIfTI ({type(err).__name__}: {err}); the file is corrupt "
-                        "or truncated, re-download or regenerate it") from err
+        reason = " ".join(str(err).split())  # nibabel's "could the file be damaged?" is on a second line
+        raise DataError(f"{path}: cannot be read as NIfTI ({type(err).__name__}: {reason}); the file is corrupt "
+                        "or truncated: re-copy, re-download or regenerate it") from err
     if data.ndim != 3 and not (channels and data.ndim == 4):
         expected = "a 3D volume or a 4D one with channels last" if channels else "a 3D volume"
         raise DataError(f"{path}: expected {expected}, found shape {data.shape}")

@@ -5,19 +5,19 @@ manual steps, converter layout, expected case counts). They live as data in ``re
 dataset, so adding a dataset is an entry, not code. The file is validated on load: a typo or a missing hash
 fails at once, naming the entry and the field.
 
-On-disk conventions, under a data root (``data/`` in the workflow). Fetching, conversion, the Snakemake rules and
-``ssl3d datasets`` all follow them; each marker file is written last, so its presence means the stage finished::
+On-disk conventions, under a data root (``$SSL3D_DATA``, else ``data/``: ``ssl3d.data.files.data_root``).
+Fetching, conversion, the Snakemake rules and ``ssl3d datasets`` all follow them; each marker file is written
+last, so its presence means the stage finished::
 
-    <data_root>/sources/<name>/                            the source copy: an automatic entry's downloaded
-                                                           archives; a manual entry's copy (or a symlink to it)
-                                                           at sources/<name>/copy, unless the config's `path`
-                                                           points elsewhere
+    <data_root>/sources/<name>/                            an automatic entry's downloaded archives
+    <data_root>/manual/<name>/                             a manual entry's copy (or a symlink to it), unless the
+                                                           config's `path` points elsewhere
     <data_root>/sources/<name>/verified.json               written by verification
     <data_root>/raw/<name>/dataset.json                    written by conversion (MSD layout, ssl3d.data.convert)
     <data_root>/preprocessed/<recipe>/<name>/index.json    written by preprocessing (ssl3d.data.cache)
 
-:func:`dataset_status` reports the furthest of these stages it finds: ``absent`` < ``placed`` (something is in
-``sources/<name>/``) < ``verified`` < ``converted`` < ``preprocessed``. A manual copy kept elsewhere (the config's
+:func:`dataset_status` reports the furthest of these stages it finds: ``absent`` < ``placed`` (something is where
+the copy is expected) < ``verified`` < ``converted`` < ``preprocessed``. A manual copy kept elsewhere (the config's
 ``path``) shows as absent until it is verified.
 
 Entry schema (``registry.yaml``, keyed by the dataset's name; every field is required unless marked optional):
@@ -68,13 +68,13 @@ import jsonschema
 import yaml
 
 from ssl3d.data.convert import CONVERTERS
+from ssl3d.data.files import manual_copy
 
 PAPERS = ("hybridmim", "pgl", "hdssl")
 ROLES = ("pretrain", "downstream")
 ACCESS = ("automatic", "manual", "unavailable")
 LAYOUTS = (*sorted(set(CONVERTERS) - {"folder"}), "none")
 STATUSES = ("absent", "placed", "verified", "converted", "preprocessed")
-MANUAL_COPY = "copy"  # a manual entry's copy (or a symlink to it) sits at sources/<name>/copy
 WIDTH = 118  # `ssl3d datasets --show` wraps its text to this width
 
 _FIELDS = ("title", "used_by", "modality", "access", "licence", "redistributable", "size_gb", "archives", "layout",
@@ -301,10 +301,10 @@ def dataset_status(name: str, data_root: str | Path = Path("data"), recipe: str 
         return "preprocessed"
     if (root / "raw" / name / "dataset.json").is_file():
         return "converted"
-    sources = source_dir(name, root)
-    if (sources / "verified.json").is_file():
+    if (source_dir(name, root) / "verified.json").is_file():
         return "verified"
-    if sources.is_dir() and any(sources.iterdir()):
+    expected = expected_location(get_entry(name), root) if name in load_registry() else source_dir(name, root)
+    if expected is not None and expected.is_dir() and any(expected.iterdir()):
         return "placed"
     return "absent"
 
@@ -314,8 +314,7 @@ def expected_location(entry: DatasetEntry, data_root: str | Path = Path("data"))
     None for an unavailable entry."""
     if entry.access == "unavailable":
         return None
-    sources = source_dir(entry.name, data_root)
-    return sources / MANUAL_COPY if entry.access == "manual" else sources
+    return manual_copy(entry.name, {}, data_root) if entry.access == "manual" else source_dir(entry.name, data_root)
 
 
 def _mark(entry: DatasetEntry, name: str, text: str, mark: str = "?") -> str:

@@ -6,6 +6,27 @@ everything else is shared: the step loop with AMP, clipping, checkpoint/resume, 
 same clock. The timing charts read ``step_log.csv`` (data wait, forward, backward with the optimizer step and the
 method's ``after_step``, e.g. its EMA update; peak memory). A killed run resumed from its checkpoint replays the same
 batches (``ssl3d.data.sampling``).
+
+On several GPUs (``torchrun --standalone --nproc_per_node N -m ssl3d pretrain ... --device cuda``, see
+``ssl3d.distributed``) the method's ``batch_size`` stays the batch of a step, so it must be a multiple of N: each
+process computes ``loss_terms`` on its ``batch_size / N`` samples of the step (together exactly the samples of a
+one-GPU run), inside DistributedDataParallel, which averages the gradients, so every process takes the same
+optimizer step. The whole method is wrapped, for one forward pass per step whatever modules ``loss_terms`` calls;
+DDP reduces only the parameters that need a gradient, so an EMA target (frozen) is never part of it: each process
+updates its own copy in ``after_step`` from the online weights, which are the same on every process after the
+all-reduced step, so the targets stay the same too. Batch norm becomes SyncBatchNorm on CUDA, target's included
+(statistics over the whole step's batch, as on one GPU; on CPU, where torch has no SyncBatchNorm, each process
+normalises over its share). Where N processes depart from a one-GPU run:
+
+- losses with in-batch negatives (NT-Xent, InfoNCE) contrast each sample with the other samples of its process
+  only, ``batch_size / N`` of them: no gather across GPUs, as in the official SwinUNETR pre-training code, whose
+  contrastive batch is the batch per GPU;
+- a loss averaged over a count that varies between samples (masked voxels) is averaged per process, then over
+  the processes;
+- random draws inside ``loss_terms`` (dropout) come from each process's own generator, all seeded alike.
+
+The step log's losses are the means over the processes; rank 0 alone writes the checkpoint, the step log, the
+manifest (``processes``: N) and ``pretrained.pt``.
 """
 
 from __future__ import annotations
@@ -23,6 +44,7 @@ from monai.utils import set_determinism
 from ssl3d.checkpoint import save_checkpoint
 from ssl3d.data.cache import load_cached_case, read_index
 from ssl3d.data.sampling import SeededSamples
+from ssl3d.distributed import data_parallel, is_main, world_size
 from ssl3d.engine import Engine
 from ssl3d.io import atomic_path, read_json, write_json
 from ssl3d.manifest import run_manifest
@@ -70,6 +92,19 @@ def pretraining_pool(cache_indexes: list[str], cases: list[str]) -> tuple[list[n
     return volumes, next(iter(channels.values()))
 
 
+class MethodLoss(torch.nn.Module):
+    """The method's total loss and loss terms as one module call, so that DistributedDataParallel sees one forward
+    pass per step, whichever of the method's modules ``loss_terms`` calls and how often."""
+
+    def __init__(self, method: Method):
+        super().__init__()
+        self.method = method
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        terms = self.method.loss_terms(batch)
+        return self.method.total_loss(terms), terms
+
+
 def build_method(spec: dict, in_channels: int = 1) -> Method:
     cls = get_method(spec["method"])
     return cls(make_config(cls.Config, spec.get("method_config")), spec["backbone"], in_channels)
@@ -105,14 +140,13 @@ def pretrain(run_config: str | Path, out_dir: str | Path, device: str = "cpu", w
                     spec["checkpoint_every"], device, model_key="method", grad_clip=settings.grad_clip,
                     workers=workers, log_every=log_every)
 
-    def forward(batch: dict) -> tuple[torch.Tensor, dict]:
-        terms = method.loss_terms(batch)
-        return method.total_loss(terms), terms
-
     samples = RegionViews(volumes, method, spec["seed"], steps * settings.batch_size)
-    state = engine.run(samples, settings.batch_size, forward, after_update=lambda step: method.after_step(step, steps))
+    state = engine.run(samples, settings.batch_size, data_parallel(MethodLoss(method), device),
+                       after_update=lambda step: method.after_step(step, steps))
 
     pretrained = out_dir / "pretrained.pt"
+    if not is_main():
+        return pretrained  # rank 0 writes the run's files
     save_checkpoint(pretrained, {
         "run_id": run_id, "method": method.name, "method_version": method.version, "backbone": method.backbone_spec,
         "config": dataclasses.asdict(settings), "transfer": dataclasses.asdict(method.transfer),
@@ -127,6 +161,7 @@ def pretrain(run_config: str | Path, out_dir: str | Path, device: str = "cpu", w
         **engine.measurements(),
         transfer=transfer_report,
         pool_cases=len(volumes),
+        processes=world_size(),
     ))
     engine.finish()
     return pretrained

@@ -56,13 +56,41 @@ class MethodConfig:
     grad_clip: float | None = None
 
 
-def make_config(config_class: type[MethodConfig], overrides: dict[str, Any] | None = None) -> MethodConfig:
-    """The method's defaults with ``overrides`` from the experiment config; an unknown key is named."""
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# The fields of MethodConfig with an obvious valid range: field -> (check, what a value outside it is not). Checked
+# on the overrides, before a method's own __post_init__ reads them, so a bad value fails when the workflow is planned
+# rather than deep inside a pre-training job ("stack expects each tensor to be equal size").
+_RANGES = {
+    "patch_size": (lambda v: isinstance(v, (list, tuple)) and len(v) == 3 and all(map(_positive_int, v)),
+                   "is not three positive integers, e.g. [64, 64, 32]"),
+    "batch_size": (_positive_int, "is not a positive integer"),
+    "grad_clip": (lambda v: v is None or (_number(v) and v > 0), "is neither null (no clipping) nor a number > 0"),
+    "loss_weights": (lambda v: isinstance(v, dict) and all(_number(w) and w >= 0 for w in v.values()),
+                     "is not a mapping of loss terms to weights >= 0 (0 switches a term off)"),
+}
+
+
+def make_config(config_class: type[MethodConfig], overrides: dict[str, Any] | None = None,
+                where: str | None = None) -> MethodConfig:
+    """The method's defaults with ``overrides`` from the experiment config; an unknown key, or a common field out of
+    its range, is named as ``<where>.<field>`` (``where``: the config entry; default: the config class)."""
+    where = where or config_class.__qualname__
     overrides = dict(overrides or {})
     known = {f.name for f in dataclasses.fields(config_class)}
     unknown = sorted(set(overrides) - known)
     if unknown:
-        raise ValueError(f"{config_class.__qualname__}: unknown setting(s) {unknown}; known: {sorted(known)}")
+        raise ValueError(f"{where}: unknown setting(s) {unknown}; known: {sorted(known)}")
+    wrong = [f"{where}.{name}: {overrides[name]!r} {rule}" for name, (valid, rule) in _RANGES.items()
+             if name in overrides and not valid(overrides[name])]
+    if wrong:
+        raise ValueError("; ".join(wrong))
     if "patch_size" in overrides:
         overrides["patch_size"] = tuple(overrides["patch_size"])
     return config_class(**overrides)
