@@ -6,12 +6,13 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-from matplotlib.colors import to_hex, to_rgb
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import to_hex, to_rgb, to_rgba
 from matplotlib.container import BarContainer
 
 from ssl3d.evaluate.run import PER_CASE_COLUMNS
-from ssl3d.analysis.stats import friedman_nemenyi, significance_matrix
-from ssl3d.report.figures import (SCRATCH_COLOUR, _mean_ci, critical_difference, init_colours, label_efficiency,
+from ssl3d.analysis.stats import friedman_nemenyi, runs_cases_bootstrap_ci, significance_matrix
+from ssl3d.report.figures import (SCRATCH_COLOUR, critical_difference, init_colours, label_efficiency,
                                   pretrain_step_times, qualitative_slices, region_size_curve, significance_heatmap,
                                   training_curves)
 
@@ -88,12 +89,6 @@ def test_init_colours_keep_scratch_grey_and_ignore_it_when_numbering():
     assert len(set(init_colours([f"m{i}" for i in range(12)]).values())) == 13
 
 
-def test_mean_ci_is_a_student_t_interval():
-    ci = _mean_ci([1.0, 2.0, 3.0])
-    assert ci["mean"] == 2.0 and ci["high"] - 2.0 == pytest.approx(4.302653 / math.sqrt(3), rel=1e-5)
-    assert math.isnan(_mean_ci([1.0])["low"])
-
-
 def test_label_efficiency(tmp_path):
     result = label_efficiency(per_case_table(), "toy", out=tmp_path / "label_efficiency", dpi=DPI)
     assert_written(result, "byol (unet)", "scratch (hybridmim_unet)", "hybridmim (hybridmim_unet)")
@@ -109,7 +104,7 @@ def test_label_efficiency(tmp_path):
     assert set(deltas) == {"byol (unet)", "hybridmim (hybridmim_unet)"}  # no scratch line in the Δ panel
     np.testing.assert_allclose(deltas["byol (unet)"].get_ydata(), 0.1)
     np.testing.assert_allclose(deltas["hybridmim (hybridmim_unet)"].get_ydata(), 0.06)
-    assert "95% t-interval" in result.caption
+    assert "95% bootstrap interval of that mean resampling both the runs and the test cases" in result.caption
 
 
 def test_figures_show_display_names_where_given(tmp_path):
@@ -221,15 +216,48 @@ def test_label_efficiency_names_inits_without_a_scratch_run_to_pair_with(tmp_pat
     assert result.caption.endswith("No scratch run to pair with on their backbone: hybridmim.")
 
 
-def test_label_efficiency_bands_stay_inside_the_metric_range(tmp_path):
+def band(ax, label: str) -> np.ndarray:
+    """The (x, y) vertices of the band drawn with the labelled line ``label`` (each line is followed by its band)."""
+    return ax.collections[list(labelled_lines(ax)).index(label)].get_paths()[0].vertices
+
+
+def test_the_runs_by_cases_bootstrap_keeps_both_sources_of_noise():
+    same_runs = np.array([[0.6, 0.7, 0.8], [0.6, 0.7, 0.8]])
+    runs_differ = np.array([[0.5, 0.6, 0.7], [0.7, 0.8, 0.9]])  # the same cases, the runs 0.2 apart
+    ci = runs_cases_bootstrap_ci(runs_differ, n_resamples=2000)
+    assert ci["mean"] == pytest.approx(0.7) and 0.5 <= ci["low"] < 0.7 < ci["high"] <= 0.9
+    assert runs_cases_bootstrap_ci(runs_differ, n_resamples=2000) == ci  # seeded
+    narrower = runs_cases_bootstrap_ci(same_runs, n_resamples=2000)
+    assert ci["low"] < narrower["low"] and narrower["high"] < ci["high"]
+    with_nan = runs_cases_bootstrap_ci([[0.5, math.nan], [0.7, 0.9]], n_resamples=200)
+    assert with_nan["mean"] == pytest.approx(0.7) and not math.isnan(with_nan["low"])
+    assert math.isnan(runs_cases_bootstrap_ci([[0.5]])["low"])
+
+
+def test_label_efficiency_bands_resample_runs_and_cases(tmp_path):
     table = per_case_table()
-    table.loc[(table["init"] == "byol") & (table["seed"] == 0), "value"] = 0.0  # seed disagreement: a wide interval
-    result = label_efficiency(table, "toy", out=tmp_path / "clipped", dpi=DPI)
-    ax, ax_delta = result.figure.axes
-    for axis, (low, high) in ((ax, (0, 1)), (ax_delta, (-1, 1))):
-        bands = np.concatenate([band.get_paths()[0].vertices[:, 1] for band in axis.collections])
-        assert bands.min() >= low and bands.max() <= high
-    assert ax.collections[0].get_paths()  # the bands are drawn
+    result = label_efficiency(table, "toy", out=tmp_path / "eff", n_resamples=500, dpi=DPI)
+    vertices = band(result.figure.axes[0], "byol (unet)")
+    runs = table[(table["init"] == "byol") & (table["label_fraction"] == 1.0)]
+    expected = runs_cases_bootstrap_ci(runs.groupby(["run_id", "case_id"])["value"].mean().unstack(),
+                                       n_resamples=500)
+    at_one = vertices[np.isclose(vertices[:, 0], 1.0), 1]
+    assert (at_one.min(), at_one.max()) == pytest.approx((expected["low"], expected["high"]))
+    assert "(500 resamples, percentile)" in result.caption
+
+
+def test_label_efficiency_bands_of_two_disagreeing_runs_stay_between_their_values(tmp_path):
+    """A t-interval over two runs is ±12.7 standard errors: two seeds 0.3 apart gave a band from Dice 0 to 1."""
+    table = per_case_table()
+    table = table[(table["seed"] < 2) & (table["subset"] == 0)].copy()
+    byol = table["init"] == "byol"
+    table.loc[byol & (table["seed"] == 0), "value"] -= 0.3
+    result = label_efficiency(table, "toy", out=tmp_path / "two", n_resamples=500, dpi=DPI)
+    for fraction in FRACTIONS:
+        values = table.loc[byol & (table["label_fraction"] == fraction), "value"]
+        vertices = band(result.figure.axes[0], "byol (unet)")
+        edges = vertices[np.isclose(vertices[:, 0], fraction), 1]
+        assert values.min() <= edges.min() < edges.max() <= values.max()
 
 
 def test_significance_heatmap_prints_every_tested_pair_and_hatches_the_untested(tmp_path):
@@ -273,3 +301,48 @@ def test_critical_difference_joins_only_inits_closer_than_the_cd(tmp_path):
     assert {"tie_a", "tie_b"} <= set().union(*joined)
     assert not any({"best", "worst"} <= group for group in joined)
     assert ranks["best"] == 1 and ranks["worst"] == 4
+
+
+@pytest.mark.parametrize("n_inits, n_blocks", [(3, 6), (12, 2)])
+def test_critical_difference_keeps_its_bar_and_labels_inside_the_axes(tmp_path, n_inits, n_blocks):
+    names = [f"a long pre-training method name {i} (swinunetr)" for i in range(n_inits)]
+    scores = pd.DataFrame(np.random.default_rng(n_inits).random((n_blocks, n_inits)), columns=names)
+    result = friedman_nemenyi(scores)
+    if n_inits == 12:
+        assert result["cd"] > n_inits - 1  # a bar longer than the rank axis
+    drawn = critical_difference(result, out=tmp_path / "cd", dpi=DPI)
+    (ax,) = drawn.figure.axes
+    canvas = FigureCanvasAgg(drawn.figure)
+    canvas.draw()
+    box = ax.get_window_extent(canvas.get_renderer())
+    for text in ax.texts:
+        extent = text.get_window_extent(canvas.get_renderer())
+        assert (box.x0 - 1 <= extent.x0 and extent.x1 <= box.x1 + 1 and box.y0 - 1 <= extent.y0
+                and extent.y1 <= box.y1 + 1), text.get_text()
+    (left, right), (bottom, top) = ax.get_xlim(), ax.get_ylim()
+    points = np.concatenate([line.get_xydata() for line in ax.get_lines()]
+                            + [np.concatenate(collection.get_segments()) for collection in ax.collections])
+    assert left <= points[:, 0].min() and points[:, 0].max() <= right
+    assert bottom <= points[:, 1].min() and points[:, 1].max() <= top
+
+
+def test_qualitative_overlays_use_the_legend_colours(tmp_path):
+    shape = (16, 12, 6)
+    reference = np.zeros(shape, dtype=np.uint8)
+    reference[2:7, 2:6, 3] = 1
+    reference[9:14, 5:10, 3] = 2
+    image = np.random.default_rng(0).normal(size=shape)
+    result = qualitative_slices(image, reference, {"byol": reference.copy()}, {1: "liver", 2: "spleen"},
+                                out=tmp_path / "qual", dpi=DPI)
+    legend = result.figure.legends[0]
+    colours = {text.get_text(): patch.get_facecolor() for text, patch in zip(legend.get_texts(),
+                                                                               legend.get_patches())}
+    assert colours["liver"] != colours["spleen"]
+    canvas = FigureCanvasAgg(result.figure)
+    canvas.draw()
+    pixels = np.asarray(canvas.buffer_rgba()) / 255
+    for ax in result.figure.axes:
+        for name, voxel in (("liver", (4, 3)), ("spleen", (11, 7))):  # (x, y) inside the class, on slice 3
+            x, y = ax.transData.transform(voxel)
+            drawn = pixels[int(result.figure.bbox.height - y), int(x)]
+            assert drawn == pytest.approx(to_rgba(colours[name]), abs=2 / 255), (ax.get_title(), name)

@@ -13,6 +13,7 @@ from ssl3d.pretrain import registry
 from ssl3d.report import build, figures
 
 from ssl3d.report.build import ReportOptions, read_results, reproduction_status
+from ssl3d.report.published import published_tables
 from ssl3d.report.figures import region_size_table
 
 from test_stats import rows, table
@@ -32,6 +33,7 @@ def test_reproduction_status_counts_statuses_and_ci_per_table_in_published_order
         ("hdssl", "Table 3", "not run", pd.NA)))
     assert list(zip(status.paper, status.table)) == [("hybridmim", "Table 2"), ("pgl", "Table 1"),
                                                      ("hdssl", "Table 3")]  # the papers' order, not alphabetical
+    assert status.columns.name is None  # crosstab's "status" would be a blank column on the page
     assert status[status.paper != "hdssl"].set_index("table").to_dict("index") == {
         "Table 2": {"paper": "hybridmim", "not run": 0, "paper scale": 3, "method not implemented": 1,
                     "inside CI": 2, "outside CI": 0},
@@ -74,8 +76,9 @@ def test_only_the_runs_behind_the_per_case_table_are_read(tmp_path):
 
 def test_hybridmim_runs_with_several_reconstruction_sizes_give_the_region_size_table():
     def run(size, backbone="hybridmim_unet", method="hybridmim"):
-        config = {"method": method, "backbone": {"name": backbone}, "patch_size": [64, 64, 64]}
-        return {"run_id": f"{method}{size}{backbone}", "config": config, "method_config": {"reconstruction_size": size}}
+        config = {"method": method, "backbone": {"name": backbone}, "method_config": {}}
+        return {"run_id": f"{method}{size}{backbone}", "config": config,  # the resolved settings:
+                "method_config": {"reconstruction_size": size, "patch_size": [64, 64, 64]}}
 
     log = pd.DataFrame({"step": range(1, 31), "data_s": 0.01, "forward_s": 0.1, "backward_s": 0.2})
     manifests = {"pretrain/a": run(32), "pretrain/b": run(None), "pretrain/c": run(32, backbone="swinunetr"),
@@ -102,10 +105,14 @@ def write_json(path, content):
     path.write_text(json.dumps(content))
 
 
+DATA = {"dataset": "d", "data": {"source": "folder", "images": "/scans/images"}, "recipe": "demo_ct"}
+
+
 def pretraining(run_id, method, size=None):
+    resolved = {"batch_size": 4, "patch_size": [64, 64, 64], **({} if size is None else {"reconstruction_size": size})}
     return {"run_id": run_id, "config_hash": run_id, "method_version": "1", "device": "cpu: test",
-            "method_config": {} if size is None else {"reconstruction_size": size},
-            "config": {"method": method, "variant": method, "backbone": {"name": "unet"}, "patch_size": [64, 64, 64]}}
+            "method_config": resolved, "config": {"method": method, "variant": method, "backbone": {"name": "unet"},
+                                                  "pool": [DATA], "seed": 0, "steps": 30, "method_config": {}}}
 
 
 def results_folder(folder):
@@ -120,9 +127,13 @@ def results_folder(folder):
     per_case = pd.concat(groups, ignore_index=True)
     per_case.to_csv(folder / "per_case.csv", index=False)
     for (init, protocol), run in per_case.groupby(["init", "protocol"]).run_id.first().items():
-        config = {"init": init, "backbone": {"name": "unet"}, "dataset": "d", "label_fraction": 0.5,
-                  "protocol": protocol, **({"pretrained": PRETRAINED[init, protocol]} if init != "scratch" else {})}
-        write_json(folder / "finetune" / run / "manifest.json", {"run_id": run, "config_hash": run, "config": config})
+        config = {**DATA, "init": init, "backbone": {"name": "unet"}, "label_fraction": 0.5, "protocol": protocol,
+                  "seed": 0, "splits": {"subsets": 1}, "steps": 20, "batch_size": 2, "patch_size": [32, 32, 16],
+                  **({"pretrained": PRETRAINED[init, protocol]} if init != "scratch" else {})}
+        write_json(folder / "finetune" / run / "manifest.json",
+                   {"run_id": run, "config_hash": run, "config": config, "wall_seconds": 12.5})
+    (folder / "finetune" / "scratch-finetune" / "finetune.benchmark.tsv").write_text(
+        "s\th:m:s\tmax_rss\n20.25\t0:00:20\t500.0\n")  # Snakemake's: the whole job
     for run_id, method, size, seconds in (("pt-h32", "hybridmim", 32, 0.1), ("pt-h64", "hybridmim", None, 0.4),
                                           ("pt-f", "fake_ssl", None, 0.2)):
         write_json(folder / "pretrain" / run_id / "manifest.json", pretraining(run_id, method, size))
@@ -130,23 +141,34 @@ def results_folder(folder):
                       "peak_memory_mb": 100.0}).to_csv(folder / "pretrain" / run_id / "step_log.csv", index=False)
 
 
-@pytest.fixture
-def page(tmp_path, monkeypatch):
+def build_page(tmp_path, monkeypatch):
     """The report of ``results_folder`` with fake_ssl registered and the qualitative figure (which loads trained
-    models) replaced by a stub recording what it was asked for."""
+    models) drawn from a synthetic case by a stub that records what it was asked for; returns the report's folder,
+    its page and the stub's record."""
     known = {**registry.methods(), FakeSSL.name: FakeSSL}
     monkeypatch.setattr(registry, "methods", lambda: known)
     asked = []
 
     def qualitative(results, protocol, dataset, out, colours, titles):
-        asked.append((protocol, dataset, sorted(results.per_case[results.per_case.protocol == protocol].init)))
-        return figures.FigureFiles(out.with_suffix(".png"), out.with_suffix(".svg"), "stub", None), dataset
+        inits = results.per_case[results.per_case.protocol == protocol].init
+        asked.append((protocol, dataset, sorted(inits)))
+        label = np.zeros((12, 10, 4), dtype=np.uint8)
+        label[2:8, 3:7, 1:3] = 1
+        predictions = {titles[init]: np.roll(label, shift, axis=0) for shift, init in enumerate(inits.unique())}
+        return figures.qualitative_slices(np.indices(label.shape).sum(axis=0), label, predictions, {1: "organ"},
+                                          out, colours={titles[init]: colours[init] for init in inits.unique()},
+                                          dpi=40), dataset
     monkeypatch.setattr(build, "_qualitative", qualitative)
     results = tmp_path / "results" / "x"
     results.mkdir(parents=True)
     results_folder(results)
     index = build.build_report(results, tmp_path / "reports" / "x", build.ReportOptions(n_resamples=200))
     return index.parent, index.read_text(), asked
+
+
+@pytest.fixture
+def page(tmp_path, monkeypatch):
+    return build_page(tmp_path, monkeypatch)
 
 
 def test_the_page_has_one_leaderboard_per_protocol_ranked_within_it(page):
@@ -188,3 +210,78 @@ def test_hybridmim_declares_the_region_size_figure_and_the_page_draws_it_under_p
     cost = html[html.index('<h2 id="pre-training-cost">'):]
     assert "HybridMIM time per step against reconstruction size" in cost.split("<h2 ")[1]
     assert "fake_ssl_" not in html  # declares no figure
+
+
+def section(html, name):
+    """The page's section ``name``: from its heading to the next one (or the end)."""
+    start = html.index(f'<h2 id="{name}">')
+    end = html.find("<h2 ", start + 1)
+    return html[start:end if end > 0 else None]
+
+
+def test_the_page_states_the_experiment_its_runs_were_configured_with(page):
+    report, html, _ = page
+    grid = pd.read_csv(report / "tables" / "experiment_finetune.csv", dtype=str).set_index("setting")["value"]
+    assert grid.to_dict() == {"datasets": "d (your folder /scans/images, recipe demo_ct)",
+                              "protocols": "finetune, probe", "backbones": "unet", "label fractions": "0.5",
+                              "subset draws": "1", "seeds": "0", "steps": "20", "batch size": "2",
+                              "patch size": "32×32×16"}
+    entries = pd.read_csv(report / "tables" / "experiment_pretrain.csv", dtype=str).set_index("entry")
+    assert list(entries.index) == ["fake_ssl", "hybridmim"]  # in the order of the run folders
+    assert entries.loc["hybridmim"].to_dict() == {  # two runs, one line: the settings they share
+        "method": "hybridmim", "backbone": "unet", "datasets": "d (your folder /scans/images, recipe demo_ct)",
+        "seeds": "0", "steps": "30", "batch size": "4", "patch size": "64×64×64"}
+    experiment = section(html, "experiment")
+    for text in ("<td>32×32×16</td>", "<td>finetune, probe</td>", "<h3>Pre-training</h3>", "<td>64×64×64</td>"):
+        assert text in experiment
+    assert html.index('id="experiment"') < html.index('id="status"')
+
+
+def test_method_descriptions_are_shown_unfolded(page):
+    _, html, _ = page
+    methods = section(html, "methods")
+    assert str(markupsafe.escape(FakeSSL.description())) in methods and "<details" not in methods
+
+
+def test_no_table_has_a_blank_column(page):
+    _, html, _ = page
+    assert "<th></th>" not in section(html, "status")
+    assert "<th></th>" not in html[html.index('<h2 id="experiment">'):html.index('<h2 id="papers">')]
+
+
+def test_the_run_table_names_which_time_it_shows(page):
+    report, html, _ = page
+    runs = pd.read_csv(report / "tables" / "runs.csv").set_index("run")
+    assert "wall_seconds" not in runs
+    assert runs.loc["scratch-finetune", ["loop_seconds", "job_seconds"]].tolist() == [12.5, 20.25]
+    assert runs.loc["hybridmim-finetune", "loop_seconds"] == 12.5 and np.isnan(runs.loc["hybridmim-finetune",
+                                                                                        "job_seconds"])
+    table = section(html, "runs")
+    assert "<th>loop_seconds</th>" in table and "<th>job_seconds</th>" in table
+    assert "loop_seconds: the training loop" in table and "job_seconds: the whole Snakemake job" in table
+
+
+def test_a_custom_experiment_folds_the_paper_tables_that_cannot_apply(page):
+    _, html, _ = page
+    n = len(published_tables())
+    summary = f"{n} of {n} published tables are on datasets this experiment does not run (it runs d)"
+    status = section(html, "status")
+    assert status.index("<details><summary>" + summary) < status.index("<table")  # the status table is folded
+    papers = html[html.index('<h2 id="papers">'):html.index('<h2 id="runs">')]
+    folded = papers.index(f'<details class="folded"><summary>{summary}')
+    assert papers.count("<details") == n + 1 and papers.index("<details") == folded  # every table inside the fold
+
+
+def test_only_tables_on_a_dataset_of_the_experiment_apply():
+    cells = pd.DataFrame({"paper": ["pgl", "pgl", "pgl", "hdssl"], "table": ["Table 1", "Table 1", "Table 2", "Table 1"],
+                          "dataset": ["btcv", "msd_liver", "msd_liver", "amos_mri"]})
+    applies = build._applies(cells, {"btcv"})
+    assert applies.to_dict() == {("pgl", "Table 1"): True, ("pgl", "Table 2"): False, ("hdssl", "Table 1"): False}
+    assert build._folded_summary(applies, {"btcv"}).startswith("2 of 3 published tables")
+    assert build._folded_summary(applies[applies], {"btcv"}) == ""
+
+
+def test_the_label_efficiency_caption_says_what_its_band_is(page):
+    _, html, _ = page
+    caption = html[html.index('<h2 id="label-efficiency">'):].split("</figcaption>")[0]
+    assert "bootstrap interval" in caption and "resampling both the runs and the test cases" in caption

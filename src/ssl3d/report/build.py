@@ -12,7 +12,8 @@ list of attachments. The page's folder is still a ``report()`` output of the wor
 * ``figures/<name>.png`` and ``.svg``: every figure of :mod:`ssl3d.report.figures`.
 * ``tables/``: ``summary``, ``leaderboard`` (one per protocol, in one table with a protocol column),
   ``paper_tables`` (every published cell with ours beside it), ``reproduction_status``,
-  ``significance_<dataset>_<fraction>``, ``friedman``, ``methods`` and ``runs`` as CSV, and the Markdown renderings
+  ``significance_<dataset>_<fraction>``, ``friedman``, ``methods``, ``runs`` and the experiment's settings
+  (``experiment_finetune``, ``experiment_pretrain``: :func:`experiment_settings`) as CSV, and the Markdown renderings
   of the summary, the leaderboard and each paper table. The files of a protocol other than ``finetune`` name it
   after their kind (``significance_probe_<dataset>_<fraction>``, ``label_efficiency_probe_<dataset>``).
 * ``manifests/<stage>/<run>.json``: the manifest of every run behind the numbers.
@@ -44,6 +45,7 @@ import pandas as pd
 from ssl3d import __version__
 from ssl3d.analysis.aggregate import SUMMARY_LEGEND, read_per_case, summarise, summary_blocks
 from ssl3d.analysis.stats import LOWER_IS_BETTER, SCRATCH, case_values, friedman_nemenyi, significance_matrix
+from ssl3d.data.registry import load_registry
 from ssl3d.io import read_json, write_text
 from ssl3d.pretrain import registry
 from ssl3d.pretrain.released import released_checkpoints
@@ -52,10 +54,15 @@ from ssl3d.report.published import load_published, published_tables
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ExperimentResults", "ReportOptions", "build_report", "read_results", "reproduction_status", "run_table"]
+__all__ = ["ExperimentResults", "ReportOptions", "build_report", "experiment_settings", "read_results",
+           "reproduction_status", "run_table"]
 
 STAGES = ("pretrain", "finetune")
 TEMPLATE = "report.html.j2"
+RUN_TIMES = ("loop_seconds: the training loop's wall time (every session of a resumed run, validation included), "
+             "from the manifest; steps_per_second is its rate. job_seconds: the whole Snakemake job (start-up, "
+             "reading the data, the loop, writing the outputs; the last attempt of a resumed run), from the run's "
+             "benchmark file; – for a run made outside the workflow.")
 
 
 @dataclass(frozen=True)
@@ -153,9 +160,18 @@ def read_results(results_dir: str | Path) -> ExperimentResults:
 
 # --- tables ---------------------------------------------------------------------------------------------------
 
+def _job_seconds(folder: Path) -> float | None:
+    """The wall time of the run's whole Snakemake job, from its benchmark file (``<rule>.benchmark.tsv``: start-up,
+    reading the data, the training loop, writing the outputs; the last attempt of a resumed run); None for a run
+    made outside the workflow."""
+    files = sorted(folder.glob("*.benchmark.tsv"))
+    return float(pd.read_csv(files[0], sep="\t")["s"].mean()) if files else None
+
+
 def run_table(results: ExperimentResults) -> pd.DataFrame:
     """One line per run: what it is (stage, init or method, backbone, dataset, label fraction, seed), its identity
-    (config hash, code version, git commit) and where and how fast it ran (device, versions, time, memory)."""
+    (config hash, code version, git commit) and where and how fast it ran (device, versions, time, memory). Two
+    times, as :data:`RUN_TIMES` says: the training loop's (the manifest's) and the whole job's (Snakemake's)."""
     lines = []
     for run, manifest in results.manifests.items():
         config, packages = manifest["config"], manifest.get("packages", {})
@@ -167,11 +183,79 @@ def run_table(results: ExperimentResults) -> pd.DataFrame:
             "dataset": config.get("dataset") or "+".join(member["dataset"] for member in config.get("pool", [])),
             "label_fraction": config.get("label_fraction"), "seed": manifest.get("seed"),
             "config_hash": manifest["config_hash"], "code_version": manifest.get("code_version"),
-            "git_commit": (manifest.get("git_commit") or "")[:10], "device": manifest.get("device"),
+            "git_commit": (manifest.get("git_commit") or "")[:10] or None, "device": manifest.get("device"),
             "torch": packages.get("torch"), "monai": packages.get("monai"), "python": manifest.get("python"),
-            "steps": manifest.get("steps"), "wall_seconds": manifest.get("wall_seconds"),
-            "steps_per_second": manifest.get("steps_per_second"), "peak_memory_mb": manifest.get("peak_memory_mb")})
+            "steps": manifest.get("steps"), "loop_seconds": manifest.get("wall_seconds"),
+            "job_seconds": _job_seconds(results.run_dirs[run]), "steps_per_second": manifest.get("steps_per_second"),
+            "peak_memory_mb": manifest.get("peak_memory_mb")})
     return pd.DataFrame(lines)
+
+
+def _shown(value) -> str:
+    """A config value as the page shows it: a shape as 32×32×16, a number without trailing zeros."""
+    if isinstance(value, list) and all(isinstance(item, int) for item in value):
+        return "×".join(map(str, value))
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _distinct(lines: list[dict]) -> dict[str, str]:
+    """Per key of the runs' lines, its distinct values (numbers sorted) as one text: one value is the whole story,
+    several mean the runs differ."""
+    found: dict[str, list] = {}
+    for line in lines:
+        for key, value in line.items():
+            if value is not None:
+                found.setdefault(key, []).append(value)
+    numbers = {key for key, values in found.items() if all(isinstance(value, (int, float)) for value in values)}
+    return {key: ", ".join(dict.fromkeys(map(_shown, sorted(values) if key in numbers else values)))
+            for key, values in found.items()}
+
+
+def _data_source(spec: Mapping) -> str:
+    """A dataset of a run's config with where it comes from (the registry's title, your folder, phantoms), its
+    committed split if any and its preprocessing recipe."""
+    data, name = spec.get("data", {}), spec["dataset"]
+    source = data.get("source")
+    if source == "registry" and name in load_registry():
+        source = f"registry: {load_registry()[name].title}"
+    elif source == "folder":
+        source = f"your folder {data.get('images')}"
+    elif source == "phantom":
+        source = "synthetic phantoms"
+    details = [text for text in (source, data.get("split") and f"split {data['split']}",
+                                 spec.get("recipe") and f"recipe {spec['recipe']}") if text]
+    return f"{name} ({', '.join(details)})" if details else name
+
+
+def _backbone(spec: Mapping) -> str:
+    """A backbone of a run's config with its settings: two UNets of different widths are two backbones."""
+    settings = ", ".join(f"{key} {_shown(value)}" for key, value in spec.items() if key != "name")
+    return f"{spec['name']} ({settings})" if settings else spec["name"]
+
+
+def experiment_settings(results: ExperimentResults) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """What the experiment ran, from its runs' manifests (each run's resolved config, so the page describes the runs
+    behind its numbers even where the config file has changed since): the fine-tuning grid as (setting, value)
+    lines, and one line per pre-training entry. Where runs differ (a per-init override) a setting lists every
+    value."""
+    finetune = [results.manifests[run]["config"] for run in results.runs_of("finetune")]
+    grid = _distinct([{"datasets": _data_source(config), "protocols": config.get("protocol", "finetune"),
+                       "backbones": _backbone(config["backbone"]), "label fractions": config.get("label_fraction"),
+                       "subset draws": config.get("splits", {}).get("subsets"), "seeds": config.get("seed"),
+                       "steps": config.get("steps"), "batch size": config.get("batch_size"),
+                       "patch size": config.get("patch_size")} for config in finetune])
+    entries: dict[str, list[dict]] = {}
+    for run in results.runs_of("pretrain"):
+        manifest = results.manifests[run]
+        config = manifest["config"]
+        settings = manifest.get("method_config") or config.get("method_config") or {}  # resolved, else overrides
+        entries.setdefault(config.get("variant", config["method"]), []).append({
+            "method": config["method"], "backbone": _backbone(config["backbone"]),
+            "datasets": "; ".join(_data_source(member) for member in config.get("pool", [])),
+            "seeds": config.get("seed"), "steps": config.get("steps"), "batch size": settings.get("batch_size"),
+            "patch size": settings.get("patch_size")})
+    return (pd.DataFrame(list(grid.items()), columns=["setting", "value"]),
+            pd.DataFrame([{"entry": entry, **_distinct(lines)} for entry, lines in entries.items()]))
 
 
 def reproduction_status(cells: pd.DataFrame) -> pd.DataFrame:
@@ -186,7 +270,8 @@ def reproduction_status(cells: pd.DataFrame) -> pd.DataFrame:
     counts["inside CI"] = ci.get(False, pd.Series(dtype=int)).reindex(counts.index, fill_value=0)
     counts["outside CI"] = ci.get(True, pd.Series(dtype=int)).reindex(counts.index, fill_value=0)
     counts = counts.loc[:, (counts != 0).any() | counts.columns.isin([tables.NOT_RUN, "inside CI", "outside CI"])]
-    return counts.reindex([pair for pair in published_tables() if pair in counts.index]).reset_index()
+    return (counts.reindex([pair for pair in published_tables() if pair in counts.index]).reset_index()
+            .rename_axis(columns=None))  # crosstab names the columns "status": a blank column on the page
 
 
 def _friedman_scores(board: pd.DataFrame, titles: Mapping[str, str]) -> pd.DataFrame:
@@ -318,7 +403,8 @@ def _significance(per_case: pd.DataFrame, board: pd.DataFrame, out: Path, titles
     return friedman
 
 
-def _figures(results: ExperimentResults, board: pd.DataFrame, out: Path) -> tuple[list[Figure], dict]:
+def _figures(results: ExperimentResults, board: pd.DataFrame, out: Path, n_resamples: int
+             ) -> tuple[list[Figure], dict]:
     """Every figure the results allow, each of one protocol, with the Friedman result per protocol."""
     out.mkdir(parents=True, exist_ok=True)
     colours, titles = _colours(results), results.titles()
@@ -333,7 +419,7 @@ def _figures(results: ExperimentResults, board: pd.DataFrame, out: Path) -> tupl
     for protocol, dataset in settings.itertuples(index=False):
         add("Label efficiency", f"{protocol} · {dataset}", figures.label_efficiency(
             per_case, dataset, protocol=protocol, out=out / _stem("label_efficiency", protocol, dataset),
-            colours=colours, titles=titles))
+            colours=colours, titles=titles, n_resamples=n_resamples))
     friedman = _significance(per_case, board, out, titles, add)
     if results.step_logs:
         warmup = _warmup(results.step_logs)
@@ -364,13 +450,28 @@ def _html(frame: pd.DataFrame) -> str:
     return frame.to_html(index=False, border=0, na_rep="–", classes="data", escape=True)
 
 
-def _paper_sections(cells: pd.DataFrame) -> list[dict]:
-    """Per published table: its grid, the counts of cell statuses, and whether any cell has our number (a table
-    with none is folded away on the page)."""
+def _applies(cells: pd.DataFrame, datasets) -> pd.Series:
+    """(paper, table) -> whether any of its cells is on a dataset of the experiment: only those cells can ever have a
+    number of ours (a cell matches runs of its own dataset only)."""
+    return cells.groupby(["paper", "table"], sort=False)["dataset"].agg(lambda names: names.isin(datasets).any())
+
+
+def _folded_summary(applies: pd.Series, datasets) -> str:
+    """The one line that stands for the paper tables folded away, those on datasets the experiment does not run
+    (every table, for an experiment of your own data): pages of "not run" would bury the tables that apply."""
+    n = int((~applies).sum())
+    return (f"{n} of {len(applies)} published tables are on datasets this experiment does not run (it runs "
+            f"{', '.join(sorted(datasets))}): none of their cells can have a number of ours" if n else "")
+
+
+def _paper_sections(cells: pd.DataFrame, applies: pd.Series) -> list[dict]:
+    """Per published table: its grid, the counts of cell statuses, whether it applies (:func:`_applies`) and whether
+    any cell has our number (a table with none is folded on the page)."""
     sections = []
     for (paper, table), lines in cells.groupby(["paper", "table"], sort=False):
         sections.append({"paper": paper, "table": table, "grid": _html(tables.paper_table_grid(lines)),
-                         "counts": tables.status_counts(lines), "has_numbers": lines["ours"].notna().any(),
+                         "counts": tables.status_counts(lines), "applies": applies[paper, table],
+                         "has_numbers": lines["ours"].notna().any(),
                          "markdown": f"tables/{_slug('paper', paper, table)}.md",
                          "notes": tables.method_footnotes(lines["init"])})
     return sections
@@ -396,9 +497,11 @@ def _write_tables(folder: Path, named: Mapping[str, pd.DataFrame]) -> None:
 
 
 def _environment(runs: pd.DataFrame) -> dict[str, str]:
-    """Each provenance column's distinct values across runs: one value is the whole story, several a warning."""
+    """Each provenance column's distinct values across runs: one value is the whole story, several a warning; a
+    column no run records is left out (an empty line would read as a value)."""
     return {column: ", ".join(sorted(map(str, runs[column].dropna().unique())))
-            for column in ("git_commit", "code_version", "device", "torch", "monai", "python") if column in runs}
+            for column in ("git_commit", "code_version", "device", "torch", "monai", "python")
+            if column in runs and runs[column].notna().any()}
 
 
 def build_report(results_dir: str | Path, out_dir: str | Path, options: ReportOptions | None = None) -> Path:
@@ -431,12 +534,17 @@ def build_report(results_dir: str | Path, out_dir: str | Path, options: ReportOp
                            for paper, table in published_tables()], ignore_index=True)
         progress(f"{cells[['paper', 'table']].drop_duplicates().shape[0]} paper tables")
         status = reproduction_status(cells)
+        datasets = set(results.per_case["dataset"])
+        applies = _applies(cells, datasets)
+        shown = np.array([applies[pair] for pair in zip(status["paper"], status["table"])], dtype=bool)
+        grid, pretraining = experiment_settings(results)
         runs = run_table(results)
-        made, friedman = _figures(results, board, build / "figures")
+        made, friedman = _figures(results, board, build / "figures", options.n_resamples)
         progress(f"{len(made)} figures")
 
         _write_tables(table_dir, {"summary": summary, "leaderboard": board, "paper_tables": cells,
-                                  "reproduction_status": status, "methods": method_list, "runs": runs})
+                                  "reproduction_status": status, "methods": method_list, "runs": runs,
+                                  "experiment_finetune": grid, "experiment_pretrain": pretraining})
         write_text(table_dir / "leaderboard.md", tables.leaderboard_markdown(board, titles))
         for (paper, table), lines in cells.groupby(["paper", "table"], sort=False):
             write_text(table_dir / f"{_slug('paper', paper, table)}.md", tables.paper_table_markdown(lines))
@@ -457,14 +565,16 @@ def build_report(results_dir: str | Path, out_dir: str | Path, options: ReportOp
                                       undefined=jinja2.StrictUndefined)
         page = template.get_template(TEMPLATE).render(
             experiment=results.name, tier=tables.TIERS[options.tier], version=__version__,
+            grid=_html(grid), pretraining=_html(pretraining) if len(pretraining) else "",
             environment=_environment(runs), skipped=results.skipped,
             summary_legend=SUMMARY_LEGEND, summary=[(title, runs_text, [(metric, _html(t)) for metric, t in blocks])
                                                     for title, runs_text, blocks in summary_blocks(titled_summary)],
             leaderboard_legend=tables.leaderboard_legend(board), leaderboard=_leaderboard_sections(board, titles),
             friedman=friedman, methods=method_list.to_dict("records"), paper_legend=tables.PAPER_TABLE_LEGEND,
-            papers=_paper_sections(cells),
-            status=_html(status), figures=made, sections=list(dict.fromkeys(f.section for f in made)),
-            run_columns=list(runs.columns), runs=_records(runs))
+            papers=_paper_sections(cells, applies), folded=_folded_summary(applies, datasets),
+            status=_html(status[shown]) if shown.any() else "", folded_status=_html(status[~shown]),
+            figures=made, sections=list(dict.fromkeys(f.section for f in made)),
+            run_legend=RUN_TIMES, run_columns=list(runs.columns), runs=_records(runs))
         write_text(build / "index.html", page)
         if out_dir.exists():
             shutil.rmtree(out_dir)

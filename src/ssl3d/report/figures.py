@@ -13,10 +13,10 @@ Conventions shared by all figures:
   ``finetune.inits`` so that an init has the same colour everywhere. Without it a figure builds the map from the
   inits it shows, sorted, which agrees across figures as long as they show the same pre-trained inits.
 * **Backbones** are told apart by line style and marker (:func:`backbone_styles`), never by colour.
-* **Uncertainty** is across training runs (seeds × subset draws), after averaging test cases within each run (as
-  ``ssl3d.analysis.aggregate``): 95 % Student-t intervals, ``mean ± t(0.975, n-1) · sd / sqrt(n)``. A t-interval
-  rather than a bootstrap because there are typically 2-5 runs per point, too few for a percentile bootstrap to
-  resample meaningfully. A point with one run has no interval.
+* **Uncertainty** of a mean over training runs (seeds × subset draws) and test cases is a 95 % bootstrap interval
+  that resamples both (:func:`ssl3d.analysis.stats.runs_cases_bootstrap_ci`). Not a t-interval across runs: with
+  the typical 1-3 runs per point it is undefined for one run and ±12.7 standard errors wide for two (Dice 0 to 1),
+  and it ignores which test cases happened to be drawn.
 * **Timings** skip the first :data:`WARMUP_STEPS` steps of each run (and of each resume): they pay for CUDA
   context and kernel selection, allocator growth and data-loader start-up, not for the method.
 * SVGs keep text as text (searchable, editable) and are byte-for-byte reproducible (fixed hash salt, no date).
@@ -30,7 +30,6 @@ experiment does not have. A new method figure is a function here and a name in t
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,10 +45,10 @@ from matplotlib.colors import to_rgb  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Patch, Rectangle  # noqa: E402
 from matplotlib.ticker import MaxNLocator, NullLocator  # noqa: E402
-from scipy import stats  # noqa: E402
 
-from ssl3d.analysis.aggregate import METRIC_TITLES, per_run_means  # noqa: E402
-from ssl3d.analysis.stats import LOWER_IS_BETTER, MIN_PAIRS, SCRATCH, format_p  # noqa: E402
+from ssl3d.analysis.aggregate import METRIC_TITLES  # noqa: E402
+from ssl3d.analysis.stats import (LOWER_IS_BETTER, MIN_PAIRS, SCRATCH, format_p,  # noqa: E402
+                                  runs_cases_bootstrap_ci)
 from ssl3d.io import atomic_path  # noqa: E402
 
 __all__ = ["DPI", "METHOD_FIGURES", "SCRATCH_COLOUR", "WARMUP_STEPS", "FigureFiles", "FigureInputs", "MethodFigure",
@@ -64,10 +63,10 @@ PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e
 LINESTYLES = ["-", "--", ":", "-."]
 MARKERS = ["o", "s", "^", "D", "v", "P"]
 CLASS_PALETTE = ["#e41a1c", "#377eb8", "#4daf4a", "#984ea3", "#ff7f00", "#ffff33", "#a65628", "#f781bf"]  # Set1
-OVERLAY_ALPHA = 0.5
 CONFIDENCE = 0.95
 WARMUP_STEPS = 10
-METRIC_RANGES = {"dice": (0.0, 1.0), "iou": (0.0, 1.0), "nsd": (0.0, 1.0), "hd95": (0.0, math.inf)}
+N_RESAMPLES = 10_000
+RUN_KEYS = ["init", "backbone", "label_fraction", "subset", "seed", "run_id"]
 DPI = 150
 # Parts of a pre-training step (step_log.csv columns), drawn as stacked segments in the init's colour
 STEP_PARTS = (("data_s", "data wait", {"alpha": 0.35, "hatch": "///"}),
@@ -150,40 +149,42 @@ def _save(fig: Figure, out: str | Path, caption: str, dpi: int) -> FigureFiles:
     return FigureFiles(paths["png"], paths["svg"], caption, fig)
 
 
-def _mean_ci(values) -> dict[str, float]:
-    """Mean and 95 % Student-t interval of ``values`` (NaN bounds below two values)."""
-    values = np.asarray(values, dtype=float)
-    n, mean = len(values), float(np.mean(values))
-    if n < 2:
-        return {"mean": mean, "low": math.nan, "high": math.nan, "n": n}
-    half = stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1) * np.std(values, ddof=1) / math.sqrt(n)
-    return {"mean": mean, "low": mean - half, "high": mean + half, "n": n}
+def _case_values(rows: pd.DataFrame, target: str) -> pd.DataFrame:
+    """One value per run and test case: the case's value of ``target``, for ``mean`` its mean over targets
+    (columns :data:`RUN_KEYS`, case_id, value)."""
+    if target != "mean":
+        rows = rows[rows["target"] == target]
+    return rows.groupby([*RUN_KEYS, "case_id"])["value"].mean().reset_index()
 
 
-def _summarise(runs: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
-    """Mean and interval of ``value`` across the runs of each ``keys`` group."""
-    return pd.DataFrame([{**dict(zip(keys, key)), **_mean_ci(group["value"])}
-                         for key, group in runs.groupby(keys, sort=True)])
+def _summarise(cases: pd.DataFrame, n_resamples: int) -> pd.DataFrame:
+    """Per (init, backbone, label fraction): the mean over its runs × cases and the two-way bootstrap interval
+    (:func:`ssl3d.analysis.stats.runs_cases_bootstrap_ci`)."""
+    keys = ["init", "backbone", "label_fraction"]
+    return pd.DataFrame([{**dict(zip(keys, key)), **runs_cases_bootstrap_ci(
+        group.pivot(index="run_id", columns="case_id", values="value"), CONFIDENCE, n_resamples)}
+                         for key, group in cases.groupby(keys, sort=True)],
+                        columns=[*keys, "mean", "low", "high", "n_runs", "n_cases"])
 
 
-def _paired_deltas(runs: pd.DataFrame) -> pd.DataFrame:
-    """Each pre-trained run minus the scratch run with the same backbone, label fraction, subset draw and seed."""
-    keys = ["backbone", "label_fraction", "subset", "seed"]
-    scratch = runs.loc[runs["init"] == SCRATCH, keys + ["value"]]
+def _paired_deltas(cases: pd.DataFrame) -> pd.DataFrame:
+    """Each pre-trained run minus the scratch run with the same backbone, label fraction, subset draw and seed, case
+    by case."""
+    keys = ["backbone", "label_fraction", "subset", "seed", "case_id"]
+    scratch = cases.loc[cases["init"] == SCRATCH, keys + ["value"]]
     if scratch.duplicated(keys).any():
         raise ValueError("several scratch runs share a backbone, label fraction, subset and seed: "
                          "pass the per-case table of one experiment")
-    paired = runs[runs["init"] != SCRATCH].merge(scratch, on=keys, suffixes=("", "_scratch"))
+    paired = cases[cases["init"] != SCRATCH].merge(scratch, on=keys, suffixes=("", "_scratch"))
     return paired.assign(value=paired["value"] - paired["value_scratch"])
 
 
-def _ci_line(ax, summary: pd.DataFrame, colour: str, style: dict, label: str,
-             bounds: tuple[float, float] = (-math.inf, math.inf)) -> None:
-    """The mean line and its interval band, the band clipped to the values the metric can take (with two runs the
-    t-interval is ±12.7 standard errors and would otherwise reach Dice below 0)."""
+def _ci_line(ax, summary: pd.DataFrame, colour: str, style: dict, label: str) -> None:
+    """The mean line and its interval band (a percentile bootstrap of means stays within the values the metric can
+    take: no clipping)."""
     ax.plot(summary["label_fraction"], summary["mean"], color=colour, label=label, markersize=4, **style)
-    ax.fill_between(summary["label_fraction"], summary["low"].clip(*bounds), summary["high"].clip(*bounds),
-                    color=colour, alpha=0.15, linewidth=0)
+    ax.fill_between(summary["label_fraction"], summary["low"], summary["high"], color=colour, alpha=0.15,
+                    linewidth=0)
 
 
 def _fraction_axis(ax, fractions: np.ndarray) -> None:
@@ -213,39 +214,36 @@ def _range_text(counts: pd.Series) -> str:
 @_styled
 def label_efficiency(per_case: pd.DataFrame, dataset: str, metric: str = "dice", out: str | Path = "label_efficiency",
                      *, target: str = "mean", protocol: str = "finetune", colours: Mapping[str, str] | None = None,
-                     titles: Mapping[str, str] | None = None, dpi: int = DPI) -> FigureFiles:
-    """How much each init gains as labels get scarce, and whether the gain over scratch exceeds run-to-run noise.
+                     titles: Mapping[str, str] | None = None, n_resamples: int = N_RESAMPLES,
+                     dpi: int = DPI) -> FigureFiles:
+    """How much each init gains as labels get scarce, and whether the gain over scratch exceeds the noise of runs
+    and test cases.
 
-    Left: the metric (each run's mean over test cases, for ``target``; ``mean`` is the run's mean over targets)
-    against the label fraction, mean and 95 % t-interval across runs, one line per (init, backbone). Right: the
-    difference to scratch on the same backbone, paired by subset draw and seed (the same training cases and
-    sampling seed), with its 95 % t-interval: an interval clear of zero is a gain beyond seed noise (PGL, Fig. 5).
+    Left: the metric (each case's value for ``target``; ``mean`` is its mean over targets) against the label
+    fraction, one line per (init, backbone): the mean over runs × test cases (each run's mean over its cases,
+    averaged over runs) with a 95 % bootstrap band resampling both runs and cases. Right: the difference to scratch
+    on the same backbone, paired by subset draw, seed (the same training cases and sampling seed) and test case,
+    with the same band: a band clear of zero is a gain beyond that noise (PGL, Fig. 5).
     """
     rows = per_case[(per_case["dataset"] == dataset) & (per_case["metric"] == metric)
                     & (per_case["protocol"] == protocol)]
     if rows.empty:
         raise ValueError(f"no {metric} rows for dataset {dataset!r} and protocol {protocol!r}")
-    runs = per_run_means(rows)
-    runs = runs[runs["target"] == target]
-    if runs.empty:
+    cases = _case_values(rows, target)
+    if cases.empty:
         raise ValueError(f"no target {target!r} in the {metric} rows of {dataset!r}")
-    colours = _colours(colours, runs["init"])
-    styles = backbone_styles(runs["backbone"])
-    keys = ["init", "backbone", "label_fraction"]
-    summary, deltas = _summarise(runs, keys), _paired_deltas(runs)
-    delta_summary = _summarise(deltas, keys)
+    colours = _colours(colours, cases["init"])
+    styles = backbone_styles(cases["backbone"])
+    summary, deltas = _summarise(cases, n_resamples), _paired_deltas(cases)
+    delta_summary = _summarise(deltas, n_resamples)
 
     title = METRIC_TITLES.get(metric, metric)
     fig, (ax, ax_delta) = _subplots(2, width=9.5)
-    low, high = METRIC_RANGES.get(metric, (-math.inf, math.inf))
-    for (init, backbone), line in _ordered_groups(summary, colours):
-        _ci_line(ax, line, colours[init], styles[backbone], _label(init, backbone, styles, titles), (low, high))
-    if not delta_summary.empty:
-        for (init, backbone), line in _ordered_groups(delta_summary, colours):
-            _ci_line(ax_delta, line, colours[init], styles[backbone], _label(init, backbone, styles, titles),
-                     (low - high, high - low))
+    for axis, lines in ((ax, summary), (ax_delta, delta_summary)):
+        for (init, backbone), line in _ordered_groups(lines, colours):
+            _ci_line(axis, line, colours[init], styles[backbone], _label(init, backbone, styles, titles))
     ax_delta.axhline(0, color="0.3", linewidth=0.8, linestyle="--")
-    fractions = np.sort(runs["label_fraction"].unique())
+    fractions = np.sort(cases["label_fraction"].unique())
     for axis in (ax, ax_delta):
         _fraction_axis(axis, fractions)
     better = "lower" if metric in LOWER_IS_BETTER else "higher"
@@ -253,14 +251,14 @@ def label_efficiency(per_case: pd.DataFrame, dataset: str, metric: str = "dice",
     ax_delta.set(title="difference to scratch (same backbone)", ylabel=f"Δ {title} vs scratch")
     _figure_legend(fig, ax)
 
-    unpaired = sorted(set(runs.loc[runs["init"] != SCRATCH, "init"]) - set(deltas.get("init", [])))
+    unpaired = sorted(set(cases.loc[cases["init"] != SCRATCH, "init"]) - set(deltas["init"]))
     caption = (f"{title} on {dataset} ({'mean over targets' if target == 'mean' else target}, {protocol}) against "
-               f"the fraction of labelled training cases. Each run's test cases are averaged first; points are the "
-               f"mean across {_range_text(summary['n'])} runs (seeds × subset draws) with a 95% t-interval (band, "
-               f"clipped to the values {title} can take). "
-               f"Right: each pre-trained run minus the scratch run on the same backbone with the same subset draw "
-               f"and seed, mean and 95% t-interval; {better} is better, and a band clear of the dashed zero line is a "
-               f"difference beyond run-to-run noise.")
+               f"the fraction of labelled training cases: the mean over {_range_text(summary['n_runs'])} runs "
+               f"(seeds × subset draws) × {_range_text(summary['n_cases'])} test cases. Band: 95% bootstrap interval "
+               f"of that mean resampling both the runs and the test cases ({n_resamples} resamples, percentile), so "
+               f"it holds seed noise and test-case sampling. Right: each pre-trained run minus the scratch run on "
+               f"the same backbone with the same subset draw and seed, case by case, with the same band; {better} "
+               f"is better, and a band clear of the dashed zero line is a difference beyond that noise.")
     if unpaired:
         names = [(titles or {}).get(init, init) for init in unpaired]
         caption += f" No scratch run to pair with on their backbone: {', '.join(names)}."
@@ -422,13 +420,15 @@ def region_size_table(manifests: Mapping[str, dict], step_logs: Mapping[str, pd.
     """Timed steps of ``method``'s pre-training runs by reconstruction size (columns backbone, region_size, seconds),
     where the experiment pre-trains it with several sizes on one backbone (HybridMIM's Table 4 / Fig. 6b ablation;
     the backbone with most sizes); None otherwise. A run without ``reconstruction_size`` reconstructs its whole
-    crop (``patch_size``)."""
+    crop (``patch_size``); both are read from the manifest's resolved ``method_config`` (the run's config holds only
+    the entry's overrides)."""
     timed = []
     for run, manifest in manifests.items():
         config = manifest["config"]
         if config.get("method") != method or run not in step_logs:
             continue
-        size = (manifest.get("method_config") or {}).get("reconstruction_size") or config.get("patch_size", [0])[0]
+        settings = manifest["method_config"]
+        size = settings.get("reconstruction_size") or settings["patch_size"][0]
         steps = timed_steps(step_logs[run], manifest, warmup, run)
         timed.append(pd.DataFrame({"backbone": config["backbone"]["name"], "region_size": int(size),
                                    "seconds": steps["total_s"]}))
@@ -513,10 +513,10 @@ def _volume(array, name: str) -> np.ndarray:
 
 
 def _overlay(labels: np.ndarray, class_colours: Mapping[int, str]) -> np.ndarray:
-    """An RGBA image: each class in its colour, background transparent."""
+    """An RGBA image: each class opaque in its colour, background transparent."""
     rgba = np.zeros((*labels.shape, 4))
     for label, colour in class_colours.items():
-        rgba[labels == label] = (*to_rgb(colour), OVERLAY_ALPHA)
+        rgba[labels == label] = (*to_rgb(colour), 1.0)
     return rgba
 
 
@@ -527,8 +527,10 @@ def qualitative_slices(image, reference, predictions: Mapping[str, np.ndarray], 
     """What the inits' segmentations look like against the reference on one case: where they miss or over-segment.
 
     One axial slice (the last axis; the slice with the most reference foreground), the image in grey (1st-99th
-    percentile window) with the labels overlaid, one colour per class; the reference first, then one panel per
-    init framed in the init's colour. Arrays are (X, Y, Z) or (1, X, Y, Z); X runs left to right, Y bottom to top.
+    percentile window) with the labels overlaid, each class opaque in the colour its legend entry shows (a
+    translucent overlay mixes each colour with the grey below it, so that no class would look like its legend
+    entry); the reference first, then one panel per init framed in the init's colour. Arrays are (X, Y, Z) or
+    (1, X, Y, Z); X runs left to right, Y bottom to top.
     """
     image, reference = _volume(image, "image"), _volume(reference, "reference")
     panels = {"reference": reference, **{init: _volume(pred, init) for init, pred in predictions.items()}}
@@ -551,11 +553,11 @@ def qualitative_slices(image, reference, predictions: Mapping[str, np.ndarray], 
         ax.grid(False)
         for spine in ax.spines.values():
             spine.set(visible=True, edgecolor=frames[name], linewidth=2)
-    fig.legend(handles=[Patch(color=class_colours[label], alpha=OVERLAY_ALPHA, label=classes[label])
+    fig.legend(handles=[Patch(color=class_colours[label], label=classes[label])
                         for label in class_colours], loc="outside lower center", ncols=min(len(classes), 6))
 
     caption = (f"Axial slice {z} of {image.shape[2]} (the slice with the most reference foreground): the image in "
-               f"grey with labels overlaid, one colour per class; the reference, then the prediction of each init "
+               f"grey with labels overlaid in the legend's colours; the reference, then the prediction of each init "
                f"({', '.join(predictions)}).")
     return _save(fig, out, caption, dpi)
 
@@ -609,6 +611,24 @@ def _cd_groups(ranks: np.ndarray, cd: float) -> list[tuple[int, int]]:
     return groups
 
 
+def _fit_labels(fig: Figure, ax, left: float, right: float) -> None:
+    """Set the x limits of ``ax`` so that its texts right-aligned at ``left`` and left-aligned at ``right`` (data
+    coordinates) lie inside the axes, however long they are.
+
+    A text's width is fixed in pixels, not in data units, so the limits solve ``span = (right - left) + (L + R) ·
+    span / W`` for the widest texts of each side (L, R pixels) and the axes' width W; the figure is widened first
+    where those texts would leave less than 4 inches between them. The texts must be out of the layout
+    (``in_layout=False``), or the layout would shrink the axes around them.
+    """
+    renderer = fig.canvas.get_renderer()
+    widths = {align: max((text.get_window_extent(renderer).width + 4 for text in ax.texts if text.get_ha() == align),
+                         default=0) for align in ("left", "right")}
+    fig.set_figwidth(max(fig.get_figwidth(), 4.0 + (widths["left"] + widths["right"]) / fig.dpi))
+    fig.get_layout_engine().execute(fig)
+    per_pixel = (right - left) / (ax.get_window_extent(renderer).width - widths["left"] - widths["right"])
+    ax.set_xlim(left - widths["right"] * per_pixel, right + widths["left"] * per_pixel)
+
+
 @_styled
 def critical_difference(result: Mapping, out: str | Path = "critical_difference", *, dpi: int = DPI) -> FigureFiles:
     """Which inits rank differently across datasets, beyond what the Nemenyi test attributes to chance.
@@ -620,28 +640,29 @@ def critical_difference(result: Mapping, out: str | Path = "critical_difference"
     ranks = result["ranks"].sort_values()
     names, values, k = list(ranks.index), ranks.to_numpy(dtype=float), int(result["k"])
     half = (len(names) + 1) // 2
+    edges = (0.6, max(k, 1 + result["cd"]) + 0.4)  # where the label lines end, right of the bar however long
     fig, (ax,) = _subplots(1, width=8.0, height=1.6 + 0.32 * half + 0.12 * len(names))
-    ax.set_xlim(0.5, k + 0.5)
     ax.hlines(0, 1, k, color="black", linewidth=1)
     for tick in range(1, k + 1):
         ax.vlines(tick, 0, 0.08, color="black", linewidth=1)
-        ax.text(tick, 0.14, str(tick), ha="center", va="bottom")
+        ax.text(tick, 0.14, str(tick), ha="center", va="bottom", in_layout=False)
     ax.plot([1, 1 + result["cd"]], [0.55, 0.55], color="black", linewidth=2, solid_capstyle="butt")
-    ax.text(1 + result["cd"] / 2, 0.62, f"CD = {result['cd']:.2f}", ha="center", va="bottom")
+    ax.text(1 + result["cd"] / 2, 0.62, f"CD = {result['cd']:.2f}", ha="center", va="bottom", in_layout=False)
     for i, (name, rank) in enumerate(zip(names, values)):
         left = i < half
         depth = -0.35 * ((i if left else len(names) - 1 - i) + 1)
-        edge = 0.6 if left else k + 0.4
+        edge = edges[0] if left else edges[1]
         ax.plot([rank, rank, edge], [0, depth, depth], color="0.2", linewidth=0.8)
         ax.plot([rank], [0], marker="o", color="black", markersize=4)
         ax.text(edge + (-0.05 if left else 0.05), depth, f"{name} ({rank:.2f})", ha="right" if left else "left",
-                va="center")
+                va="center", in_layout=False)
     for level, (first, last) in enumerate(_cd_groups(values, result["cd"])):
         ax.plot([values[first] - 0.03, values[last] + 0.03], [-0.12 - 0.1 * level] * 2, color="black", linewidth=3,
                 solid_capstyle="butt", label="not significantly different" if level == 0 else None)
     ax.set_ylim(-0.35 * (half + 1), 1.0)
     ax.axis("off")
     ax.set_title("average rank across blocks (1 = best)")
+    _fit_labels(fig, ax, edges[0] - 0.05, edges[1] + 0.05)
 
     caption = (f"Average rank of each init over {result['n_blocks']} blocks (a block is one dataset × label "
                f"fraction; 1 = best). Friedman χ² = {result['statistic']:.2f}, p = {result['p']:.3g}. Inits joined "
