@@ -48,7 +48,8 @@ def config_problems(config):
     return code_problems(config)
 
 
-PROBLEMS = config_problems(config)
+# checked once, by the Snakemake process that plans; a job's own Snakemake process (on a cluster node) skips it
+PROBLEMS = config_problems(config) if workflow.is_main_process else []
 if PROBLEMS:
     CONFIG_LOG.parent.mkdir(exist_ok=True)
     lines = "\n  ".join(PROBLEMS)
@@ -151,7 +152,8 @@ def write_record(path, log, record, message):
 
 
 def device(wildcards, resources):
-    return "cuda" if resources.gpu > 0 else "cpu"
+    """cuda where the job was given a GPU (``gpu``, or a cluster's ``gres: gpu:N``)."""
+    return "cuda" if resources.gpu > 0 or "gpu" in str(resources.get("gres", "")) else "cpu"
 
 
 def threads_per_process(wildcards, threads, resources):

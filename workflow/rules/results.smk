@@ -5,6 +5,7 @@ rule collect:
         f"{RESULTS}/per_case.csv",
     log:
         f"{RESULTS}/logs/collect.log",
+    localrule: True
     conda:
         "../envs/ssl3d.yaml"
     shell:
@@ -19,6 +20,7 @@ rule summarise:
         md=f"{RESULTS}/summary.md",
     log:
         f"{RESULTS}/logs/summarise.log",
+    localrule: True
     conda:
         "../envs/ssl3d.yaml"
     shell:
