@@ -4,6 +4,9 @@ verified transfer; a file whose keys or shapes do not fit is refused, naming the
 
 import copy
 import dataclasses
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -134,3 +137,28 @@ def test_a_released_init_runs_on_its_entrys_backbone_with_its_identity():
     config["finetune"]["inits"] = ["scratch", "vox2vec_oficial"]
     assert any("'vox2vec_oficial' is not 'scratch'" in problem and "vox2vec_official" in problem
                for problem in config_problems(config))
+
+
+def test_a_released_init_is_fetched_once_and_loaded_by_its_runs(vox2vec_file, server, tmp_path):
+    """The workflow's side: a fetch_weights job the fine-tuning runs read, and a probe on the released weights
+    reading the pyramid its method declares."""
+    from ssl3d.finetune.protocols import build_downstream
+    from ssl3d.pretrain.registry import get_method
+
+    config = copy.deepcopy(yaml.safe_load((REPO / "config" / "experiments" / "micro.yaml").read_text()))
+    config["finetune"]["inits"] = ["vox2vec_official"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    dry = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory",
+                          str(tmp_path), "--configfile", str(tmp_path / "config.yaml"), "-n"],
+                         capture_output=True, text=True)
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    assert re.search(r"^fetch_weights\s+1$", dry.stdout, re.M)
+    assert re.search(r"rule finetune:\n\s+input: [^\n]*data/weights/vox2vec_official/verified\.json", dry.stdout)
+
+    entry, official = vox2vec_file
+    verified = fetch_released(place(entry, official, tmp_path / "data", server), tmp_path / "data")
+    spec = {"backbone": entry.backbone, "protocol": "probe", "init": entry.name, "released": entry.identity()}
+    downstream = build_downstream(spec, in_channels=1, out_channels=3, pretrained=verified)
+    assert downstream.transfer["method"] == "vox2vec" and downstream.transfer["fractions"]["encoder"] == 1.0
+    assert downstream.probe_features == get_method("vox2vec").probe_features
+
