@@ -266,10 +266,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if getattr(args, "device", None) == "cuda" and "LOCAL_RANK" not in os.environ:  # torchrun's ranks: claimed
+    if getattr(args, "device", None) == "cuda":
+        from ssl3d.distributed import launched_by_torchrun
         from ssl3d.gpus import claim_gpus
 
-        claim_gpus(1)  # a GPU no other job of this machine holds (ssl3d.gpus)
+        if not launched_by_torchrun():  # a torchrun job's GPUs were claimed before it started (ssl3d.gpus)
+            claim_gpus(1)  # a GPU no other job of this machine holds
     from ssl3d.data.fetch import FetchError  # a failed download, verification, unsafe archive or missing copy
     from ssl3d.io import WriteError, describe_os_error
 

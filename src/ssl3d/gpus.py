@@ -5,9 +5,10 @@ not which GPU each gets: every job would use device 0. So a job run with ``--dev
 itself before CUDA starts: it takes an exclusive ``fcntl.flock`` on one lock file per device, among the devices the
 machine offers (``CUDA_VISIBLE_DEVICES``, else those ``nvidia-smi -L`` lists), and narrows its own
 ``CUDA_VISIBLE_DEVICES`` to the claimed ones, so a one-GPU job sees its GPU as ``cuda:0``. A multi-GPU job is
-launched through ``python -m ssl3d.gpus N torchrun ...``, which claims N devices and then becomes ``torchrun``. The kernel releases a lock when
-its process ends, however it ends (an error, a kill, a lost node), so a failed job never leaves a device claimed and
-its restart claims afresh; no state to clean up. A job that finds every device claimed waits for one.
+launched through ``python -m ssl3d.gpus N torchrun ...``, which claims N devices and then becomes ``torchrun``. The
+kernel releases a lock when its process ends, however it ends (an error, a kill, a lost node), so a failed job never
+leaves a device claimed and its restart claims afresh; no state to clean up. A job that finds every device claimed
+waits for one.
 
 Locks live in ``$SSL3D_GPU_LOCKS`` (default: ``ssl3d-gpus`` in the temporary folder), one folder per machine.
 Hand-written: neither Snakemake nor torch assigns devices to independent local processes.

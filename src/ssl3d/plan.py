@@ -80,10 +80,15 @@ STAGE_KEYS = {
 PLANNING_KEYS = ("path", "missing", "folds", "label_fractions")
 
 
-def stage_settings(config: dict, dataset: str, stage: str) -> str:
-    """The keys of ``STAGE_KEYS[stage]`` that the dataset's entry sets, as canonical JSON."""
+def stage_keys(config: dict, dataset: str, stage: str) -> dict:
+    """The keys of ``STAGE_KEYS[stage]`` that the dataset's entry sets."""
     settings = config["datasets"][dataset]
-    return json.dumps({key: settings[key] for key in STAGE_KEYS[stage] if key in settings}, sort_keys=True)
+    return {key: settings[key] for key in STAGE_KEYS[stage] if key in settings}
+
+
+def stage_settings(config: dict, dataset: str, stage: str) -> str:
+    """:func:`stage_keys` as canonical JSON: a rule's parameter."""
+    return json.dumps(stage_keys(config, dataset, stage), sort_keys=True)
 
 
 def _data_spec(config: dict, dataset: str) -> dict:

@@ -21,7 +21,7 @@ if not workflow.overwrite_configfiles:
 SRC = Path(workflow.basedir) / "src"
 sys.path.insert(0, str(SRC))
 from ssl3d.data.files import data_root, folder_cases
-from ssl3d.plan import dataset_recipe, finetune_runs, pretrain_runs, skipped_datasets, stage_settings
+from ssl3d.plan import dataset_recipe, finetune_runs, pretrain_runs, skipped_datasets, stage_keys, stage_settings
 
 CONFIG_LOG = Path("logs/config_problems.log")
 
@@ -101,7 +101,7 @@ def prepare_inputs(wildcards):
 
 def preprocess_options(wildcards):
     """The dataset's data options (nonfinite, undeclared_labels) as command-line flags."""
-    options = json.loads(stage_settings(config, wildcards.dataset, "preprocess"))
+    options = stage_keys(config, wildcards.dataset, "preprocess")
     return " ".join(f"--{key.replace('_', '-')} {value}" for key, value in sorted(options.items()))
 
 

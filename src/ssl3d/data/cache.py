@@ -42,7 +42,8 @@ UNDECLARED = ("error", "background")
 
 def case_key(case: Case, recipe: Recipe, options: dict) -> str:
     """What a cached case depends on: the recipe, the data options, and its source files as they are now."""
-    files = [[str(path), path.stat().st_size, path.stat().st_mtime_ns] for path in (case.image, case.label) if path]
+    files = [[str(path), status.st_size, status.st_mtime_ns]
+             for path in (case.image, case.label) if path for status in [path.stat()]]
     return hashlib.sha256(json.dumps([recipe.hash, options, files], sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -110,7 +110,7 @@ class ReleasedCheckpoint:
             mapped[_renamed(prefixes[source] + key.removeprefix(source), self.renames)] = tensor
         if foreign:
             raise ValueError(f"{self.name}: {len(foreign)} key(s) outside the official layout (prefixes "
-                                f"{list(prefixes)}), e.g. {foreign[:5]}")
+                             f"{list(prefixes)}), e.g. {foreign[:5]}")
         return mapped
 
     def to_official(self, state: dict) -> dict:

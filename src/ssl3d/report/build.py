@@ -260,8 +260,8 @@ def experiment_settings(results: ExperimentResults) -> tuple[pd.DataFrame, pd.Da
 
 def reproduction_status(cells: pd.DataFrame) -> pd.DataFrame:
     """Paper × table: how many published cells have each status (not run, demo / mini / paper scale, method not
-    implemented, components not recoverable, metric not measured) and, of those we have numbers for, how many published values lie inside and
-    outside our 95 % interval."""
+    implemented, components not recoverable, metric not measured) and, of those we have numbers for, how many
+    published values lie inside and outside our 95 % interval."""
     statuses = [tables.NOT_RUN, *tables.TIERS.values(), tables.NOT_IMPLEMENTED, tables.UNATTRIBUTED,
                 tables.NOT_MEASURED]
     counts = pd.crosstab([cells["paper"], cells["table"]], cells["status"]).reindex(columns=statuses, fill_value=0)

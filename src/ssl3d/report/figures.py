@@ -593,8 +593,8 @@ def significance_heatmap(matrix: pd.DataFrame, out: str | Path = "significance",
 
     caption = (f"Holm-corrected p-values of two-sided paired Wilcoxon signed-rank tests between every pair of inits "
                f"on the same test cases (each case averaged over an init's runs first; Holm over the "
-               f"{int(np.count_nonzero(~np.isnan(p[np.triu_indices(len(p), 1)])))} tested pairs). Darker cells are stronger evidence of "
-               f"a difference; bold: p < {alpha:g}. The matrix is symmetric and shows no direction: the leaderboard "
+               f"{int(np.count_nonzero(~np.isnan(p[np.triu_indices(len(p), 1)])))} tested pairs). Darker cells are "
+               f"stronger evidence of a difference; bold: p < {alpha:g}. The matrix is symmetric and shows no direction: the leaderboard "
                f"says which init is higher. Hatched cells could not be tested (fewer than {MIN_PAIRS} cases whose "
                f"values differ).")
     return _save(fig, out, caption, dpi)

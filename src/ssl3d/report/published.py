@@ -12,8 +12,9 @@
 - ``init``: the suite's init name for that row: ``scratch``, the ``name`` of a registered method
   (``ssl3d.pretrain.registry``) or a released checkpoint (``ssl3d.pretrain.released``); empty where the suite has
   none (TransVW), which the paper tables call "method not implemented", or where the row cannot be attributed
-  (its ``setting`` then says "components not recoverable", which the tables say instead). The methods a table names are this data (``method``); the methods the
-  suite implements are the registry's, so a row is tied to a method by filling its init once the method exists.
+  (its ``setting`` then says "components not recoverable", which the tables say instead). The methods a table names
+  are this data (``method``); the methods the suite implements are the registry's, so a row is tied to a method by
+  filling its init once the method exists.
 - ``backbone``: the suite's backbone name where there is one (segresnet, unetr, swinunetr, hybridmim_unet,
   genesis_unet3d), else the paper's network in a few words (unetformer, resnet50_aspp, fpn3d).
 - ``setting``: what the row or column means beyond the method (pre-training mode, loss terms, label share, number of
