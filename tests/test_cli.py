@@ -1,5 +1,6 @@
 """The `ssl3d` command: every subcommand answers --help, and a bad input ends with a one-line error."""
 
+import json
 import shutil
 import subprocess
 import sys
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from ssl3d import __version__
-from ssl3d.cli import parser
+from ssl3d.cli import main, parser
 
 from conftest import REPO
 
@@ -60,3 +61,27 @@ def test_version_device_choices_and_a_closed_pipe(capsys):
     piped = subprocess.run(f"{sys.executable} -m ssl3d methods | head -1", shell=True, capture_output=True, text=True)
     assert piped.stdout.startswith("byol (") and not piped.stderr  # no "Broken pipe" error when head stops reading
 
+
+def test_pretrain_and_finetune_by_hand_from_a_config_and_a_run_name(tiny_index, tiny_splits, tmp_path, monkeypatch,
+                                                                     caplog):
+    """A user runs one run of an experiment config by name (its start is enough): the config.json the workflow
+    would write, in the folder the workflow would use, so that Snakemake later finds the run done."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SSL3D_DATA", str(tmp_path / "data"))
+    micro = str(REPO / "config" / "experiments" / "micro.yaml")
+    assert main(["pretrain", "--configfile", micro, "--run", "models_genesis"]) == 1  # its data are not made yet
+    assert "data/preprocessed/demo_ct/phantom/index.json" in caplog.text and f"--configfile {micro}" in caplog.text
+    assert main(["finetune", "--configfile", micro, "--run", "phantom_byol"]) == 1  # 2 fractions × 2 seeds: ambiguous
+    assert "4 finetune runs start with 'phantom_byol'; they are:" in caplog.text
+
+    (tmp_path / "data" / "preprocessed" / "demo_ct").mkdir(parents=True)
+    (tmp_path / "data" / "preprocessed" / "demo_ct" / "phantom").symlink_to(tiny_index.parent)
+    (tmp_path / "results" / "micro" / "splits").mkdir(parents=True)
+    shutil.copy(tiny_splits, tmp_path / "results" / "micro" / "splits" / "phantom.json")
+    assert main(["pretrain", "--configfile", micro, "--run", "models_genesis"]) == 0
+    assert main(["finetune", "--configfile", micro, "--run", "phantom_models_genesis_unet_frac1_sub0_seed0"]) == 0
+    [run] = (tmp_path / "results" / "micro" / "finetune").iterdir()
+    assert (run / "model.pt").is_file() and json.loads((run / "config.json").read_text())["inputs"]["pretrained"] \
+        == str(next((tmp_path / "results" / "micro" / "pretrain").glob("models_genesis_*/pretrained.pt")).relative_to(
+            tmp_path))
+    assert main(["finetune", "--run-config", str(run / "config.json")]) == 1 and "needs --out" in caplog.text

@@ -84,18 +84,50 @@ def cmd_splits(args):
     write_json(args.out, split)
 
 
+def run_config_path(args) -> tuple[str, str]:
+    """The run config and output folder of a training command: ``--run-config`` and ``--out`` as the workflow
+    passes them, or a run of an experiment config by name (``--configfile``, ``--run``), whose config.json is
+    written where the workflow writes it, ``results/<experiment>/<stage>/<run>``, unless ``--out`` says where."""
+    if args.run_config:
+        if args.configfile or args.run:
+            raise ValueError("give either --run-config or --configfile with --run, not both")
+        if not args.out:
+            raise ValueError("--run-config needs --out (the run's folder)")
+        return args.run_config, args.out
+    if not (args.configfile and args.run):
+        raise ValueError("name the run: --configfile <experiment.yaml> --run <name or its start>, or --run-config")
+    from ssl3d.io import write_json
+    from ssl3d.plan import find_run, load_config, run_config
+
+    config = load_config(args.configfile)
+    results = Path("results") / config["experiment"]
+    name, entry = find_run(config, args.command, args.run)
+    record = run_config(entry, args.command, results, data_root())
+    missing = [path for value in record["inputs"].values() for path in ([value] if isinstance(value, str) else value)
+               if not Path(path).exists()]
+    if missing:
+        raise FileNotFoundError(f"run {name} reads files not made yet: {', '.join(missing)}; make them first, e.g. "
+                                f"`snakemake --cores all --configfile {args.configfile} {missing[0]}`")
+    out = Path(args.out or results / args.command / name)
+    write_json(out / "config.json", record)
+    print(f"{args.command} run {name} into {out}", file=sys.stderr)
+    return str(out / "config.json"), str(out)
+
+
 def cmd_finetune(args):
     from ssl3d.finetune.train import finetune
 
-    finetune(args.run_config, args.out, device=args.device, workers=args.workers, log_every=args.log_every)
+    run_config, out = run_config_path(args)
+    finetune(run_config, out, device=args.device, workers=args.workers, log_every=args.log_every)
 
 
 def cmd_pretrain(args):
     from ssl3d.distributed import torchrun_process_group
     from ssl3d.pretrain.loop import pretrain
 
+    run_config, out = run_config_path(args)
     with torchrun_process_group(args.device) as device:
-        pretrain(args.run_config, args.out, device=device, workers=args.workers, log_every=args.log_every)
+        pretrain(run_config, out, device=device, workers=args.workers, log_every=args.log_every)
 
 
 def cmd_methods(args):
@@ -202,21 +234,20 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--subsets", type=int, required=True)
     p.set_defaults(func=cmd_splits)
 
-    p = sub.add_parser("finetune", help="train one fine-tuning run (resumes from its last checkpoint)")
-    p.add_argument("--run-config", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:<index>")
-    p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
-    p.add_argument("--log-every", type=int, default=10)
-    p.set_defaults(func=cmd_finetune)
-
-    p = sub.add_parser("pretrain", help="pre-train one method (resumes from its last checkpoint)")
-    p.add_argument("--run-config", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:<index>")
-    p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
-    p.add_argument("--log-every", type=int, default=10)
-    p.set_defaults(func=cmd_pretrain)
+    for name, func, text in (
+            ("finetune", cmd_finetune, "train one fine-tuning run (resumes from its last checkpoint)"),
+            ("pretrain", cmd_pretrain, "pre-train one method (resumes from its last checkpoint)")):
+        p = sub.add_parser(name, help=text, description=f"{text}. By hand: --configfile <experiment.yaml> --run "
+                           f"<run name, or its start without the hash>; the workflow passes --run-config and --out.")
+        p.add_argument("--configfile", type=Path, help="an experiment config, e.g. config/micro.yaml")
+        p.add_argument("--run", help=f"a {name} run of that config (a unique start of its name is enough)")
+        p.add_argument("--run-config", help="the run's config.json, as the workflow writes it")
+        p.add_argument("--out", help="the run's folder (default with --configfile: results/<experiment>/"
+                                     f"{name}/<run>)")
+        p.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:<index>")
+        p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
+        p.add_argument("--log-every", type=int, default=10)
+        p.set_defaults(func=func)
 
     p = sub.add_parser("status", help="each run of an experiment: done, training (step, steps/s, ETA, its log) "
                                       "or pending; safe while snakemake runs")

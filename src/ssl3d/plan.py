@@ -20,6 +20,36 @@ from ssl3d import __version__
 from ssl3d.data.files import folder_fingerprint, manual_copy
 from ssl3d.pretrain.released import released_checkpoints
 
+# the experiment config's JSON schema, in the checkout beside the package (the workflow validates against it)
+SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+
+
+def schema_problems(config: dict) -> list[str]:
+    """One line per schema violation, with its config path (``finetune.steps: -1 is less than the minimum of 1``):
+    jsonschema's best match inside each failing branch rather than its full dump."""
+    import jsonschema
+    import yaml
+
+    schema = yaml.safe_load(SCHEMA.read_text())
+    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(config), key=lambda e: list(e.path))
+    best = [jsonschema.exceptions.best_match(e.context) if e.context else e for e in errors]
+    paths = ["".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e.absolute_path).lstrip(".") for e in best]
+    return [f"{path or '(top level)'}: {e.message}" for path, e in zip(paths, best)]
+
+
+def load_config(path: str | Path) -> dict:
+    """An experiment config as the workflow sees it, for commands run by hand: checked against the schema and
+    with the schema's defaults filled in (Snakemake's own ``validate``)."""
+    import yaml
+    from snakemake.utils import validate
+
+    config = yaml.safe_load(Path(path).read_text())
+    problems = schema_problems(config)
+    if problems:
+        raise ValueError(f"{path}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
+    validate(config, str(SCHEMA))
+    return config
+
 
 def canonical_hash(obj, length: int = 10) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:length]
@@ -272,3 +302,41 @@ def finetune_runs(config: dict) -> dict[str, dict]:
         name = f"{where}_{arm}_{backbone['name']}_frac{fraction_key(fraction)}_sub{subset}_seed{seed}_{run_id}"
         runs[name] = {"run_id": run_id, "spec": spec, **entry}
     return runs
+
+
+def cache_index(data: str | Path, spec: dict) -> str:
+    """The preprocessed cache index a dataset spec (a run's or a pool member's) reads."""
+    return f"{data}/preprocessed/{spec['recipe']}/{spec['dataset']}/index.json"
+
+
+def run_files(entry: dict, stage: str, results: str | Path, data: str | Path) -> dict:
+    """The files a run of ``stage`` reads, by role (the ``inputs`` of its config.json): the cache indexes of its
+    pool, or its dataset's cache index and splits and, for an init, the pre-trained checkpoint or the released
+    weights' verification record."""
+    spec = entry["spec"]
+    if stage == "pretrain":
+        return {"cache_indexes": [cache_index(data, member) for member in spec["pool"]]}
+    files = {"cache_index": cache_index(data, spec), "splits": f"{results}/splits/{spec['dataset']}.json"}
+    if "pretrain_run" in entry:
+        files["pretrained"] = f"{results}/pretrain/{entry['pretrain_run']}/pretrained.pt"
+    if "released" in entry:
+        files["pretrained"] = f"{data}/weights/{entry['released']}/verified.json"
+    return files
+
+
+def run_config(entry: dict, stage: str, results: str | Path, data: str | Path) -> dict:
+    """A run's config.json: its identity and the files it reads; what ``ssl3d pretrain|finetune|evaluate`` run."""
+    return {**entry, "inputs": run_files(entry, stage, results, data)}
+
+
+def find_run(config: dict, stage: str, name: str) -> tuple[str, dict]:
+    """The run of ``stage`` called ``name``, or the only one whose name starts with it (a name without its identity
+    hash), with its entry; an error lists the candidates."""
+    runs = pretrain_runs(config) if stage == "pretrain" else finetune_runs(config)
+    matches = [run for run in runs if run == name] or [run for run in runs if run.startswith(name)]
+    if len(matches) == 1:
+        return matches[0], runs[matches[0]]
+    listed = matches or list(runs)
+    shown = "\n  ".join(listed[:20]) + (f"\n  ... ({len(listed)} in all)" if len(listed) > 20 else "")
+    problem = f"{len(matches)} {stage} runs start with" if matches else f"no {stage} run is called"
+    raise ValueError(f"{problem} {name!r}; {'they are' if matches else 'the config has'}:\n  {shown or '(none)'}")

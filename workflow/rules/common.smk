@@ -21,7 +21,8 @@ if not workflow.overwrite_configfiles:
 SRC = Path(workflow.basedir) / "src"
 sys.path.insert(0, str(SRC))
 from ssl3d.data.files import data_root, folder_cases
-from ssl3d.plan import dataset_recipe, finetune_runs, pretrain_runs, skipped_datasets, stage_keys, stage_settings
+from ssl3d.plan import (dataset_recipe, finetune_runs, pretrain_runs, run_config, run_files, schema_problems,
+                        skipped_datasets, stage_keys, stage_settings)
 
 CONFIG_LOG = Path("logs/config_problems.log")
 
@@ -30,14 +31,7 @@ def config_problems(config):
     """One line per problem with its config path: the schema's, then what only the code knows (ssl3d.validate:
     method settings, backbones, capabilities, protocols). Under --use-conda the Snakemake process may lack the
     suite's dependencies; the jobs then check their own settings when they start."""
-    import jsonschema
-    import yaml
-
-    schema = yaml.safe_load((Path(workflow.basedir) / "workflow/schemas/config.schema.yaml").read_text())
-    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(config), key=lambda e: list(e.path))
-    best = [jsonschema.exceptions.best_match(e.context) if e.context else e for e in errors]
-    paths = ["".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e.absolute_path).lstrip(".") for e in best]
-    problems = [f"{path or '(top level)'}: {e.message}" for path, e in zip(paths, best)]
+    problems = schema_problems(config)
     if problems:
         return problems
     try:
@@ -109,27 +103,14 @@ def run_entry(wildcards):
     return (RUNS if wildcards.stage == "finetune" else PRETRAIN_RUNS)[wildcards.run]
 
 
-def cache_index(spec):
-    return f"{DATA}/preprocessed/{spec['recipe']}/{spec['dataset']}/index.json"
-
-
 def run_inputs(wildcards):
     """The files a run reads, by role; they become the `inputs` of its config.json."""
-    entry = run_entry(wildcards)
-    spec = entry["spec"]
-    if wildcards.stage == "pretrain":
-        return {"cache_indexes": [cache_index(member) for member in spec["pool"]]}
-    inputs = {"cache_index": cache_index(spec), "splits": f"{RESULTS}/splits/{spec['dataset']}.json"}
-    if "pretrain_run" in entry:
-        inputs["pretrained"] = f"{RESULTS}/pretrain/{entry['pretrain_run']}/pretrained.pt"
-    if "released" in entry:
-        inputs["pretrained"] = f"{DATA}/weights/{entry['released']}/verified.json"
-    return inputs
+    return run_files(run_entry(wildcards), wildcards.stage, RESULTS, DATA)
 
 
 def run_record(wildcards):
-    """A run's identity and the files it reads, as canonical JSON (key order in the config is cosmetic)."""
-    return json.dumps({**run_entry(wildcards), "inputs": run_inputs(wildcards)}, sort_keys=True)
+    """A run's config.json as canonical JSON (key order in the config is cosmetic)."""
+    return json.dumps(run_config(run_entry(wildcards), wildcards.stage, RESULTS, DATA), sort_keys=True)
 
 
 def input_dir(wildcards, input):
