@@ -1,8 +1,10 @@
 """Wall time of the demo DAG (`snakemake --cores all` on config/config.yaml) in a fresh working directory.
 
-Prints the total, the fine-tuning jobs' times (Snakemake's benchmark files) and each pre-training method's median
-step time split into data wait / forward / backward+step with its peak memory (its step log), and exits non-zero
-when the total exceeds the target (10 minutes on 2 cores for the demo grid with pre-training).
+Prints the total, the time per stage (each rule's jobs: how many, their summed seconds and the span from the first
+start to the last end, from the start and end times Snakemake records per output in .snakemake/metadata), the
+fine-tuning jobs' times (Snakemake's benchmark files) and each pre-training method's median step time split into
+data wait / forward / backward+step with its peak memory (its step log), and exits non-zero when the total exceeds
+the target (10 minutes on 2 cores for the demo grid with pre-training).
 
     python benchmarks/demo_wall_time.py [--target-seconds 600] [--cores all]
 """
@@ -10,6 +12,7 @@ when the total exceeds the target (10 minutes on 2 cores for the demo grid with 
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import tempfile
@@ -19,6 +22,22 @@ from pathlib import Path
 import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def stage_times(workdir: Path) -> pd.DataFrame:
+    """Per rule: jobs, their summed wall seconds and the stage's span (first start to last end), in start order."""
+    records = [json.loads(path.read_text()) for path in (workdir / ".snakemake" / "metadata").iterdir()]
+    outputs = pd.DataFrame([{key: record.get(key) for key in ("rule", "job_hash", "starttime", "endtime")}
+                            for record in records]).dropna()
+    # one job, several outputs: each output has its own end time; the job spans the earliest start to the last end
+    jobs = outputs.groupby(["rule", "job_hash"]).agg(starttime=("starttime", "min"), endtime=("endtime", "max"))
+    jobs = jobs.reset_index()
+    # clipped: local rules (run_config) record their end a moment before their start
+    jobs["seconds"] = (jobs["endtime"] - jobs["starttime"]).clip(lower=0)
+    stages = jobs.groupby("rule").agg(jobs=("seconds", "size"), job_seconds=("seconds", "sum"),
+                                      start=("starttime", "min"), end=("endtime", "max"))
+    stages["span_seconds"] = stages["end"] - stages["start"]
+    return stages.sort_values("start")[["jobs", "job_seconds", "span_seconds"]].round(1)
 
 
 def main() -> int:
@@ -32,6 +51,7 @@ def main() -> int:
                         "--configfile", str(REPO / "config" / "config.yaml"), "--cores", args.cores, "--quiet"],
                        check=True)
         total = time.perf_counter() - start
+        print(stage_times(Path(workdir)).to_string())
         runs = sorted(Path(workdir).glob("results/*/finetune/*/finetune.benchmark.tsv"))
         seconds = pd.concat([pd.read_csv(path, sep="\t") for path in runs])["s"]
         summary = next(Path(workdir).glob("results/*/summary.md")).read_text()

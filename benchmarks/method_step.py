@@ -37,8 +37,24 @@ def _synchronised(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def pretraining_step(args, device: torch.device):
-    """(make a batch of views, run one step) for the method."""
+def timed_steps(views, step, device: torch.device, warmup: int, steps: int) -> tuple[list[float], list[float]]:
+    """Seconds making the batch and running the step, for each of ``steps`` steps after ``warmup``."""
+    data, compute = [], []
+    for i in range(warmup + steps):
+        start = _synchronised(device)
+        batch = views()
+        made = _synchronised(device)
+        step(batch, i)
+        done = _synchronised(device)
+        if i >= warmup:
+            data.append(made - start)
+            compute.append(done - made)
+    return data, compute
+
+
+def pretraining_step(args, device: torch.device, autocast: bool = False):
+    """(make a batch of views, run one step) for the method; ``autocast``: its forward under bf16 autocast, as the
+    training engine runs it on CUDA."""
     cls = get_method(args.method)
     config = make_config(cls.Config, json.loads(args.settings))
     torch.manual_seed(0)
@@ -53,7 +69,8 @@ def pretraining_step(args, device: torch.device):
                 for key in samples[0]}
 
     def step(batch, i):
-        loss = method.total_loss(method.loss_terms(batch))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            loss = method.total_loss(method.loss_terms(batch))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -103,16 +120,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     views, step = (finetuning_step if args.finetune else pretraining_step)(args, device)
-    data, compute = [], []
-    for i in range(args.warmup + args.steps):
-        start = _synchronised(device)
-        batch = views()
-        made = _synchronised(device)
-        step(batch, i)
-        done = _synchronised(device)
-        if i >= args.warmup:
-            data.append(made - start)
-            compute.append(done - made)
+    data, compute = timed_steps(views, step, device, args.warmup, args.steps)
     data_s, step_s = statistics.median(data), statistics.median(compute)
     peak_mb = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from ssl3d import __version__
@@ -14,7 +15,7 @@ from ssl3d.cli import main, parser
 from conftest import REPO
 
 SUBCOMMANDS = ["datasets", "fetch", "fetch-weights", "prepare", "preprocess", "splits", "pretrain", "methods",
-               "finetune", "evaluate", "collect", "summarise", "report", "status"]
+               "finetune", "evaluate", "collect", "summarise", "report", "status", "estimate"]
 
 
 def test_console_script_is_installed():
@@ -79,8 +80,10 @@ def test_pretrain_and_finetune_by_hand_from_a_config_and_a_run_name(tiny_index, 
     (tmp_path / "results" / "micro" / "splits").mkdir(parents=True)
     shutil.copy(tiny_splits, tmp_path / "results" / "micro" / "splits" / "phantom.json")
     assert main(["pretrain", "--configfile", micro, "--run", "models_genesis"]) == 0
-    assert main(["finetune", "--configfile", micro, "--run", "phantom_models_genesis_unet_frac1_sub0_seed0"]) == 0
+    assert main(["finetune", "--configfile", micro, "--run", "phantom_models_genesis_unet_frac1_sub0_seed0",
+                 "--evaluate", "scores.csv", "--nsd-tolerance", "2"]) == 0
     [run] = (tmp_path / "results" / "micro" / "finetune").iterdir()
+    assert set(pd.read_csv("scores.csv")["case_id"]) == set(json.loads(tiny_splits.read_text())["test"])
     assert (run / "model.pt").is_file() and json.loads((run / "config.json").read_text())["inputs"]["pretrained"] \
         == str(next((tmp_path / "results" / "micro" / "pretrain").glob("models_genesis_*/pretrained.pt")).relative_to(
             tmp_path))

@@ -106,7 +106,7 @@ def test_config_plans_with_no_data_present(name, tmp_path_factory):
     assert fetched(result.stdout) == set(config["datasets"]) - set(manual(config))
     counts = job_counts(result.stdout)
     assert counts["pretrain"] == len(pretrain_entries(config)) * len(config["pretrain"]["seeds"])
-    assert counts["finetune"] == counts["evaluate"] > 0
+    assert counts["finetune"] > 0 and "evaluate" not in counts  # evaluation runs in the fine-tuning job
     print(f"\n{name}: {counts['total']} jobs with no data present ({counts})")
 
 

@@ -10,11 +10,11 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import to_hex, to_rgb, to_rgba
 from matplotlib.container import BarContainer
 
-from ssl3d.evaluate.run import PER_CASE_COLUMNS
+from ssl3d.evaluate.columns import PER_CASE_COLUMNS
 from ssl3d.analysis.stats import friedman_nemenyi, runs_cases_bootstrap_ci, significance_matrix
 from ssl3d.report.figures import (SCRATCH_COLOUR, critical_difference, init_colours, label_efficiency,
-                                  pretrain_step_times, qualitative_slices, region_size_curve, significance_heatmap,
-                                  training_curves)
+                                  metric_against_compute, pretrain_step_times, qualitative_slices, region_size_curve,
+                                  significance_heatmap, training_curves)
 
 DPI = 30
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -346,3 +346,31 @@ def test_qualitative_overlays_use_the_legend_colours(tmp_path):
             x, y = ax.transData.transform(voxel)
             drawn = pixels[int(result.figure.bbox.height - y), int(x)]
             assert drawn == pytest.approx(to_rgba(colours[name]), abs=2 / 255), (ax.get_title(), name)
+
+
+def compute_board(hours: dict) -> pd.DataFrame:
+    """Leaderboard rows of one dataset: each init (pre-training device-hours ``hours[init]``) at every fraction."""
+    return pd.DataFrame([{"protocol": "finetune", "dataset": "toy", "label_fraction": fraction, "init": init,
+                          "backbone": "unet", "dice": 0.5 + fraction / 4 + i / 100, "pretrain_device_hours": h,
+                          "device_type": "cuda"}
+                         for fraction in FRACTIONS for i, (init, h) in enumerate(hours.items())])
+
+
+def test_dice_against_compute_puts_scratch_at_0_and_spans_decades_on_a_log_axis(tmp_path):
+    colours = init_colours(["scratch", "byol", "hybridmim", "old"])
+    board = compute_board({"scratch": 0.0, "byol": 3.0, "hybridmim": 400.0, "old": math.nan})
+    result = metric_against_compute(board, "toy", out=tmp_path / "compute", devices=["cuda: H100"], colours=colours,
+                                    dpi=DPI)
+    assert_written(result, "pre-training GPU-hours", "no pre-training", "10% labels", "100% labels")
+    ax = result.figure.axes[0]
+    assert ax.get_xscale() == "symlog" and ax.xaxis.get_transform().linthresh == 1  # 0 to 1, then decades
+    assert len(labelled_lines(ax)) == len(FRACTIONS)
+    for points in ax.collections:  # one scatter per fraction, each point in its init's colour
+        assert points.get_offsets()[:, 0].tolist() == [0.0, 3.0, 400.0]
+        assert [to_hex(c) for c in points.get_facecolors()] == [colours[i] for i in ("scratch", "byol", "hybridmim")]
+    assert "on cuda: H100" in result.caption and "left out: old" in result.caption
+    linear = metric_against_compute(board[board.init != "hybridmim"], "toy", out=tmp_path / "linear",
+                                    devices=["cuda: H100"], dpi=DPI)
+    assert linear.figure.axes[0].get_xscale() == "linear"
+    only_scratch = board[board.init.isin(["scratch", "old"])]
+    assert metric_against_compute(only_scratch, "toy", out=tmp_path / "none", devices=[], dpi=DPI) is None

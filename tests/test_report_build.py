@@ -98,6 +98,13 @@ SHIFTS = {"finetune": {"scratch": 0.0, "hybridmim": 0.06, "fake_ssl": 0.03},
           "probe": {"scratch": -0.1, "hybridmim": -0.04, "fake_ssl": 0.02}}
 PRETRAINED = {("hybridmim", "finetune"): "pt-h32", ("hybridmim", "probe"): "pt-h64", ("fake_ssl", "finetune"): "pt-f",
               ("fake_ssl", "probe"): "pt-f"}
+# run id -> the compute its manifest records; the others were written before manifests recorded it
+ON_GPU = {"device": "cuda: test GPU", "device_type": "cuda"}
+COMPUTE = {"pt-h32": {**ON_GPU, "device_count": 2, "device_seconds": 7200.0},  # 1 h on 2 GPUs
+           "pt-h64": {**ON_GPU, "device_count": 1, "device_seconds": 36000.0},
+           **{run: {**ON_GPU, "device_count": 1, "device_seconds": 1800.0}
+              for run in ("scratch-finetune", "hybridmim-finetune", "fake_ssl-finetune", "hybridmim-probe",
+                          "fake_ssl-probe")}}
 
 
 def write_json(path, content):
@@ -110,9 +117,10 @@ DATA = {"dataset": "d", "data": {"source": "folder", "images": "/scans/images"},
 
 def pretraining(run_id, method, size=None):
     resolved = {"batch_size": 4, "patch_size": [64, 64, 64], **({} if size is None else {"reconstruction_size": size})}
-    return {"run_id": run_id, "config_hash": run_id, "method_version": "1", "device": "cpu: test",
-            "method_config": resolved, "config": {"method": method, "variant": method, "backbone": {"name": "unet"},
-                                                  "pool": [DATA], "seed": 0, "steps": 30, "method_config": {}}}
+    config = {"method": method, "variant": method, "backbone": {"name": "unet"}, "pool": [DATA], "seed": 0,
+              "steps": 30, "method_config": {}}
+    return {"run_id": run_id, "config_hash": run_id, "method_version": "1", "device": "cuda: test GPU",
+            **COMPUTE.get(run_id, {}), "method_config": resolved, "config": config}
 
 
 def results_folder(folder):
@@ -131,7 +139,8 @@ def results_folder(folder):
                   "seed": 0, "splits": {"subsets": 1}, "steps": 20, "batch_size": 2, "patch_size": [32, 32, 16],
                   **({"pretrained": PRETRAINED[init, protocol]} if init != "scratch" else {})}
         write_json(folder / "finetune" / run / "manifest.json",
-                   {"run_id": run, "config_hash": run, "config": config, "wall_seconds": 12.5})
+                   {"run_id": run, "config_hash": run, "config": config, "wall_seconds": 12.5,
+                    **COMPUTE.get(run, {})})
     (folder / "finetune" / "scratch-finetune" / "finetune.benchmark.tsv").write_text(
         "s\th:m:s\tmax_rss\n20.25\t0:00:20\t500.0\n")  # Snakemake's: the whole job
     for run_id, method, size, seconds in (("pt-h32", "hybridmim", 32, 0.1), ("pt-h64", "hybridmim", None, 0.4),
@@ -285,3 +294,25 @@ def test_the_label_efficiency_caption_says_what_its_band_is(page):
     _, html, _ = page
     caption = html[html.index('<h2 id="label-efficiency">'):].split("</figcaption>")[0]
     assert "bootstrap interval" in caption and "resampling both the runs and the test cases" in caption
+
+
+def test_the_leaderboard_adds_up_device_hours_and_a_figure_sets_dice_against_pretraining_compute(page):
+    report, html, _ = page
+    board = pd.read_csv(report / "tables" / "leaderboard.csv").set_index(["protocol", "init"])
+    # hybridmim fine-tuning: pt-h32's 1 h on 2 GPUs, then a 0.5 h fine-tuning run
+    assert board.loc[("finetune", "hybridmim"), ["pretrain_device_hours", "device_hours"]].tolist() == [2.0, 2.5]
+    assert board.loc[("probe", "hybridmim"), "device_hours"] == 10.5
+    assert board.loc[("finetune", "scratch"), ["pretrain_device_hours", "device_hours"]].tolist() == [0.0, 0.5]
+    # fake_ssl's pre-training and scratch's probe run recorded no compute (older manifests): unknown, not free
+    assert board.loc[("finetune", "fake_ssl"), ["pretrain_device_hours", "device_hours"]].isna().all()
+    assert np.isnan(board.loc[("probe", "scratch"), "device_hours"])
+    leaderboard = section(html, "leaderboard")
+    assert "<th>GPU-hours</th>" in leaderboard and "<td>2.5</td>" in leaderboard
+    runs = pd.read_csv(report / "tables" / "runs.csv").set_index("run")
+    assert runs.loc["pt-h32", "device_seconds"] == 7200 and np.isnan(runs.loc["pt-f", "device_seconds"])
+    cost = section(html, "pre-training-cost")
+    for protocol, stem in (("finetune", "compute_d"), ("probe", "compute_probe_d")):
+        assert (report / "figures" / f"{stem}.svg").is_file() and f'src="figures/{stem}.png"' in cost
+        caption = cost[cost.index(f"Dice against pre-training compute · {protocol} · d"):].split("</figcaption>")[0]
+        assert "measured from the runs" in caption and "on cuda: test GPU" in caption
+        assert "left out: FakeSSL" in caption

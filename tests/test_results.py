@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from ssl3d.analysis.aggregate import summarise, summary_markdown
-from ssl3d.evaluate.run import PER_CASE_COLUMNS
+from ssl3d.evaluate.columns import PER_CASE_COLUMNS
 from ssl3d.manifest import run_manifest
 from ssl3d.plan import canonical_hash, finetune_runs, pretrain_runs
 

@@ -78,7 +78,9 @@ def pretrain_cli(config, out):
             str(out), "--log-every", "1"]
 
 
-@pytest.mark.parametrize("method", ["models_genesis", "byol"])
+# BYOL only: its resumable state (online and EMA target networks, the momentum schedule, LARS) holds everything a
+# restoration method such as Models Genesis has; another method would time the same engine path again (~50 s).
+@pytest.mark.parametrize("method", ["byol"])
 def test_killed_pretraining_resumes_and_matches_uninterrupted(method, tiny_index, tmp_path):
     spec = {"method": method, "method_config": {"patch_size": [32, 32, 32], "batch_size": 2},
             "backbone": {"name": "basicunet", "features": [4, 4, 8, 8, 16, 4]}, "seed": 0, "steps": 12,

@@ -10,7 +10,7 @@ from statsmodels.stats.multitest import multipletests
 
 from ssl3d.analysis.stats import (bootstrap_ci, cliffs_delta, compare_inits, friedman_nemenyi, nemenyi_cd,
                                   paired_case_values, rank_biserial, significance_matrix, wilcoxon_test)
-from ssl3d.evaluate.run import PER_CASE_COLUMNS
+from ssl3d.evaluate.columns import PER_CASE_COLUMNS
 
 WHERE = {"dataset": "d", "label_fraction": 0.5}
 

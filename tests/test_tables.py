@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from ssl3d.analysis.stats import bootstrap_ci, compare_inits
-from ssl3d.evaluate.run import PER_CASE_COLUMNS
+from ssl3d.evaluate.columns import PER_CASE_COLUMNS
 from ssl3d.pretrain import registry
 from ssl3d.pretrain.method import Method, Transfer
 from ssl3d.report.published import COLUMNS, load_published, validate_rows

@@ -1,6 +1,7 @@
 """The Snakemake workflow end to end on a micro config in a temporary directory, and its config validation."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from ssl3d.evaluate.run import PER_CASE_COLUMNS
+from ssl3d.evaluate.columns import PER_CASE_COLUMNS
 from ssl3d.nets import BACKBONES
 
 from conftest import REPO, rewrite
@@ -146,7 +147,8 @@ def test_the_report_links_every_figure_and_table_and_regenerates_without_trainin
     assert [link for link in links if not (report / link).is_file()] == []
     shown = {link.removeprefix("figures/").removesuffix(".png") for link in links if link.endswith(".png")}
     assert shown == {"label_efficiency_phantom", "training_curves_phantom_0p5", "training_curves_phantom_1",
-                     "pretrain_step_times", "qualitative_phantom", "critical_difference"}  # 2 test cases: no p-values
+                     "pretrain_step_times", "qualitative_phantom", "critical_difference",
+                     "compute_phantom"}  # 2 test cases: no p-values
     assert page.count("<figcaption>") == len(shown)
     runs = pd.read_csv(report / "tables" / "runs.csv")
     assert sorted(runs.value_counts("stage").items()) == [("finetune", 12), ("pretrain", 2)]
@@ -242,7 +244,7 @@ def test_a_micro_dag_pretrains_pgl_and_fine_tunes_its_segmentation_network(tmp_p
     config["splits"]["label_fractions"] = [1.0]
     config["finetune"].update(inits=["scratch", "pgl"], seeds=[0], backbones=[segnet], patch_size=[32, 32, 32])
     config["inference"]["roi_size"] = [32, 32, 32]
-    result = snakemake(tmp_path, config)
+    result = snakemake(tmp_path, config, "results/micro/per_case.csv")  # the report is the micro DAG's to test
     assert result.returncode == 0, result.stderr[-5000:]
     (finetuned,) = (tmp_path / "results" / "micro" / "finetune").glob("phantom_pgl_pgl_segnet_*")
     transfer = json.loads((finetuned / "manifest.json").read_text())["transfer"]
@@ -295,12 +297,26 @@ def test_each_profile_puts_every_training_job_on_its_device_with_loader_workers(
                                                                                 tmp_path):
     result = dry_run_commands(tmp_path, profile)
     assert result.returncode == 0, result.stderr[-3000:]
-    jobs = re.findall(r"python -m ssl3d --threads (\d+) (pretrain|finetune|evaluate) .*?--device (\w+)"
+    jobs = re.findall(r"python -m ssl3d --threads (\d+) (pretrain|finetune) .*?--device (\w+)"
                       r"(?: --workers (\d+))?", result.stdout)
-    assert {stage for _, stage, _, _ in jobs} == {"pretrain", "finetune", "evaluate"}
+    assert {stage for _, stage, _, _ in jobs} == {"pretrain", "finetune"}
     assert {found for _, _, found, _ in jobs} == {device}
     assert {int(n) for _, stage, _, n in jobs if stage == "finetune"} == {workers}
     assert {int(n) for n, stage, _, _ in jobs if stage == "finetune"} == {threads}
+    assert "mem_mb=" not in result.stdout  # estimated only when asked for (SSL3D_DEVICE_CLASS), for a scheduler
+
+
+def test_a_scheduler_gets_each_training_jobs_memory_and_time_from_the_plan(tmp_path):
+    """With a device class named, every training job carries the estimate's mem_mb and runtime (ssl3d.estimate)."""
+    result = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory",
+                             str(tmp_path), "--configfile", str(REPO / "config" / "experiments" / "micro.yaml"), "-n"],
+                            capture_output=True, text=True, env={**os.environ, "SSL3D_DEVICE_CLASS": "cpu-2core"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = re.findall(r"^rule (\w+):\n(?:    .*\n)*?    resources: (.*)$", result.stdout, re.M)
+    estimated = [(rule, re.search(r"runtime=(\d+), mem_mb=(\d+)", resources)) for rule, resources in jobs]
+    assert {rule for rule, found in estimated if found} == {"pretrain", "finetune"}
+    assert all(bool(found) == (rule in ("pretrain", "finetune")) for rule, found in estimated)
+    assert all(int(found[1]) >= 10 and int(found[2]) >= 4000 for _, found in estimated if found)
 
 
 def test_a_pretraining_job_on_several_gpus_claims_them_and_runs_one_process_per_gpu(tmp_path):

@@ -11,8 +11,6 @@ import re
 import sys
 from pathlib import Path
 
-import torch
-
 from ssl3d import __version__
 from ssl3d.data.files import data_root
 
@@ -118,7 +116,9 @@ def cmd_finetune(args):
     from ssl3d.finetune.train import finetune
 
     run_config, out = run_config_path(args)
-    finetune(run_config, out, device=args.device, workers=args.workers, log_every=args.log_every)
+    model = finetune(run_config, out, device=args.device, workers=args.workers, log_every=args.log_every)
+    if args.evaluate:  # in this process: a second job would pay the imports again (4-5 s a run)
+        evaluate(args, run_config, model, args.evaluate)
 
 
 def cmd_pretrain(args):
@@ -161,12 +161,18 @@ def cmd_datasets(args):
     print(describe_entry(get_entry(args.show), args.data_root) if args.show else registry_table(args.data_root))
 
 
-def cmd_evaluate(args):
+def evaluate(args, run_config, model, out):
     from ssl3d.evaluate.metrics import EmptyPolicy
     from ssl3d.evaluate.run import evaluate_run
 
-    evaluate_run(args.run_config, args.model, args.out, nsd_tolerance_mm=args.nsd_tolerance,
-                 policy=EmptyPolicy(**args.empty_policy), device=args.device)
+    if args.nsd_tolerance is None:
+        raise ValueError("evaluation needs --nsd-tolerance (mm: a number or JSON {target: mm})")
+    evaluate_run(run_config, model, out, nsd_tolerance_mm=args.nsd_tolerance, policy=EmptyPolicy(**args.empty_policy),
+                 device=args.device)
+
+
+def cmd_evaluate(args):
+    evaluate(args, args.run_config, args.model, args.out)
 
 
 def cmd_collect(args):
@@ -185,6 +191,18 @@ def cmd_report(args):
     from ssl3d.report.build import ReportOptions, build_report
 
     build_report(args.results, args.out, ReportOptions.from_config(args.options, n_resamples=args.resamples))
+
+
+def cmd_estimate(args):
+    from ssl3d.estimate import estimate_table
+    from ssl3d.plan import load_config
+
+    print(estimate_table(load_config(args.configfile), args.device_class))
+
+
+def evaluation_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nsd-tolerance", type=_json, help="mm: a number or JSON {target: mm}")
+    p.add_argument("--empty-policy", type=_json, default={}, help='JSON, e.g. {"both_empty": "nan"}')
 
 
 def parser() -> argparse.ArgumentParser:
@@ -248,6 +266,10 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
         p.add_argument("--log-every", type=int, default=10)
         p.set_defaults(func=func)
+        if name == "finetune":
+            p.add_argument("--evaluate", metavar="PER_CASE_CSV", help="then evaluate the model on the run's test "
+                           "cases into this file, as `ssl3d evaluate` does (needs --nsd-tolerance)")
+            evaluation_arguments(p)
 
     p = sub.add_parser("status", help="each run of an experiment: done, training (step, steps/s, ETA, its log) "
                                       "or pending; safe while snakemake runs")
@@ -266,9 +288,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--run-config", required=True)
     p.add_argument("--model", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--nsd-tolerance", type=_json, required=True, help="mm: a number or JSON {target: mm}")
-    p.add_argument("--empty-policy", type=_json, default={}, help='JSON, e.g. {"both_empty": "nan"}')
     p.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:<index>")
+    evaluation_arguments(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("collect", help="concatenate per-case tables")
@@ -289,6 +310,13 @@ def parser() -> argparse.ArgumentParser:
                    '\'{"tier": "paper", "aliases": {"hybridmim_unet": "hybridmim"}}\'')
     p.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples per interval")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("estimate", help="what a config will cost before anything runs: per stage, its runs, steps, "
+                                        "seconds per step, device-hours and peak memory on a measured device class")
+    p.add_argument("--configfile", type=Path, required=True, help="an experiment config, e.g. config/config.yaml")
+    p.add_argument("--device-class", default="cpu-2core",
+                   help="a device class measured by benchmarks/gpu_step.py (benchmarks/results/<class>.json)")
+    p.set_defaults(func=cmd_estimate)
     return main
 
 
@@ -296,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     if args.threads:
+        import torch  # here, not at the top: the data and table commands do not need it (1.5 s of start-up)
+
         torch.set_num_threads(args.threads)
     if getattr(args, "device", None) == "cuda":
         from ssl3d.distributed import launched_by_torchrun

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ssl3d import __version__
+from ssl3d.distributed import world_size
 from ssl3d.plan import canonical_hash
 
 PACKAGES = ("ssl3d", "torch", "monai", "numpy", "nibabel", "pandas", "scipy", "snakemake")
@@ -52,7 +53,19 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def compute_spent(device: torch.device, wall_seconds: float | None) -> dict:
+    """What the run cost in device time, for the report's compute accounting: the device type, how many devices
+    trained together (one per process: torchrun's world size, 1 for a single process) and device-seconds, the
+    training loop's wall time on every one of them, since N devices busy for an hour cost N device-hours. None where
+    the run timed no training loop."""
+    count = world_size()
+    return {"device_type": device.type, "device_count": count,
+            "device_seconds": None if wall_seconds is None else round(wall_seconds * count, 2)}
+
+
 def run_manifest(spec: dict, run_id: str, device: torch.device, **measurements) -> dict:
+    """The manifest of a run; ``measurements`` are the run's own fields, the engine's timing among them, whose
+    ``wall_seconds`` (the training loop's) gives the device-seconds (:func:`compute_spent`)."""
     return {
         "run_id": run_id,
         "config_hash": canonical_hash(spec),
@@ -65,4 +78,5 @@ def run_manifest(spec: dict, run_id: str, device: torch.device, **measurements) 
         "device": device_description(device),
         "peak_memory_mb": round(peak_memory_mb(device), 1),
         **measurements,
+        **compute_spent(device, measurements.get("wall_seconds")),
     }

@@ -148,6 +148,22 @@ def loader_workers(wildcards, threads, resources):
     return max(threads_per_process(wildcards, threads, resources) - 1, 0) if resources.gpu > 0 else 0
 
 
+def estimated_resources(stage):
+    """With ``$SSL3D_DEVICE_CLASS`` set (a class measured in benchmarks/results, e.g. cpu-2core): a training job's
+    ``mem_mb`` and ``runtime`` (minutes) from the plan (``ssl3d.estimate.job_resources``: the step's FLOPs and
+    memory at that class's measured rates), so a cluster scheduler can place it; a profile's set-resources still
+    overrides them. Unset otherwise: a local run needs none and skips the seconds of counting, and a job's own
+    Snakemake process on a cluster node never counts."""
+    device_class = os.environ.get("SSL3D_DEVICE_CLASS")
+    if not device_class or not workflow.is_main_process:
+        return {}
+    from ssl3d.estimate import job_resources
+
+    runs = PRETRAIN_RUNS if stage == "pretrain" else RUNS
+    return {key: (lambda wildcards, key=key: job_resources(stage, runs[wildcards.run], device_class)[key])
+            for key in ("mem_mb", "runtime")}
+
+
 def launcher(wildcards, resources):
     """How a pre-training job starts: one process, or with ``resources.gpu`` > 1 one process per GPU under
     torchrun (data-parallel, ssl3d.distributed), after claiming that many GPUs no other job holds (ssl3d.gpus)."""

@@ -11,6 +11,8 @@ rule run_config:
         write_record(output[0], log[0], json.loads(params.record), f"wrote {output[0]}")
 
 
+# Training, then evaluation on the test cases in the same process (one start-up per run); `ssl3d evaluate`
+# re-scores a model by hand.
 rule finetune:
     input:
         unpack(run_inputs),
@@ -19,10 +21,13 @@ rule finetune:
         model=f"{RESULTS}/{{stage}}/{{run}}/model.pt",
         train_log=f"{RESULTS}/{{stage}}/{{run}}/train_log.csv",
         manifest=f"{RESULTS}/{{stage}}/{{run}}/manifest.json",
+        per_case=f"{RESULTS}/{{stage}}/{{run}}/per_case.csv",
     params:
         out=output_dir,
         device=device,
         workers=loader_workers,
+        tolerance=json.dumps(config["evaluation"]["nsd_tolerance_mm"], sort_keys=True),
+        policy=json.dumps(config["evaluation"]["empty"], sort_keys=True),
     log:
         f"{RESULTS}/{{stage}}/{{run}}/finetune.log",
     benchmark:
@@ -31,32 +36,10 @@ rule finetune:
         stage="finetune",
     resources:
         gpu=0,
+        **estimated_resources("finetune"),
     conda:
         "../envs/ssl3d.yaml"
     shell:
         "python -m ssl3d --threads {threads} finetune --run-config {input.config} --out {params.out}"
-        " --device {params.device} --workers {params.workers} > {log} 2>&1"
-
-
-rule evaluate:
-    input:
-        config=f"{RESULTS}/{{stage}}/{{run}}/config.json",
-        model=f"{RESULTS}/{{stage}}/{{run}}/model.pt",
-    output:
-        f"{RESULTS}/{{stage}}/{{run}}/per_case.csv",
-    params:
-        tolerance=json.dumps(config["evaluation"]["nsd_tolerance_mm"], sort_keys=True),
-        policy=json.dumps(config["evaluation"]["empty"], sort_keys=True),
-        device=device,
-    log:
-        f"{RESULTS}/{{stage}}/{{run}}/evaluate.log",
-    wildcard_constraints:
-        stage="finetune",
-    resources:
-        gpu=0,
-    conda:
-        "../envs/ssl3d.yaml"
-    shell:
-        "python -m ssl3d --threads {threads} evaluate --run-config {input.config} --model {input.model} --out {output}"
-        " --nsd-tolerance {params.tolerance:q} --empty-policy {params.policy:q} --device {params.device}"
-        " > {log} 2>&1"
+        " --device {params.device} --workers {params.workers} --evaluate {output.per_case}"
+        " --nsd-tolerance {params.tolerance:q} --empty-policy {params.policy:q} > {log} 2>&1"

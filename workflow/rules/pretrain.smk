@@ -20,6 +20,7 @@ rule pretrain:
         stage="pretrain",
     resources:
         gpu=0,
+        **estimated_resources("pretrain"),
     conda:
         "../envs/ssl3d.yaml"
     shell:

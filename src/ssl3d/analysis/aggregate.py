@@ -12,12 +12,20 @@ from pathlib import Path
 
 import pandas as pd
 
-from ssl3d.evaluate.metrics import METRICS
-from ssl3d.evaluate.run import PER_CASE_COLUMNS
+from ssl3d.evaluate.columns import METRICS, PER_CASE_COLUMNS
 from ssl3d.io import atomic_path, write_text
 
 GROUP = ["dataset", "backbone", "protocol", "init", "label_fraction", "target", "metric"]
 METRIC_TITLES = {"dice": "Dice", "iou": "IoU", "hd95": "HD95 (mm)", "nsd": "NSD"}
+DEVICE_HOURS = {"cuda": "GPU-hours", "cpu": "CPU-hours"}  # a manifest's device_type -> what its hours are called
+
+
+def hours_title(device_types) -> str:
+    """What device-hours are called where runs ran (the ``device_type`` of their manifests, unknown ones left out):
+    GPU-hours or CPU-hours when all ran on one kind, device-hours when on both or none is known, so a table or axis
+    never calls CPU time GPU time."""
+    known = set(pd.Series(device_types, dtype=object).dropna())
+    return DEVICE_HOURS.get(known.pop(), "device-hours") if len(known) == 1 else "device-hours"
 
 
 def read_per_case(path: str | Path) -> pd.DataFrame:

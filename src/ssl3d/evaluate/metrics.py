@@ -76,9 +76,9 @@ from monai.metrics import (
     compute_surface_dice,
 )
 
-__all__ = ["METRICS", "EmptyPolicy", "case_metrics", "image_diagonal_mm"]
+from ssl3d.evaluate.columns import METRICS
 
-METRICS = ("dice", "iou", "hd95", "nsd")
+__all__ = ["METRICS", "EmptyPolicy", "case_metrics", "image_diagonal_mm"]
 
 _BOTH_EMPTY_CHOICES = ("nan", "perfect")
 _ONE_EMPTY_DISTANCE_CHOICES = ("max", "nan")

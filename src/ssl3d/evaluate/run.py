@@ -16,17 +16,13 @@ import torch
 
 from ssl3d.data.cache import load_cached_case, read_index
 from ssl3d.data.splits import run_split
+from ssl3d.evaluate.columns import PER_CASE_COLUMNS
 from ssl3d.evaluate.metrics import EmptyPolicy, case_metrics
 from ssl3d.io import atomic_path, read_json
 from ssl3d.finetune.protocols import build_downstream
 from ssl3d.nets import predict_volume
 
 log = logging.getLogger(__name__)
-
-PER_CASE_COLUMNS = ["dataset", "case_id", "target", "metric", "value", "init", "backbone", "protocol",
-                    "label_fraction", "subset", "seed", "run_id", "empty_reference", "empty_prediction",
-                    "empty_policy", "fold"]
-
 
 def load_model(model_path: str | Path, device: torch.device) -> tuple[torch.nn.Module, dict]:
     """The trained network of a ``model.pt``, rebuilt for its run's protocol (a probe reads the pyramid it

@@ -43,7 +43,7 @@ import numpy as np
 import pandas as pd
 
 from ssl3d import __version__
-from ssl3d.analysis.aggregate import SUMMARY_LEGEND, read_per_case, summarise, summary_blocks
+from ssl3d.analysis.aggregate import METRIC_TITLES, SUMMARY_LEGEND, read_per_case, summarise, summary_blocks
 from ssl3d.analysis.stats import LOWER_IS_BETTER, SCRATCH, case_values, friedman_nemenyi, significance_matrix
 from ssl3d.data.registry import load_registry
 from ssl3d.io import read_json, write_text
@@ -60,8 +60,10 @@ __all__ = ["ExperimentResults", "ReportOptions", "build_report", "experiment_set
 STAGES = ("pretrain", "finetune")
 TEMPLATE = "report.html.j2"
 RUN_TIMES = ("loop_seconds: the training loop's wall time (every session of a resumed run, validation included), "
-             "from the manifest; steps_per_second is its rate. job_seconds: the whole Snakemake job (start-up, "
-             "reading the data, the loop, writing the outputs; the last attempt of a resumed run), from the run's "
+             "from the manifest; steps_per_second is its rate; device_seconds is it × the devices the run trained "
+             "on, what the leaderboard's hours add up (– for a manifest written before it was recorded). "
+             "job_seconds: the whole Snakemake job (start-up, reading the data, the loop, writing the outputs and, "
+             "for fine-tuning, evaluating on the test cases; the last attempt of a resumed run), from the run's "
              "benchmark file; – for a run made outside the workflow.")
 
 
@@ -186,7 +188,8 @@ def run_table(results: ExperimentResults) -> pd.DataFrame:
             "git_commit": (manifest.get("git_commit") or "")[:10] or None, "device": manifest.get("device"),
             "torch": packages.get("torch"), "monai": packages.get("monai"), "python": manifest.get("python"),
             "steps": manifest.get("steps"), "loop_seconds": manifest.get("wall_seconds"),
-            "job_seconds": _job_seconds(results.run_dirs[run]), "steps_per_second": manifest.get("steps_per_second"),
+            "device_seconds": manifest.get("device_seconds"), "job_seconds": _job_seconds(results.run_dirs[run]),
+            "steps_per_second": manifest.get("steps_per_second"),
             "peak_memory_mb": manifest.get("peak_memory_mb")})
     return pd.DataFrame(lines)
 
@@ -403,6 +406,20 @@ def _significance(per_case: pd.DataFrame, board: pd.DataFrame, out: Path, titles
     return friedman
 
 
+def _compute_figures(results: ExperimentResults, board: pd.DataFrame, out: Path, colours: Mapping[str, str],
+                     titles: Mapping[str, str], add) -> None:
+    """Per protocol × dataset, the primary metric against pre-training compute, where pre-training runs recorded
+    their compute; the caption names the devices they ran on."""
+    metric = board.attrs.get("metric_primary", "dice")
+    devices = [results.manifests[run].get("device", "unknown device") for run in results.runs_of("pretrain")]
+    for protocol, dataset in board[["protocol", "dataset"]].drop_duplicates().itertuples(index=False):
+        files = figures.metric_against_compute(board, dataset, metric, out / _stem("compute", protocol, dataset),
+                                               protocol=protocol, devices=devices, colours=colours, titles=titles)
+        if files is not None:
+            add("Pre-training cost", f"{METRIC_TITLES.get(metric, metric)} against pre-training compute · "
+                f"{protocol} · {dataset}", files)
+
+
 def _figures(results: ExperimentResults, board: pd.DataFrame, out: Path, n_resamples: int
              ) -> tuple[list[Figure], dict]:
     """Every figure the results allow, each of one protocol, with the Friedman result per protocol."""
@@ -429,6 +446,7 @@ def _figures(results: ExperimentResults, board: pd.DataFrame, out: Path, n_resam
             warmup=warmup))
         inputs = figures.FigureInputs(per_case, results.manifests, results.step_logs, warmup, colours, titles)
         _method_figures(results, inputs, out, add)
+    _compute_figures(results, board, out, colours, titles, add)
     logs = pd.DataFrame([{"run": run, "protocol": m["config"].get("protocol", "finetune"),
                           "dataset": m["config"]["dataset"], "fraction": m["config"]["label_fraction"]}
                          for run, m in results.manifests.items() if run in results.train_logs])

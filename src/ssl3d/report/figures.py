@@ -43,18 +43,19 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.colors import to_rgb  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch, Rectangle  # noqa: E402
 from matplotlib.ticker import MaxNLocator, NullLocator  # noqa: E402
 
-from ssl3d.analysis.aggregate import METRIC_TITLES  # noqa: E402
+from ssl3d.analysis.aggregate import METRIC_TITLES, hours_title  # noqa: E402
 from ssl3d.analysis.stats import (LOWER_IS_BETTER, MIN_PAIRS, SCRATCH, format_p,  # noqa: E402
                                   runs_cases_bootstrap_ci)
 from ssl3d.io import atomic_path  # noqa: E402
 
 __all__ = ["DPI", "METHOD_FIGURES", "SCRATCH_COLOUR", "WARMUP_STEPS", "FigureFiles", "FigureInputs", "MethodFigure",
            "backbone_styles", "critical_difference", "init_colours", "label_efficiency", "method_figure",
-           "pretrain_step_times", "qualitative_slices", "region_size_curve", "region_size_table",
-           "significance_heatmap", "timed_steps", "training_curves"]
+           "metric_against_compute", "pretrain_step_times", "qualitative_slices", "region_size_curve",
+           "region_size_table", "significance_heatmap", "timed_steps", "training_curves"]
 
 SCRATCH_COLOUR = "#7f7f7f"
 # tab10 then tab20's light partners, greys removed (grey is scratch's)
@@ -327,6 +328,73 @@ def pretrain_step_times(step_logs: Mapping[str, pd.DataFrame], manifests: Mappin
                f"allocated by torch on CUDA, the process's peak resident set on CPU). Device: {'; '.join(devices)}.")
     if len(devices) > 1:
         caption += " Runs on different devices are not comparable."
+    return _save(fig, out, caption, dpi)
+
+
+def _compute_axis(ax, hours: pd.Series, title: str) -> float | None:
+    """Pre-training device-hours on the x axis, with no pre-training (0) at its left edge, marked. Symmetric-log
+    when the pre-trained inits span a decade or more (a log axis has no 0): linear from 0 to the power of ten below
+    the cheapest of them, logarithmic beyond; returns that bound, None for a linear axis."""
+    positive = hours[hours > 0]
+    linear_to = 10.0 ** np.floor(np.log10(positive.min())) if positive.max() / positive.min() >= 10 else None
+    if linear_to is not None:
+        ax.set_xscale("symlog", linthresh=linear_to)
+    if (hours == 0).any():
+        ax.axvline(0, color="0.3", linewidth=0.8, linestyle=":")
+        ax.annotate("no pre-training", (0, 1), xycoords=("data", "axes fraction"), xytext=(3, -3),
+                    textcoords="offset points", ha="left", va="top", color="0.3")
+    ax.set_xlabel(f"pre-training {title} (mean over the init's pre-training runs)")
+    return linear_to
+
+
+@_styled
+def metric_against_compute(board: pd.DataFrame, dataset: str, metric: str = "dice",
+                           out: str | Path = "metric_against_compute", *, protocol: str = "finetune",
+                           devices: Iterable[str], colours: Mapping[str, str] | None = None,
+                           titles: Mapping[str, str] | None = None, dpi: int = DPI) -> FigureFiles | None:
+    """What an init's pre-training compute buys: the comparison per unit of compute that none of the three papers
+    gives (each reports accuracy alone, so a method that pre-trains ten times longer looks simply better).
+
+    ``board`` is the leaderboard (:func:`ssl3d.report.tables.leaderboard`), whose rows hold ``metric`` and
+    ``pretrain_device_hours``; ``devices`` are the pre-training runs' devices, named in the caption. One point per
+    row (init × backbone × label fraction) in the init's colour, its marker the label fraction's; a grey line joins
+    the rows of one fraction (and backbone, by line style) in order of compute. Rows without recorded compute are
+    left out and named. None where no pre-trained row has recorded compute (nothing to put on the axis).
+    """
+    rows = board[(board["protocol"] == protocol) & (board["dataset"] == dataset)]
+    shown = rows[rows["pretrain_device_hours"].notna()]
+    if not (shown["pretrain_device_hours"] > 0).any():
+        return None
+    colours = _colours(colours, shown["init"])
+    styles = backbone_styles(shown["backbone"])
+    fractions = sorted(shown["label_fraction"].unique())
+    markers = {fraction: MARKERS[i % len(MARKERS)] for i, fraction in enumerate(fractions)}
+    name = METRIC_TITLES.get(metric, metric)
+    fig, (ax,) = _subplots(1, width=6.5)
+    lines = shown.sort_values("pretrain_device_hours").groupby(["backbone", "label_fraction"])
+    for (backbone, fraction), line in lines:
+        ax.plot(line["pretrain_device_hours"], line[metric], color="0.6", linewidth=0.8, marker=markers[fraction],
+                markerfacecolor="none", linestyle=styles[backbone]["linestyle"],
+                label=f"{100 * fraction:g}% labels" + (f" ({backbone})" if len(styles) > 1 else ""))
+        ax.scatter(line["pretrain_device_hours"], line[metric], c=[colours[init] for init in line["init"]],
+                   marker=markers[fraction], s=40, edgecolors="black", linewidths=0.4, zorder=3)
+    linear_to = _compute_axis(ax, shown["pretrain_device_hours"], hours_title(shown["device_type"]))
+    better = "lower" if metric in LOWER_IS_BETTER else "higher"
+    ax.set(title=f"{dataset}: {name} against pre-training compute", ylabel=f"{name} ({better} is better)")
+    inits = [Line2D([], [], color=colours[init], marker="o", linestyle="none", label=(titles or {}).get(init, init))
+             for init in colours if init in set(shown["init"])]
+    fig.legend(handles=[*inits, *ax.get_legend_handles_labels()[0]], loc="outside right upper")
+
+    caption = (f"{name} on {dataset} ({protocol}; the leaderboard's mean over test cases, each averaged over the "
+               f"row's runs) of each init at each label fraction against the compute its pre-training took: "
+               f"device-hours measured from the runs' manifests (the training loop's wall time × the devices it ran "
+               f"on), on {'; '.join(sorted(set(devices)))}. Scratch pre-trains nothing and sits at 0, the left "
+               "edge. Fine-tuning compute is not on this axis (the leaderboard's hours add it).")
+    if linear_to is not None:
+        caption += f" The axis is linear from 0 to {linear_to:g}, logarithmic beyond."
+    unknown = sorted(set(rows.loc[rows["pretrain_device_hours"].isna(), "init"]))
+    if unknown:
+        caption += f" No compute recorded, left out: {', '.join((titles or {}).get(i, i) for i in unknown)}."
     return _save(fig, out, caption, dpi)
 
 

@@ -55,6 +55,16 @@ Leaderboard (:func:`leaderboard`)
     a row on a backbone scratch was not trained on (Models Genesis on its own UNet in the HybridMIM grid) has no
     p vs scratch.
 
+Compute of a leaderboard row
+    What one result of the row cost, in device-hours (``device_seconds`` of the manifests: the training loop's wall
+    time × the devices it ran on, :func:`ssl3d.manifest.compute_spent`): the mean over the row's pre-training runs
+    plus the mean over its fine-tuning runs, / 3600. A pre-training run is shared by the fine-tuning runs of several
+    seeds, subset draws and label fractions, so it is counted once per row however many of the row's fine-tuning
+    runs start from it (a mean over fine-tuning runs of "its pre-training + itself" would weight a pre-training run
+    by how many runs reuse it). Scratch pre-trains nothing (0). Unknown, NaN and never 0: a manifest missing or
+    written before manifests recorded compute, or a released checkpoint (pre-trained elsewhere); one unknown run
+    makes its part of the row unknown. ``device_type`` is the runs' (``mixed`` when they ran on several kinds).
+
 Method names and descriptions
     Come from the registry (``Method.title()``, ``description()``, ``paper``, ``version``): :func:`init_titles` for
     tables and legends, :func:`methods_table` for the report's Methods section. Scratch is described here; an init
@@ -79,10 +89,10 @@ from functools import cache
 import numpy as np
 import pandas as pd
 
-from ssl3d.analysis.aggregate import METRIC_TITLES, per_run_means
+from ssl3d.analysis.aggregate import METRIC_TITLES, hours_title, per_run_means
 from ssl3d.analysis.stats import (LOWER_IS_BETTER, MIN_PAIRS, SCRATCH, best_row, bootstrap_ci, case_values,
                                   compare_rows, format_p)
-from ssl3d.evaluate.metrics import METRICS
+from ssl3d.evaluate.columns import METRICS
 from ssl3d.pretrain import registry
 from ssl3d.report.published import implemented, protocol_of
 
@@ -357,6 +367,34 @@ def _stale(run_ids, manifests: Mapping[str, dict] | None):
     return pd.array([_run_stale(run_id, manifests) for run_id in run_ids], dtype="boolean").any(skipna=False)
 
 
+def _device_seconds(manifest: Mapping | None) -> float:
+    """A run's recorded device-seconds; NaN where unknown (no manifest, or one written before they were recorded),
+    never 0, which would read as free."""
+    seconds = (manifest or {}).get("device_seconds")
+    return math.nan if seconds is None else float(seconds)
+
+
+def _pretraining_runs(finetuning: list[dict | None], manifests: Mapping[str, dict]) -> list[dict | None]:
+    """The manifests of the pre-training runs that fine-tuning runs start from, each once; None where there is none
+    of ours to read (a fine-tuning manifest missing, scratch, or a released checkpoint, pre-trained elsewhere)."""
+    sources = dict.fromkeys((manifest or {}).get("config", {}).get("pretrained") for manifest in finetuning)
+    return [manifests.get(source) for source in sources]
+
+
+def _compute(init: str, run_ids, manifests: Mapping[str, dict] | None) -> dict:
+    """One row's pre-training and total device-hours and device type (module docstring: Compute of a leaderboard
+    row, which says why each pre-training run counts once)."""
+    manifests = manifests or {}
+    finetuning = [manifests.get(run_id) for run_id in run_ids]
+    pretraining = _pretraining_runs(finetuning, manifests)
+    pretrain_seconds = 0.0 if init == SCRATCH else pd.Series(list(map(_device_seconds, pretraining))).mean(skipna=False)
+    finetune_seconds = pd.Series(list(map(_device_seconds, finetuning))).mean(skipna=False)
+    types = {(manifest or {}).get("device_type") for manifest in finetuning + pretraining} - {None}
+    return {"pretrain_device_hours": pretrain_seconds / 3600,
+            "device_hours": (pretrain_seconds + finetune_seconds) / 3600,
+            "device_type": types.pop() if len(types) == 1 else "mixed" if types else None}
+
+
 def _comparisons(values: pd.DataFrame, metric: str) -> pd.DataFrame:
     """Each row's Holm-corrected p-values against scratch on its backbone and against the best row
     (:func:`ssl3d.analysis.stats.compare_rows`: a pair tested once, one family). Columns init, backbone,
@@ -395,7 +433,10 @@ def _block(rows: pd.DataFrame, protocol: str, dataset: str, fraction: float, met
         if metric == primary:
             board = board.merge(_comparisons(values, metric), on=ROW, how="left")
     board["rank"] = board[primary].rank(ascending=primary in LOWER_IS_BETTER, method="min").astype("Int64")
-    board["stale"] = pd.array([_stale(ids, manifests) for ids in board.pop("run_ids")], dtype="boolean")
+    run_ids = board.pop("run_ids")
+    board = board.join(pd.DataFrame([_compute(init, ids, manifests) for init, ids in zip(board["init"], run_ids)],
+                                    index=board.index))
+    board["stale"] = pd.array([_stale(ids, manifests) for ids in run_ids], dtype="boolean")
     return (board.assign(protocol=protocol, dataset=dataset, label_fraction=fraction)
             .sort_values(["rank", *ROW], ignore_index=True))
 
@@ -408,10 +449,12 @@ def leaderboard(per_case: pd.DataFrame, manifests: Mapping[str, dict] | None = N
     protocols together.
 
     ``manifests``: run id -> manifest, of the fine-tuning runs and of the pre-training runs they start from (for
-    ``stale``; None: stale is NA). Columns: protocol, dataset, label_fraction, rank (1 = best ``metric_primary``;
-    ties share the lower rank), init, backbone, n_runs, n_seeds, n_subsets, then per metric (the primary, Dice and
-    HD95, those present) its case-bootstrap mean, _low, _high and n_cases_, p_vs_scratch, p_vs_best (Holm; primary
-    metric), stale. ``attrs`` records metric_primary, protocols, target and confidence for the Markdown legend.
+    ``stale`` and compute; None: both unknown). Columns: protocol, dataset, label_fraction, rank (1 = best
+    ``metric_primary``; ties share the lower rank), init, backbone, n_runs, n_seeds, n_subsets, then per metric (the
+    primary, Dice and HD95, those present) its case-bootstrap mean, _low, _high and n_cases_, p_vs_scratch,
+    p_vs_best (Holm; primary metric), pretrain_device_hours, device_hours, device_type (module docstring: Compute of
+    a leaderboard row), stale. ``attrs`` records metric_primary, protocols, target and confidence for the Markdown
+    legend.
     """
     rows = per_case if protocol is None else per_case[per_case["protocol"] == protocol]
     if rows.empty:
@@ -439,6 +482,13 @@ def _interval_text(line: pd.Series, metric: str) -> str:
     return f"{line[metric]:.{decimals}f}{interval}"
 
 
+def _hours_text(hours: float) -> str:
+    """Device-hours with three significant digits (a demo run's 0.00417 h is not 0.00), whole hours from 1000."""
+    if math.isnan(hours):
+        return "–"
+    return f"{hours:,.0f}" if hours >= 1000 else f"{hours:.3g}"
+
+
 def leaderboard_legend(board: pd.DataFrame) -> str:
     """What the leaderboard's columns mean, from the settings it was ranked under (``board.attrs``)."""
     attrs = {"metric_primary": "dice", "protocols": list(board["protocol"].unique()), "target": "mean",
@@ -452,8 +502,12 @@ def leaderboard_legend(board: pd.DataFrame) -> str:
             f"over cases]. p: paired "
             f"Wilcoxon signed-rank on the cases ({primary}), Holm-corrected within each table, against scratch on "
             "the same backbone and against the best row; – where not tested (no scratch on that backbone, or fewer "
-            f"than {MIN_PAIRS} cases whose values differ: the test could not reach 0.05). Stale: pre-trained with an "
-            "older version of its method (? unknown).")
+            f"than {MIN_PAIRS} cases whose values differ: the test could not reach 0.05). GPU-hours (CPU-hours for "
+            "runs on CPU, device-hours for a mix): what one result of the row cost, the mean over its pre-training "
+            "runs (each counted once, however many fine-tuning runs start from it; 0 for scratch) plus the mean "
+            "over its fine-tuning runs, of the training loop's wall time × the devices it ran on, from the "
+            "manifests; – where a run did not record it (an older manifest, a released checkpoint). Stale: "
+            "pre-trained with an older version of its method (? unknown).")
 
 
 def leaderboard_blocks(board: pd.DataFrame, titles: Mapping[str, str] | None = None
@@ -471,7 +525,7 @@ def leaderboard_blocks(board: pd.DataFrame, titles: Mapping[str, str] | None = N
             "backbone": block["backbone"],
             **{METRIC_TITLES.get(m, m): [_interval_text(line, m) for _, line in block.iterrows()] for m in metrics},
             "p vs scratch": block["p_vs_scratch"].map(format_p), "p vs best": block["p_vs_best"].map(format_p),
-            "runs": block["n_runs"],
+            "runs": block["n_runs"], hours_title(block["device_type"]): block["device_hours"].map(_hours_text),
             "stale": block["stale"].map(lambda s: "?" if s is pd.NA else "stale" if s else "")})))
     return blocks
 

@@ -1,0 +1,8 @@
+"""The per-case results table's vocabulary, apart from the code that fills it: the tables, statistics and report
+read it without importing PyTorch and MONAI, which cost every job that imports them about 4 s of start-up."""
+
+METRICS = ("dice", "iou", "hd95", "nsd")
+
+PER_CASE_COLUMNS = ["dataset", "case_id", "target", "metric", "value", "init", "backbone", "protocol",
+                    "label_fraction", "subset", "seed", "run_id", "empty_reference", "empty_prediction",
+                    "empty_policy", "fold"]
