@@ -257,7 +257,7 @@ def parser() -> argparse.ArgumentParser:
             ("pretrain", cmd_pretrain, "pre-train one method (resumes from its last checkpoint)")):
         p = sub.add_parser(name, help=text, description=f"{text}. By hand: --configfile <experiment.yaml> --run "
                            f"<run name, or its start without the hash>; the workflow passes --run-config and --out.")
-        p.add_argument("--configfile", type=Path, help="an experiment config, e.g. config/micro.yaml")
+        p.add_argument("--configfile", type=Path, help="an experiment config, e.g. config/experiments/micro.yaml")
         p.add_argument("--run", help=f"a {name} run of that config (a unique start of its name is enough)")
         p.add_argument("--run-config", help="the run's config.json, as the workflow writes it")
         p.add_argument("--out", help="the run's folder (default with --configfile: results/<experiment>/"

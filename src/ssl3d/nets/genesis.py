@@ -135,7 +135,7 @@ class UNet3D(Backbone, nn.Module):
     """
 
     name = "genesis_unet3d"
-    smallest = {"fields": {}, "input": (32, 32, 32)}
+    smallest = {"fields": {}, "input": (16, 16, 16)}  # 16: two voxels at the bottom (three poolings)
 
     def __init__(self, n_class: int = 1, sigmoid_output: bool = True, batch_stats_at_eval: bool = True,
                  in_channels: int = 1):
