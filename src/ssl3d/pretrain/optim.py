@@ -102,10 +102,6 @@ def build_optimizer(parameters_or_model, settings: dict) -> torch.optim.Optimize
     parameters that do not require a gradient (a frozen EMA target) are left out. Fields: ``lr`` (required),
     ``weight_decay`` (default 0), ``momentum`` (sgd, lars: 0.9), ``nesterov`` (sgd: False),
     ``trust_coefficient`` (lars: 0.001, BYOL's eta), ``betas`` (adamw: torch's default).
-
-    AdamW runs torch's multi-tensor (``foreach``) implementation, which torch already picks on CUDA; on CPU its
-    default is a loop over the parameters, the same numbers bit for bit but about 3x slower (1 s of a step for
-    HybridMIM's 22 M-parameter UNet on 2 cores; ``benchmarks/official_compare.py``). SGD gains nothing from it.
     """
     name = _check_fields("optimizer", settings, _OPTIMIZER_FIELDS)
     if "lr" not in settings:
@@ -114,7 +110,7 @@ def build_optimizer(parameters_or_model, settings: dict) -> torch.optim.Optimize
     lr, weight_decay = settings["lr"], settings.get("weight_decay", 0.0)
     if name == "adamw":
         betas = tuple(settings.get("betas", (0.9, 0.999)))
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, foreach=True)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay, momentum=settings.get("momentum", 0.9),
                                nesterov=settings.get("nesterov", False))
