@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import itertools
 import json
 import os
 import resource
@@ -164,6 +165,23 @@ def import_official(source: Path, module: str) -> types.ModuleType:
 Step = Callable[[], float]  # runs one step, returns its loss; ``step.optimizer`` is its optimizer
 
 
+def training_step(loss: Callable[[], torch.Tensor], optimizer, after: Callable[[], None] = lambda: None) -> Step:
+    """A step of a training loop around ``loss()``: zero_grad, backward, the optimizer's step, ``after`` (our
+    methods' ``after_step``). Where the official loops zero the gradients (before backward or after the step)
+    makes no difference from one step to the next."""
+
+    def step() -> float:
+        value = loss()
+        optimizer.zero_grad(set_to_none=True)
+        value.backward()
+        optimizer.step()
+        after()
+        return value.item()
+
+    step.optimizer = optimizer
+    return step
+
+
 def official_hybridmim(source: Path, backbone: str, size: int, batch: int) -> Step:
     """``Pretrain/main.py::train`` of HybridMIM: model(image) masks, encodes twice, decodes the box; the five losses
     as the loop weights them; backward; AdamW step; zero_grad."""
@@ -193,7 +211,7 @@ def official_hybridmim(source: Path, backbone: str, size: int, batch: int) -> St
     model.train()
     image = torch.rand(batch, 1, size, size, size, generator=torch.Generator().manual_seed(1)) * 0.999 + 0.001
 
-    def step() -> float:  # main.py L44-80 (no grad clip, no scheduler: both off by default)
+    def loss() -> torch.Tensor:  # main.py L44-80 (no grad clip, no scheduler: both off by default)
         out = model(image)
         x_rec = torch.sigmoid(out["logits"])
         loss_rec = losses.forward_loss_reconstruct_mask(x_rec, out["images"], out["x_mask"], mask_value=0.0)
@@ -205,15 +223,10 @@ def official_hybridmim(source: Path, backbone: str, size: int, batch: int) -> St
         loss_contrast = losses.forward_constrast_loss(out["contrast_pred_1"], out["contrast_pred_2"])
         loss_position = losses.forward_loss_mask_position(out["pred_mask_region_position"],
                                                           out["mask_position_lables"])
-        loss = (loss_rec + 0.1 * loss_mask_region + 0.1 * loss_position + 0.01 * loss_consistency
+        return (loss_rec + 0.1 * loss_mask_region + 0.1 * loss_position + 0.01 * loss_consistency
                 + 0.1 * loss_contrast)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        return loss.item()
 
-    step.optimizer = optimizer
-    return step
+    return training_step(loss, optimizer)
 
 
 def official_models_genesis(source: Path, shape, batch: int) -> Step:
@@ -227,16 +240,7 @@ def official_models_genesis(source: Path, shape, batch: int) -> Step:
     generator = torch.Generator().manual_seed(1)
     image, gt = (torch.rand(batch, 1, *shape, generator=generator) for _ in range(2))
 
-    def step() -> float:
-        pred = model(image)
-        loss = criterion(pred, gt)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        return loss.item()
-
-    step.optimizer = optimizer
-    return step
+    return training_step(lambda: criterion(model(image), gt), optimizer)
 
 
 def official_swinunetr_ssl(source: Path, size: int, batch: int) -> Step:
@@ -265,18 +269,13 @@ def official_swinunetr_ssl(source: Path, size: int, batch: int) -> Step:
     x1, x2, x1_augment, x2_augment = (torch.rand(batch, 1, size, size, size, generator=generator) for _ in range(4))
     rot1, rot2 = (torch.randint(0, 4, (batch,), generator=generator) for _ in range(2))
 
-    def step() -> float:
+    def loss() -> torch.Tensor:
         rot1_p, contrastive1_p, rec_x1 = model(x1_augment)
         rot2_p, contrastive2_p, rec_x2 = model(x2_augment)
-        loss, _ = loss_function(torch.cat([rot1_p, rot2_p]), torch.cat([rot1, rot2]), contrastive1_p,
-                                contrastive2_p, torch.cat([rec_x1, rec_x2]), torch.cat([x1, x2]))
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        return loss.item()
+        return loss_function(torch.cat([rot1_p, rot2_p]), torch.cat([rot1, rot2]), contrastive1_p,
+                             contrastive2_p, torch.cat([rec_x1, rec_x2]), torch.cat([x1, x2]))[0]
 
-    step.optimizer = optimizer
-    return step
+    return training_step(loss, optimizer)
 
 
 def our_step(method: str, shape, batch: int) -> Step:
@@ -297,20 +296,9 @@ def our_step(method: str, shape, batch: int) -> Step:
     samples = [model.make_views(rng.random((1, *model.region_size()), dtype=np.float32), rng) for _ in range(batch)]
     views = {key: torch.from_numpy(np.stack([np.asarray(s[key], dtype=np.float32) for s in samples]))
              for key in samples[0]}
-    count = 0
-
-    def step() -> float:
-        nonlocal count
-        loss = model.total_loss(model.loss_terms(views))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        model.after_step(count, 1000)
-        count += 1
-        return loss.item()
-
-    step.optimizer = optimizer
-    return step
+    steps = itertools.count()
+    return training_step(lambda: model.total_loss(model.loss_terms(views)), optimizer,
+                         lambda: model.after_step(next(steps), 1000))
 
 
 def official_step(method: str, source: Path, shape, batch: int) -> Step:

@@ -124,7 +124,7 @@ def test_every_process_ends_with_the_same_weights_and_only_rank_0_writes(tiny_in
     assert any(name.startswith("target.") for name in records[0]["parameters"])
     assert records[1]["moved"] == []
     assert set(records[0]["moved"]) == {"checkpoints/last.pt", "pretrained.pt", "step_log.csv", "manifest.json"}
-    assert len(log) == STEPS and read_json(tmp_path / "run" / "manifest.json")["processes"] == 2
+    assert len(log) == STEPS and read_json(tmp_path / "run" / "manifest.json")["device_count"] == 2
 
 
 @pytest.mark.slow

@@ -26,7 +26,7 @@ normalises over its share). Where N processes depart from a one-GPU run:
 - random draws inside ``loss_terms`` (dropout) come from each process's own generator, all seeded alike.
 
 The step log's losses are the means over the processes; rank 0 alone writes the checkpoint, the step log, the
-manifest (``processes``: N) and ``pretrained.pt``.
+manifest (``device_count``: N) and ``pretrained.pt``.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from monai.utils import set_determinism
 from ssl3d.checkpoint import save_checkpoint
 from ssl3d.data.cache import load_cached_case, read_index
 from ssl3d.data.sampling import SeededSamples
-from ssl3d.distributed import data_parallel, is_main, world_size
+from ssl3d.distributed import data_parallel, is_main
 from ssl3d.engine import Engine
 from ssl3d.io import atomic_path, read_json, write_json
 from ssl3d.manifest import run_manifest
@@ -161,7 +161,6 @@ def pretrain(run_config: str | Path, out_dir: str | Path, device: str = "cpu", w
         **engine.measurements(),
         transfer=transfer_report,
         pool_cases=len(volumes),
-        processes=world_size(),
     ))
     engine.finish()
     return pretrained
