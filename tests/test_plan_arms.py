@@ -54,12 +54,13 @@ def test_a_per_arm_override_makes_new_runs_for_that_arm_only(key, arm):
 
 
 def test_per_init_settings_apply_after_per_backbone_settings():
-    runs = finetune_runs(with_finetune(per_backbone={"hybridmim_unet": {"steps": 300, "val_every": 50}},
+    runs = finetune_runs(with_finetune(per_backbone={"hybridmim_unet": {"steps": 300, "val_every": 25}},
                                        per_init={"hybridmim": {"steps": 500}}))
     specs = {(run["spec"]["init"], run["spec"]["backbone"]["name"]): run["spec"] for run in runs.values()}
     assert specs[("hybridmim", "hybridmim_unet")]["steps"] == 500
-    assert specs[("hybridmim", "hybridmim_unet")]["val_every"] == 50
-    assert specs[("scratch", "hybridmim_unet")]["steps"] == 300 and specs[("scratch", "unet")]["steps"] == 200
+    assert specs[("hybridmim", "hybridmim_unet")]["val_every"] == 25
+    assert specs[("scratch", "hybridmim_unet")]["steps"] == 300
+    assert specs[("scratch", "unet")]["steps"] == DEMO["finetune"]["steps"]
 
 
 def test_a_dataset_fine_tunes_on_its_own_label_fractions():

@@ -199,6 +199,14 @@ def test_workflow_is_lint_clean():
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
+def test_no_rule_runs_python_code_in_snakemake():
+    """Snakemake starts a whole Snakemake process for each job of a `run:` rule (seconds; with ~40 run_config jobs
+    they once took three of the demo's eleven minutes): every rule is a shell command."""
+    rules = [REPO / "Snakefile", *sorted((REPO / "workflow" / "rules").glob("*.smk"))]
+    assert [(path.name, line) for path in rules for line in path.read_text().splitlines()
+            if re.fullmatch(r"\s+run:\s*", line)] == []
+
+
 def test_an_experiment_config_replaces_the_demo_config_instead_of_merging_into_it(tmp_path):
     """Snakemake merges --configfile into the workflow's configfile: the demo's dict entries (here an NSD
     tolerance for a target the experiment does not have) must not leak into an experiment."""

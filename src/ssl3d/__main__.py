@@ -1,5 +1,3 @@
-import sys
+from ssl3d.cli import run
 
-from ssl3d.cli import main
-
-sys.exit(main())
+run()

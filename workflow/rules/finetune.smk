@@ -6,9 +6,11 @@ rule run_config:
     log:
         f"{RESULTS}/{{stage}}/{{run}}/run_config.log",
     localrule: True
-    run:
-        # the run's identity and the files it reads: what `ssl3d pretrain|finetune|evaluate` are given
-        write_record(output[0], log[0], json.loads(params.record), f"wrote {output[0]}")
+    conda:
+        "../envs/ssl3d.yaml"
+    # the run's identity and the files it reads: what `ssl3d pretrain|finetune|evaluate` are given
+    shell:
+        WRITE_RECORD
 
 
 # Training, then evaluation on the test cases in the same process (one start-up per run); `ssl3d evaluate`

@@ -31,12 +31,14 @@ rule skipped:
     output:
         f"{RESULTS}/skipped.json",
     params:
-        skipped=dict(sorted(SKIPPED.items())),
+        record=json.dumps(SKIPPED, sort_keys=True),
     log:
         f"{RESULTS}/logs/skipped.log",
     localrule: True
-    run:
-        write_record(output[0], log[0], params.skipped, f"{len(params.skipped)} dataset(s) skipped")
+    conda:
+        "../envs/ssl3d.yaml"
+    shell:
+        WRITE_RECORD
 
 
 rule report:
