@@ -174,14 +174,25 @@ def _aliased_runs(runs: pd.DataFrame, aliases: Mapping[str, Alias]) -> pd.DataFr
                        as_setting=alias.map(lambda a: a[1] if isinstance(a, tuple) else None))
 
 
-def _matching_runs(runs: pd.DataFrame, cell, backbones: Mapping[str, str]) -> pd.DataFrame:
-    """Our per-run means matching a published cell (rules in the module docstring)."""
-    match = ((runs["protocol"] == cell.protocol) & (runs["dataset"] == cell.dataset) & (runs["as_init"] == cell.init)
-             & (runs["backbone"] == backbones.get(cell.backbone, cell.backbone))
-             & (runs["target"] == TARGETS.get(cell.target, cell.target)) & (runs["metric"] == cell.metric))
+EXACT_KEYS = ["protocol", "dataset", "as_init", "backbone", "target", "metric"]  # what a run must equal to match
+
+
+def _runs_by_key(runs: pd.DataFrame) -> dict[tuple, pd.DataFrame]:
+    """Our per-run means grouped by ``EXACT_KEYS``, so that each published cell looks up its few candidate rows
+    instead of filtering every run (a report matches about a thousand cells)."""
+    return dict(tuple(runs.groupby(EXACT_KEYS, sort=False)))
+
+
+def _matching_runs(runs_by_key: dict[tuple, pd.DataFrame], empty: pd.DataFrame, cell,
+                   backbones: Mapping[str, str]) -> pd.DataFrame:
+    """Our per-run means matching a published cell (rules in the module docstring); ``empty`` when none."""
+    key = (cell.protocol, cell.dataset, cell.init, backbones.get(cell.backbone, cell.backbone),
+           TARGETS.get(cell.target, cell.target), cell.metric)
+    runs = runs_by_key.get(key, empty)
+    match = runs["as_setting"].isna() | (runs["as_setting"] == cell.setting)
     if not math.isnan(cell.label_fraction):
         match &= np.isclose(runs["label_fraction"].astype(float), cell.label_fraction)
-    found = runs[match & (runs["as_setting"].isna() | (runs["as_setting"] == cell.setting))]
+    found = runs[match]
     if (found["as_setting"] == cell.setting).any():
         found = found[found["as_setting"] == cell.setting]
     if len(found[["init", "label_fraction"]].drop_duplicates()) > 1:
@@ -244,10 +255,11 @@ def paper_table(per_case: pd.DataFrame, published: pd.DataFrame, paper: str, tab
     if tier not in TIERS:
         raise ValueError(f"tier must be one of {tuple(TIERS)}, got {tier!r}")
     runs = _aliased_runs(per_run_means(per_case), aliases or {})
+    runs_by_key, empty = _runs_by_key(runs), runs.iloc[:0]
     interval = _case_interval(per_case, confidence, n_resamples)
     lines = []
     for cell in _published_cells(published, paper, table).itertuples(index=False):
-        found = _matching_runs(runs, cell, backbones or {})
+        found = _matching_runs(runs_by_key, empty, cell, backbones or {})
         status = _status(cell, found, tier)
         numbers = _reproduce(cell, found, interval) if status == TIERS[tier] else {}
         lines.append({**cell._asdict(), "published": cell.value, "published_pm": cell.pm, **numbers,
