@@ -7,7 +7,7 @@ import torch
 
 import ssl3d.finetune.train as train
 from ssl3d.data.sampling import SeededSamples
-from ssl3d.engine import Engine, NonFiniteLoss
+from ssl3d.engine import Engine, NonFiniteLoss, to_device
 from ssl3d.finetune.train import finetune
 from ssl3d.io import read_json
 
@@ -138,3 +138,36 @@ def test_a_non_finite_finetuning_loss_writes_no_model(config, tmp_path, monkeypa
     with pytest.raises(NonFiniteLoss, match=r"step 3: the loss is nan \(loss_dice nan, loss_ce nan\)"):
         finetune(config(), out)
     assert not (out / "model.pt").exists() and not (out / "train_log.csv").exists()
+
+
+def test_channels_last_trains_the_same_network_in_another_memory_order(config, tmp_path, monkeypatch):
+    """``channels_last``: the network's convolution weights and the batches' volumes are in channels_last_3d order
+    while it trains; the losses equal the default order's to rounding, and model.pt loads into a plain network."""
+    seen = []
+    forward = torch.nn.Conv3d.forward
+
+    def recording(self, x):
+        if self.training and self.in_channels > 1 and max(self.kernel_size) > 1:  # else the two orders coincide
+            seen.append(self.weight.is_contiguous(memory_format=torch.channels_last_3d))
+        return forward(self, x)
+
+    monkeypatch.setattr(torch.nn.Conv3d, "forward", recording)
+    logs = {}
+    for channels_last in (False, True):
+        seen.clear()
+        out = tmp_path / str(channels_last)
+        saved = torch.load(finetune(config(steps=3, val_every=3, channels_last=channels_last), out),
+                           weights_only=False)
+        logs[channels_last] = pd.read_csv(out / "train_log.csv")
+        assert seen and all(seen) == channels_last and any(seen) == channels_last
+        assert read_json(out / "manifest.json")["config"]["channels_last"] == channels_last
+    assert np.allclose(logs[True]["loss"], logs[False]["loss"], rtol=1e-4)
+    network = train.build_downstream(saved["spec"], 1, len(saved["classes"]) + 1).model
+    network.load_state_dict(saved["weights"])
+
+
+def test_to_device_puts_only_volumes_in_channels_last_order():
+    volume, voxels = torch.rand(2, 3, 4, 5, 6), torch.zeros(2, 8, 3)
+    moved = to_device({"view": volume, "voxels": voxels}, torch.device("cpu"), channels_last=True)
+    assert moved["view"].is_contiguous(memory_format=torch.channels_last_3d) and not moved["view"].is_contiguous()
+    assert moved["voxels"].is_contiguous() and torch.equal(moved["view"], volume)
