@@ -141,8 +141,9 @@ def test_a_non_finite_finetuning_loss_writes_no_model(config, tmp_path, monkeypa
 
 
 def test_channels_last_trains_the_same_network_in_another_memory_order(config, tmp_path, monkeypatch):
-    """``channels_last``: the network's convolution weights and the batches' volumes are in channels_last_3d order
-    while it trains; the losses equal the default order's to rounding, and model.pt loads into a plain network."""
+    """``channels_last``: the network's convolution weights are in channels_last_3d order while it trains (its
+    batches: the next test); the losses equal the default order's to rounding, and model.pt loads into a plain
+    network."""
     seen = []
     forward = torch.nn.Conv3d.forward
 

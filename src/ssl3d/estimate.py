@@ -250,7 +250,8 @@ def _cost(key: str) -> StepCost:
     arm = json.loads(key)
     try:
         return measure(arm, torch.device("meta"))
-    # a value read on meta (RuntimeError: SwinUNETR SSL's .tolist()) or an op with no meta kernel (NotImplementedError)
+    # a meta tensor has no values: .item() or a Python bool of one raise RuntimeError; .tolist() (SwinUNETR SSL's),
+    # data-dependent shapes (nonzero, unique) and ops without a meta kernel raise NotImplementedError
     except (RuntimeError, NotImplementedError) as err:
         return count_on_cpu(arm, str(err).splitlines()[0])
 

@@ -127,7 +127,7 @@ def output_dir(wildcards, output):
 
 
 # The shell command of a local rule that writes ``params.record`` (a JSON string) as a file, indented. A shell job,
-# not `run:`: Snakemake starts a whole new Snakemake process for each `run:` job (seconds each; the demo has ~30).
+# not `run:`: Snakemake starts a whole new Snakemake process for each `run:` job (seconds each; the demo has ~40).
 WRITE_RECORD = "printf '%s' {params.record:q} | python -m json.tool > {output} 2> {log}"
 
 

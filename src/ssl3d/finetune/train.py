@@ -7,7 +7,8 @@ go through; ``early_stopping: {patience: k}`` stops it after k validations witho
 HDSSL's per-class sigmoid BCE + soft Dice (``sigmoid_bce_dice``); ``channels_last`` trains in channels_last_3d
 memory order (``ssl3d.engine``). The step loop (AMP, clipping, workers, timing, checkpoint/resume) is the shared
 ``ssl3d.engine.Engine``: a run killed after its checkpoint at step k and re-run replays steps k+1... exactly as an
-uninterrupted run would (on CPU, same thread count), which ``tests/test_resume.py`` checks. A spec without these keys trains as before them.
+uninterrupted run would (on CPU, same thread count), which ``tests/test_resume.py`` checks. A spec without these
+keys trains as before them.
 """
 
 from __future__ import annotations
