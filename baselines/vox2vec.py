@@ -34,9 +34,9 @@ Switches and deviations:
   draws all the batch's pairs from one region of one scan (negatives from one scan, as officially), but with
   anchors within that region rather than the whole scan.
 - Views are cut from a region of 2 x patch - 1 voxels per axis (every placement of two crops sharing a voxel fits),
-  not from the whole scan, and the body mask is computed on that region: air touching the region's in-plane border
-  (e.g. a lung cut by it) counts as outside. The loader pads a smaller scan with 0 (air), which a crop may show;
-  officially crops stay inside the scan.
+  not from the whole scan; the body mask is computed on the whole scan, as officially, once per scan
+  (``prepare_volume``) and cut with the region. The loader pads a smaller scan with 0 (air, outside the body),
+  which a crop may show; officially crops stay inside the scan.
 """
 
 from __future__ import annotations
@@ -51,8 +51,8 @@ from scipy import ndimage
 from ssl3d.nets import build_network
 from ssl3d.pretrain.bricks.heads import voxel_projector
 from ssl3d.pretrain.bricks.losses import voxel_info_nce
-from ssl3d.pretrain.bricks.voxel_pairs import (VoxelContrastConfig, anchored_view_pair, body_mask,
-                                               pyramid_at_voxels)
+from ssl3d.pretrain.bricks.voxel_pairs import (VoxelContrastConfig, anchored_view_pair, pyramid_at_voxels,
+                                               split_body_mask, with_body_mask)
 from ssl3d.pretrain.method import Method, Transfer
 
 
@@ -75,6 +75,7 @@ class Vox2Vec(Method):
     name = "vox2vec"
     paper = ("Goncharov et al., vox2vec: A Framework for Self-supervised Contrastive Learning of Voxel-level "
              "Representations in Medical Images, MICCAI 2023")
+    version = "2"  # 2: the body mask of the whole scan (1: of each region)
     multichannel = False  # the body mask and the augmentations are defined on one CT channel in HU
     Config = Vox2VecConfig
     transfer = Transfer(prefixes={"backbone.": ""})
@@ -113,8 +114,11 @@ class Vox2Vec(Method):
         low, high = self.unit(window[0]), self.unit(window[1])
         return np.clip((view - low) / (high - low), 0.0, 1.0).astype(np.float32)
 
+    def prepare_volume(self, volume: np.ndarray) -> np.ndarray:
+        return with_body_mask(volume, self.unit(self.config.body_threshold_hu))
+
     def make_views(self, region: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        mask = body_mask(region[0], self.unit(self.config.body_threshold_hu))
+        region, mask = split_body_mask(region)
         pairs = []
         for _ in range(self.config.pairs_per_region):
             pair = anchored_view_pair(region, mask, self.config.patch_size, self.config.max_voxels, rng)

@@ -61,7 +61,7 @@ def pretraining_step(args, device: torch.device, autocast: bool = False):
     method = cls(config, json.loads(args.backbone)).to(device)
     optimizer = build_optimizer(method, config.optimizer)
     rng = np.random.default_rng(0)
-    region = rng.random((1, *method.region_size()), dtype=np.float32)
+    region = method.prepare_volume(rng.random((1, *method.region_size()), dtype=np.float32))
 
     def views():
         samples = [method.make_views(region, rng) for _ in range(config.batch_size)]

@@ -88,7 +88,8 @@ def small_method(name: str, backbone: str) -> Method:
 
 def batch_of_views(method: Method, seed: int = 0) -> dict[str, torch.Tensor]:
     rng = np.random.default_rng(seed)
-    samples = [method.make_views(rng.random((method.in_channels, *method.region_size()), dtype=np.float32), rng)
+    samples = [method.make_views(method.prepare_volume(
+        rng.random((method.in_channels, *method.region_size()), dtype=np.float32)), rng)
                for _ in range(method.config.batch_size)]
     return {key: torch.from_numpy(np.stack([np.asarray(s[key]) for s in samples])) for key in samples[0]}
 
@@ -119,7 +120,7 @@ def test_pretraining_step(benchmark, name, backbone):
 def test_make_views(benchmark, name):
     method = small_method(name, smallest_supported(name))
     rng = np.random.default_rng(0)
-    region = rng.random((method.in_channels, *method.region_size()), dtype=np.float32)
+    region = method.prepare_volume(rng.random((method.in_channels, *method.region_size()), dtype=np.float32))
     benchmark.extra_info.update(region=list(method.region_size()))
     views = benchmark.pedantic(method.make_views, args=(region, rng), rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS,
                                iterations=1)

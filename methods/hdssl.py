@@ -37,7 +37,7 @@ Deviations:
   from its own scan and negatives come from other scans too; ``pairs_per_region`` 10 with ``batch_size`` 1 draws
   the batch's pairs from one region of one scan (as vox2vec's switch of the same name).
 - The views are cut from a region of 2 x patch - 1 voxels per axis (every placement of two patches sharing a voxel
-  fits), not from the whole scan, and the body mask is computed on that region (shared bricks
+  fits), not from the whole scan; the body mask is computed once per scan, on the whole scan (shared bricks
   ``ssl3d.pretrain.bricks.voxel_pairs``, as vox2vec). The body threshold 0.3 is the official value on the official
   CT scaling (HU [-175, 250] -> [0, 1]: about -47 HU); on the suite's ``hdssl_ct`` cache (HU [-1350, 1000], the
   paper's window) it is -645 HU (vox2vec: -500 HU); on MRI it is the paper's foreground threshold.
@@ -57,8 +57,8 @@ import torch.nn.functional as F
 from ssl3d.nets import build_network
 from ssl3d.pretrain.bricks.heads import voxel_projector
 from ssl3d.pretrain.bricks.losses import voxel_info_nce
-from ssl3d.pretrain.bricks.voxel_pairs import (VoxelContrastConfig, anchored_view_pair, body_mask,
-                                               pyramid_at_voxels)
+from ssl3d.pretrain.bricks.voxel_pairs import (VoxelContrastConfig, anchored_view_pair, pyramid_at_voxels,
+                                               split_body_mask, with_body_mask)
 from ssl3d.pretrain.hdssl_parts import AppearanceTransform, BalancedPyramid
 from ssl3d.pretrain.method import Method, Transfer
 
@@ -79,6 +79,7 @@ class HierarchicalDenseSSL(Method):
     display_name = "Hierarchical dense SSL"
     paper = ("Kats, Hirsch, Heinrich, Self-supervised learning of dense hierarchical representations for medical "
              "image segmentation, ISBI 2024")
+    version = "2"  # 2: the body mask of the whole scan (1: of each region)
     multichannel = False  # the body mask and the official augmentations are defined on one [0, 1] channel
     Config = HDSSLConfig
     transfer = Transfer(prefixes={"backbone.": ""})
@@ -99,9 +100,12 @@ class HierarchicalDenseSSL(Method):
         """Two patches sharing a voxel lie within 2 x patch - 1 voxels per axis."""
         return tuple(2 * size - 1 for size in self.config.patch_size)
 
+    def prepare_volume(self, volume: np.ndarray) -> np.ndarray:
+        return with_body_mask(volume, self.config.body_threshold)
+
     def make_views(self, region: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
         """``pairs_per_region`` pairs: augmented inputs, un-augmented targets, matched voxels, stacked per key."""
-        mask = body_mask(region[0], self.config.body_threshold)
+        region, mask = split_body_mask(region)
         pairs = []
         for _ in range(self.config.pairs_per_region):
             pair = anchored_view_pair(region, mask, self.config.patch_size, self.config.max_voxels, rng)

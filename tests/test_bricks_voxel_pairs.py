@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from ssl3d.pretrain.bricks.voxel_pairs import anchored_view_pair, body_mask, pyramid_at_voxels
+from ssl3d.pretrain.bricks.voxel_pairs import (anchored_view_pair, body_mask, pyramid_at_voxels, split_body_mask,
+                                               with_body_mask)
 
 
 def coordinate_region(size=(20, 18, 12)) -> np.ndarray:
@@ -128,6 +129,20 @@ def test_body_mask_keeps_internal_air_and_drops_the_outside_air():
     assert mask.shape == image.shape and mask.dtype == bool
     np.testing.assert_array_equal(mask, body)
     assert mask[20, 18].all() and image[20, 18, 0] < 0.36  # the pocket is air and counts as body
+
+
+def test_the_whole_scan_body_mask_travels_with_the_volume_and_comes_back_with_each_region():
+    """Computed once on the whole scan (official): a region cutting the air pocket keeps it as body, where a
+    flood of that region alone would reach it from the region's border."""
+    image, body = synthetic_body()
+    image = image.astype(np.float32)
+    prepared = with_body_mask(image[None], 0.36)
+    assert prepared.shape == (2, *image.shape) and prepared.dtype == np.float32
+    cut = (slice(None), slice(20, 36), slice(10, 30))  # through the pocket, whose air reaches the cut's border
+    region, mask = split_body_mask(prepared[cut])
+    np.testing.assert_array_equal(region[0], image[cut[1:]])
+    np.testing.assert_array_equal(mask, body[cut[1:]])
+    assert mask[0, 8].all() and not body_mask(region[0], 0.36)[0, 8].any()  # the pocket, at the cut's border
 
 
 def test_body_mask_floods_air_touching_the_in_plane_border_at_any_slice():

@@ -31,11 +31,11 @@ def build(seed: int = 0, **overrides):
 
 
 def scan_region(method, seed: int = 0) -> np.ndarray:
-    """A smooth 'body' (a bright ellipsoid with texture) in air, in [0, 1]."""
+    """A smooth 'body' (a bright ellipsoid with texture) in air, in [0, 1], prepared as the loader does."""
     rng = np.random.default_rng(seed)
     grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in method.region_size()], indexing="ij"))
     body = (grid ** 2).sum(0) < 0.8
-    return (body * (0.4 + 0.5 * rng.random(body.shape)))[None].astype(np.float32)
+    return method.prepare_volume((body * (0.4 + 0.5 * rng.random(body.shape)))[None].astype(np.float32))
 
 
 def trained_parameters(method) -> list[torch.Tensor]:

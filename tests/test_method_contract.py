@@ -32,7 +32,8 @@ def small_method(name: str, backbone: str, seed: int = 0, in_channels: int = 1) 
 
 def batch_of_views(method: Method, seed: int = 0) -> dict[str, torch.Tensor]:
     rng = np.random.default_rng(seed)
-    samples = [method.make_views(rng.random((method.in_channels, *method.region_size()), dtype=np.float32), rng)
+    samples = [method.make_views(method.prepare_volume(
+        rng.random((method.in_channels, *method.region_size()), dtype=np.float32)), rng)
                for _ in range(method.config.batch_size)]
     return {key: torch.from_numpy(np.stack([s[key] for s in samples])) for key in samples[0]}
 

@@ -127,7 +127,7 @@ def test_augmentations_stay_in_the_unit_range_and_move_no_voxel(axis):
 
 def test_views_of_several_pairs_per_region():
     method = vox2vec(pairs_per_region=3)
-    views = method.make_views(ct_volume((63, 63, 63)), np.random.default_rng(0))
+    views = method.make_views(method.prepare_volume(ct_volume((63, 63, 63))), np.random.default_rng(0))
     assert views["view1"].shape == views["view2"].shape == (3, 1, 32, 32, 32)
     assert views["voxels1"].shape == (3, 64, 3) and views["valid"].shape == (3, 64)
     assert views["valid"].any(axis=1).all()
@@ -138,7 +138,7 @@ def test_f7_through_the_loss_path(monkeypatch):
     """The method's loss on F7's embeddings (methods.md §10) is the official InfoNCE's 3.5452111 (tau 0.1)."""
     method = vox2vec()
     rng = np.random.default_rng(0)
-    samples = [method.make_views(ct_volume((63, 63, 63)), rng) for _ in range(2)]
+    samples = [method.make_views(method.prepare_volume(ct_volume((63, 63, 63))), rng) for _ in range(2)]
     batch = {key: torch.from_numpy(np.stack([s[key] for s in samples])) for key in samples[0]}
     torch.manual_seed(0)
     e1 = F.normalize(torch.randn(64, 128))

@@ -159,7 +159,8 @@ def training_step(arm: dict, device: torch.device):
         config = make_config(cls.Config, arm["settings"])
         method = _built(lambda: cls(config, arm["backbone"], arm["in_channels"]), device)
         size = (arm["in_channels"], *method.region_size())
-        batch = _batch(lambda: method.make_views(rng.random(size, dtype=np.float32), rng), config.batch_size, device)
+        region = method.prepare_volume(rng.random(size, dtype=np.float32))
+        batch = _batch(lambda: method.make_views(region, rng), config.batch_size, device)
         return method, batch, lambda views: method.total_loss(method.loss_terms(views)), config.optimizer
 
     def network():

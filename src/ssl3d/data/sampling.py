@@ -5,13 +5,19 @@ Sample i draws everything it needs (which case, where to crop, every augmentatio
 stream shared across samples. So the batch of step k does not depend on the steps before it: a run resumed from a
 checkpoint at step k replays exactly what an uninterrupted run would, and the result is the same with any number
 of data-loader workers. :class:`StepShards` splits each step's batch between the processes of a multi-GPU run.
+
+A training sample is a plain array: its MONAI transforms run with metadata tracking off (``set_track_meta``),
+which makes them several times cheaper (a 63³ random crop of a demo volume: 2.0 -> 0.5 ms) and changes no value.
 """
 
 from __future__ import annotations
 
 import abc
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
+from monai.data import get_track_meta, set_track_meta
 from torch.utils.data import Dataset, Sampler
 
 
@@ -29,11 +35,24 @@ class SeededSamples(Dataset, abc.ABC):
         item = self.items[rng.integers(len(self.items))]
         for transform in self.transforms:
             transform.set_random_state(seed=int(rng.integers(2**31)))
-        return self.sample(item, rng)
+        with without_metadata():
+            return self.sample(item, rng)
 
     @abc.abstractmethod
     def sample(self, item, rng: np.random.Generator):
         """One training sample from ``item``, drawing every random number from ``rng``."""
+
+
+@contextmanager
+def without_metadata() -> Iterator[None]:
+    """MONAI transforms return plain tensors (no MetaTensor bookkeeping) inside the block; MONAI's own switch is
+    process-wide, so it is restored on leaving."""
+    tracked = get_track_meta()
+    set_track_meta(False)
+    try:
+        yield
+    finally:
+        set_track_meta(tracked)
 
 
 class StepShards(Sampler[int]):

@@ -51,6 +51,7 @@ Quirks of the official code and how they are kept:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from math import comb
 
@@ -117,25 +118,27 @@ def _box_slices(corner, size) -> tuple[slice, ...]:
 # --------------------------------------------------------------------------------------------------------- Bézier
 
 
+@functools.cache
+def _bernstein_basis(n: int, n_times: int) -> np.ndarray:
+    """The (n + 1, n_times) official basis: row i is ``C(n, i) t^(n-i) (1-t)^i`` at ``t = linspace(0, 1, n_times)``.
+    It depends on the degree and the sample count only, so it is built once per process (read-only)."""
+    t = np.linspace(0.0, 1.0, n_times)
+    basis = np.array([comb(n, i) * t ** (n - i) * (1 - t) ** i for i in range(n + 1)])
+    basis.flags.writeable = False
+    return basis
+
+
 def bezier_curve(points, n_times: int = 1000) -> tuple[np.ndarray, np.ndarray]:
     """Sample the Bézier curve of the control points ``points`` (``[[x0, y0], ..., [xn, yn]]``) at ``n_times``.
 
     ``B(t) = Σ_i C(n, i) t^(n-i) (1-t)^i P_i`` for ``t = linspace(0, 1, n_times)``: the Models Genesis
     orientation, i.e. the curve starts at the *last* control point (t = 0) and ends at the first (t = 1).
-    Evaluated as a polynomial in ``t`` (its power-basis coefficients, then Horner's rule: numpy's ``polyval``),
-    which equals the Bernstein sum to rounding (1e-15) at a third of its cost on the official 100 000 samples.
+    The official arithmetic (the control points' coordinates dotted with the Bernstein basis), with the basis,
+    which only depends on ``(n, n_times)``, computed once: 0.2 instead of 2.4 ms for the official 100 000 samples.
     Returns ``(xvals, yvals)``.
     """
-    reversed_points = np.asarray(points, dtype=np.float64)[::-1]  # the standard orientation: B(t) = Σ_j b_j,n Q_j
-    n = len(reversed_points) - 1
-    # coefficient of t^k: C(n, k) Σ_{j <= k} (-1)^(k-j) C(k, j) Q_j
-    coefficients = np.stack([comb(n, k) * sum((-1) ** (k - j) * comb(k, j) * reversed_points[j] for j in range(k + 1))
-                             for k in range(n + 1)])  # (n + 1, 2)
-    t = np.linspace(0.0, 1.0, n_times)
-    curve = np.polynomial.polynomial.polyval(t, coefficients)  # (2, n_times)
-    # the curve lies in its control points' bounding box (a convex combination of them): clipping to it undoes the
-    # power basis's rounding (-4e-16 at t = 1), so a map of [0, 1] stays in [0, 1] exactly, as the Bernstein sum did
-    xvals, yvals = np.clip(curve.T, reversed_points.min(axis=0), reversed_points.max(axis=0)).T
+    points = np.asarray(points, dtype=np.float64)
+    xvals, yvals = points.T @ _bernstein_basis(len(points) - 1, n_times)
     return xvals, yvals
 
 
@@ -157,9 +160,9 @@ def nonlinear_transformation(x: np.ndarray, rng: np.random.Generator, prob: floa
     if inverted is None:
         inverted = draw_inverted
     if inverted:
-        xvals = np.sort(xvals)
+        xvals = np.sort(xvals, kind="stable")
     else:
-        xvals, yvals = np.sort(xvals), np.sort(yvals)
+        xvals, yvals = np.sort(xvals, kind="stable"), np.sort(yvals, kind="stable")
     # np.interp is ~2.5× faster on sorted queries (same values): sort the voxels, map them, put them back
     flat = x.ravel()
     order = np.argsort(flat)

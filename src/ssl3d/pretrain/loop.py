@@ -64,7 +64,7 @@ class RegionViews(SeededSamples):
         size = method.region_size()
         self.crop = Compose([SpatialPad(size), RandSpatialCrop(size, random_size=False)])
         self.method = method
-        super().__init__(volumes, seed, length, transforms=[self.crop])
+        super().__init__([method.prepare_volume(volume) for volume in volumes], seed, length, transforms=[self.crop])
 
     def sample(self, volume, rng):
         region = np.asarray(self.crop(volume), dtype=np.float32)

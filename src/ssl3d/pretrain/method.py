@@ -163,9 +163,16 @@ class Method(torch.nn.Module, abc.ABC):
         """Size of the region cut from a volume for one sample, before ``make_views``."""
         return tuple(self.config.patch_size)
 
+    def prepare_volume(self, volume: np.ndarray) -> np.ndarray:
+        """A (C, X, Y, Z) volume of the pool as the regions ``make_views`` receives are cut from it: the volume itself,
+        or with channels appended that depend on the whole volume and are computed once per volume when the pool is
+        loaded, not per sample (vox2vec's body mask, computed on the whole scan as the official code does)."""
+        return volume
+
     @abc.abstractmethod
     def make_views(self, region: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        """Turn one (1, X, Y, Z) region into the method's inputs and targets; runs in the data loader, on CPU."""
+        """Turn one region of a prepared volume (``prepare_volume``: (C, X, Y, Z) by default) into the method's
+        inputs and targets; runs in the data loader, on CPU."""
 
     @abc.abstractmethod
     def loss_terms(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

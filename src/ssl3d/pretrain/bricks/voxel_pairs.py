@@ -49,6 +49,20 @@ def body_mask(image: np.ndarray, threshold: float) -> np.ndarray:
     return (labels != labels[0, 0, 0])[1:-1, 1:-1]
 
 
+def with_body_mask(volume: np.ndarray, threshold: float) -> np.ndarray:
+    """The (C, X, Y, Z) volume with the body mask of its first channel appended as a last channel of 0 and 1.
+
+    A method's ``prepare_volume``: the mask is computed once per scan and on the whole scan, as the official code
+    does, then cut with every region (the loader pads with 0: outside the body); :func:`split_body_mask` takes it
+    back. Per region, the flood fill cost more than the rest of the views (135 ms for a 255 x 255 x 63 region)."""
+    return np.concatenate([volume, body_mask(volume[0], threshold)[None].astype(volume.dtype)])
+
+
+def split_body_mask(region: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A region of a :func:`with_body_mask` volume as (its image channels, its (X, Y, Z) body mask)."""
+    return region[:-1], region[-1] > 0.5
+
+
 def anchored_view_pair(region: np.ndarray, mask: np.ndarray, patch_size, max_voxels: int,
                        rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Two ``patch_size`` crops of a (C, X, Y, Z) region sharing an anchor voxel, and their matched voxels.

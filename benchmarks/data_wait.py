@@ -1,0 +1,83 @@
+"""Data wait at each method's paper input size: the seconds its views of one step take in the data loader, against
+the step's own seconds on a device class, and the loader workers that keep the wait within 5% of the step.
+
+Per method, the arm of the first paper config naming it (as ``gpu_step.py``). Views: ``make_views`` of a random
+region of the method's size, prepared once as the loader prepares each scan (``prepare_volume``), ``batch_size``
+per step; the median over ``--steps`` steps, on one CPU thread (as a loader worker runs). Step: ``ssl3d estimate``'s
+seconds per step on the device class (the step's counted FLOPs at the FLOP/s measured there by ``gpu_step.py``).
+
+With no worker the training process makes the views itself, so the wait is all of them: share = views / (views +
+step). With W workers, each making whole batches on its own core, a batch is ready every views / W seconds, so in
+steady state a step waits max(0, views / W - step); it stays within 5% of the step (wait <= 0.05 x (step + wait))
+from W = ceil(views / (step x (1 + 0.05 / 0.95))) workers on (0 where views <= 5% of views + step). The training rules give a GPU job's process all its
+threads but one as workers (``workflow/rules/common.smk``, ``loader_workers``): the last column is the threads per
+GPU that a profile needs.
+
+    python benchmarks/data_wait.py --device cpu-2core
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+
+import numpy as np
+import torch
+from gpu_step import paper_arms
+
+from ssl3d.estimate import arm_size, device_classes, seconds_per_step
+from ssl3d.pretrain.method import make_config
+from ssl3d.pretrain.registry import get_method
+
+SHARE = 0.05
+
+
+def views_seconds(arm: dict, steps: int) -> float:
+    """Median seconds of one step's views of the arm (module docstring)."""
+    cls = get_method(arm["method"])
+    method = cls(make_config(cls.Config, arm["settings"]), arm["backbone"], arm["in_channels"])
+    rng = np.random.default_rng(0)
+    region = method.prepare_volume(rng.random((arm["in_channels"], *method.region_size()), dtype=np.float32))
+    _, batch = arm_size(arm)
+    times = []
+    for _ in range(steps + 1):  # the first is left out: it pays one-off costs (e.g. a cached Bezier basis)
+        start = time.perf_counter()
+        for _ in range(batch):
+            method.make_views(region, rng)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
+def workers_needed(views: float, step: float) -> int:
+    """The fewest loader workers keeping the wait within ``SHARE`` of the step (module docstring); 0 where the
+    training process can make the views itself."""
+    if views <= SHARE * (views + step):
+        return 0
+    return math.ceil(views / (step * (1 + SHARE / (1 - SHARE))))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", required=True, choices=sorted(device_classes()),
+                        help="the device class whose step times to compare with (benchmarks/results/)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps of views per method")
+    parser.add_argument("--methods", nargs="+", help="only these methods (default: every one in a paper config)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    arms, _ = paper_arms()
+    print(f"| method | patch x batch | views s/step | step s ({args.device}) | data wait, no worker | "
+          f"workers for <= {SHARE:.0%} |")
+    print("|:--|:--|--:|--:|--:|--:|")
+    for name, (arm, _) in arms.items():
+        if args.methods and name not in args.methods:
+            continue
+        patch, batch = arm_size(arm)
+        views, step = views_seconds(arm, args.steps), seconds_per_step(arm, args.device)
+        print(f"| {name} | {'x'.join(map(str, patch))} x {batch} | {views:.3f} | {step:.3f} | "
+              f"{views / (views + step):.1%} | {workers_needed(views, step)} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
