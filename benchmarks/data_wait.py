@@ -9,9 +9,9 @@ seconds per step on the device class (the step's counted FLOPs at the FLOP/s mea
 With no worker the training process makes the views itself, so the wait is all of them: share = views / (views +
 step). With W workers, each making whole batches on its own core, a batch is ready every views / W seconds, so in
 steady state a step waits max(0, views / W - step); it stays within 5% of the step (wait <= 0.05 x (step + wait))
-from W = ceil(views / (step x (1 + 0.05 / 0.95))) workers on (0 where views <= 5% of views + step). The training rules give a GPU job's process all its
-threads but one as workers (``workflow/rules/common.smk``, ``loader_workers``): the last column is the threads per
-GPU that a profile needs.
+from W = ceil(views / (step x (1 + 0.05 / 0.95))) workers on (0 where views <= 5% of views + step). The training
+rules give a GPU job's process all its threads but one as workers (``workflow/rules/common.smk``,
+``loader_workers``): the last column plus one is the threads per GPU that a profile needs.
 
     python benchmarks/data_wait.py --device cpu-2core
 """

@@ -293,7 +293,8 @@ def our_step(method: str, shape, batch: int) -> Step:
     model.train()
     optimizer = build_optimizer(model, config.optimizer)
     rng = np.random.default_rng(1)
-    samples = [model.make_views(model.prepare_volume(rng.random((1, *model.region_size()), dtype=np.float32)), rng) for _ in range(batch)]
+    region = model.prepare_volume(rng.random((1, *model.region_size()), dtype=np.float32))
+    samples = [model.make_views(region, rng) for _ in range(batch)]
     views = {key: torch.from_numpy(np.stack([np.asarray(s[key], dtype=np.float32) for s in samples]))
              for key in samples[0]}
     steps = itertools.count()
