@@ -143,7 +143,10 @@ def threads_per_process(wildcards, threads, resources):
 
 def loader_workers(wildcards, threads, resources):
     """Data-loader processes of each training process: on a GPU, all its threads but one (the main process feeds
-    the device); on a CPU the threads compute the steps, so the batches are drawn in the main process."""
+    the device); on a CPU the threads compute the steps, so the batches are drawn in the main process. Measured on
+    the demo's 2 cores, its six pre-training jobs two at a time: 96.7 and 97.0 s so, 103.5 and 104.9 s with a loader
+    process per job (interleaved runs), which only pays where a core is idle; at paper sizes the views are 0.3% of
+    a CPU step or less (``benchmarks/data_wait.py``)."""
     return max(threads_per_process(wildcards, threads, resources) - 1, 0) if resources.gpu > 0 else 0
 
 
