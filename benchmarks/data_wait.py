@@ -23,29 +23,22 @@ import math
 import statistics
 import time
 
-import numpy as np
 import torch
-from gpu_step import paper_arms
+from gpu_step import paper_arms, step_args
+from method_step import pretraining_step
 
 from ssl3d.estimate import arm_size, device_classes, seconds_per_step
-from ssl3d.pretrain.method import make_config
-from ssl3d.pretrain.registry import get_method
 
 SHARE = 0.05
 
 
 def views_seconds(arm: dict, steps: int) -> float:
-    """Median seconds of one step's views of the arm (module docstring)."""
-    cls = get_method(arm["method"])
-    method = cls(make_config(cls.Config, arm["settings"]), arm["backbone"], arm["in_channels"])
-    rng = np.random.default_rng(0)
-    region = method.prepare_volume(rng.random((arm["in_channels"], *method.region_size()), dtype=np.float32))
-    _, batch = arm_size(arm)
+    """Median seconds of one step's views of the arm (module docstring), made as ``method_step.py`` makes them."""
+    views, _ = pretraining_step(step_args(arm), torch.device("cpu"))
     times = []
     for _ in range(steps + 1):  # the first is left out: it pays one-off costs (e.g. a cached Bezier basis)
         start = time.perf_counter()
-        for _ in range(batch):
-            method.make_views(region, rng)
+        views()
         times.append(time.perf_counter() - start)
     return statistics.median(times[1:])
 

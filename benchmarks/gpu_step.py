@@ -81,11 +81,17 @@ def bf16_peak(name: str) -> float | None:
     return next((peak for fragment, peak in BF16_PEAK_TFLOPS if fragment in name), None)
 
 
+def step_args(arm: dict) -> SimpleNamespace:
+    """``method_step.py``'s arguments for the arm's pre-training step, its patch and batch spelt out."""
+    patch, batch = arm_size(arm)
+    settings = {**arm["settings"], "patch_size": patch, "batch_size": batch}
+    return SimpleNamespace(method=arm["method"], settings=json.dumps(settings), backbone=json.dumps(arm["backbone"]))
+
+
 def time_method(arm: dict, device: torch.device, warmup: int, steps: int) -> dict:
     """One method's entry (module docstring)."""
     patch, batch = arm_size(arm)
-    settings = {**arm["settings"], "patch_size": patch, "batch_size": batch}
-    args = SimpleNamespace(method=arm["method"], settings=json.dumps(settings), backbone=json.dumps(arm["backbone"]))
+    args = step_args(arm)
     cost = step_cost(arm)
     entry = {"backbone": arm["backbone"], "patch_size": patch, "batch_size": batch,
              "flops_per_step": cost.flops, "flops_counted": cost.counted}
