@@ -167,6 +167,41 @@ def test_channels_last_trains_the_same_network_in_another_memory_order(config, t
     network.load_state_dict(saved["weights"])
 
 
+def test_precision_bfloat16_runs_the_convolutions_under_cpu_autocast(config, tmp_path, monkeypatch):
+    """``precision: bfloat16`` runs the training forward pass under bf16 autocast on a CPU (``auto``, the default,
+    in float32 there); the weights stay float32, the losses near float32's, and the manifest says which ran."""
+    seen = []
+    forward = torch.nn.Conv3d.forward
+
+    def recording(self, x):
+        out = forward(self, x)
+        if self.training:
+            seen.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(torch.nn.Conv3d, "forward", recording)
+    logs = {}
+    for precision, dtype, recorded in (("auto", torch.float32, "float32"),
+                                       ("bfloat16", torch.bfloat16, "bfloat16 autocast")):
+        seen.clear()
+        out = tmp_path / precision
+        saved = torch.load(finetune(config(steps=3, val_every=3, precision=precision), out), weights_only=False)
+        assert set(seen) == {dtype}
+        assert read_json(out / "manifest.json")["precision"] == recorded
+        assert {w.dtype for w in saved["weights"].values() if w.is_floating_point()} == {torch.float32}
+        logs[precision] = pd.read_csv(out / "train_log.csv")["loss"]
+    assert np.allclose(logs["bfloat16"], logs["auto"], rtol=0.05)
+
+
+def test_bfloat16_on_a_cpu_without_it_is_named_and_an_unknown_precision_refused(tmp_path, monkeypatch, caplog):
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, probe, lambda: False)
+    assert engine(tmp_path / "a", precision="bfloat16").bf16
+    assert "emulated" in caplog.text
+    with pytest.raises(ValueError, match="precision 'fp16' is not one of auto, float32, bfloat16"):
+        engine(tmp_path / "b", precision="fp16")
+
+
 def test_to_device_puts_only_volumes_in_channels_last_order():
     volume, voxels = torch.rand(2, 3, 4, 5, 6), torch.zeros(2, 8, 3)
     moved = to_device({"view": volume, "voxels": voxels}, torch.device("cpu"), channels_last=True)

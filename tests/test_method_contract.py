@@ -76,6 +76,18 @@ def test_two_cpu_steps_give_finite_terms_named_as_the_configured_weights(name, b
 
 
 @pytest.mark.parametrize("name", sorted(methods()))
+def test_loss_terms_are_float32_under_bf16_autocast(name):
+    """The engine's bf16 autocast (on a GPU by default, ``precision: bfloat16`` on a CPU) runs the networks in bf16;
+    a term computed in bf16 keeps two or three significant digits, so every term is float32 (and finite). On the
+    method's first backbone: the loss's precision is the method's."""
+    method = small_method(name, get_method(name).supported_backbones()[0])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        terms = method.loss_terms(batch_of_views(method))
+    assert {name: t.dtype for name, t in terms.items()} == dict.fromkeys(terms, torch.float32)
+    assert all(torch.isfinite(t) for t in terms.values())
+
+
+@pytest.mark.parametrize("name", sorted(methods()))
 def test_multichannel_volumes_are_taken_or_refused_when_the_method_is_built(name):
     cls = get_method(name)
     backbone = cls.supported_backbones()[-1]
@@ -148,6 +160,8 @@ def test_config_defaults_are_the_papers_and_unknown_overrides_are_named():
     assert get_method("byol").Config().optimizer["name"] == "lars"
     with pytest.raises(ValueError, match=r"unknown setting\(s\) \['lr'\]"):
         make_config(get_method("byol").Config, {"lr": 0.1})
+    with pytest.raises(ValueError, match="BYOLConfig.precision: 'fp16' is not one of auto, float32, bfloat16"):
+        make_config(get_method("byol").Config, {"precision": "fp16"})
 
 
 def test_methods_from_installed_packages_are_discovered(monkeypatch, tmp_path):

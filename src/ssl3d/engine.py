@@ -9,8 +9,12 @@ of it (an EMA target update), and ``after_step`` once the step is logged (valida
 Per step the engine records the time waiting for data, the forward pass (batch to loss terms) and the backward pass
 with clipping, optimizer and schedule step and ``after_update``, synchronised on GPU so that asynchronous kernels
 are counted where they run, and peak memory (``ssl3d.manifest.peak_memory_mb``). ``after_step`` runs after these
-timings (a validation is not a training step), within the wall time. On CUDA the forward pass runs under bf16
-autocast; on CPU in float32. ``channels_last`` keeps the network's convolution weights and the batch's volumes in
+timings (a validation is not a training step), within the wall time. ``precision`` (a setting of the run) says
+what the forward pass runs in: ``auto``, bf16 autocast on CUDA and float32 on CPU; ``bfloat16``, bf16 autocast on
+either (on a CPU with AMX or AVX512-BF16 oneDNN's bf16 convolutions make a step 1.3-2x faster: demo UNet 46 -> 37
+ms, a 96³ UNet 4.1 -> 1.9 s; a CPU without them emulates bf16, slower, and the run's log says so); ``float32``,
+float32 on either (a GPU run that keeps CPU numerics). The weights, optimizer and evaluation stay float32; the
+manifest records the precision a run used. ``channels_last`` keeps the network's convolution weights and the batch's volumes in
 channels_last_3d order: oneDNN's CPU convolutions over few channels (the 7-channel output block of the demo's UNet:
 37 -> 11 ms forward and backward) are much faster in it; the sums run in another order, so the numbers differ by
 rounding, and it is a setting of the run (fine-tuning's ``channels_last``), off by default.
@@ -55,6 +59,21 @@ Forward = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
 AfterStep = Callable[[int, dict], bool | None]
 AfterUpdate = Callable[[int], None]
 TIMED = ("data_s", "forward_s", "backward_s")
+PRECISIONS = ("auto", "float32", "bfloat16")
+
+
+def bf16_autocast(device: torch.device, precision: str) -> bool:
+    """Whether the forward pass runs under bf16 autocast on ``device`` at ``precision`` (module docstring)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    return precision == "bfloat16" or (precision == "auto" and device.type == "cuda")
+
+
+def native_cpu_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX tiles); torch's own private probes, so an older or
+    newer torch without them counts as native (no warning) rather than failing."""
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(probe() for probe in probes if probe) or not any(probes)
 
 
 class NonFiniteLoss(ValueError):
@@ -99,11 +118,16 @@ class Engine:
     model_key: str = "model"
     grad_clip: float | None = None
     channels_last: bool = False
+    precision: str = "auto"
     workers: int = 0
     log_every: int = 10
     fresh: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        self.bf16 = bf16_autocast(self.device, self.precision)
+        if self.bf16 and self.device.type == "cpu" and not native_cpu_bf16():
+            log.warning("precision bfloat16: this CPU has neither AVX512-BF16 nor AMX, so bf16 is emulated and the "
+                        "steps are slower than in float32 (precision: auto)")
         if self.channels_last:  # in place: the optimizer keeps the same parameters
             self.model.to(memory_format=torch.channels_last_3d)
         self.last = Path(self.out_dir) / "checkpoints" / "last.pt"
@@ -154,7 +178,7 @@ class Engine:
         batch = to_device(next(batches), device, self.channels_last)
         _synchronize(device)
         loaded = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
             loss, terms = forward(batch)
         _synchronize(device)
         forwarded = time.perf_counter()
@@ -180,12 +204,14 @@ class Engine:
                 "peak_memory_mb": peak_memory_mb(device)}
 
     def measurements(self) -> dict:
-        """The manifest's timing fields: wall time over all sessions, this session's steps per second, and the
-        median time of each part of a step (the first step left out: it pays one-off start-up costs)."""
+        """The manifest's timing fields: wall time over all sessions, the precision of the forward passes, this
+        session's steps per second, and the median time of each part of a step (the first step left out: it pays
+        one-off start-up costs)."""
         rows = pd.DataFrame(self.state["rows"], columns=["step", *TIMED])
         timing = rows.iloc[1:] if len(rows) > 1 else rows
         ran = self.state["step"] - self.resumed_from
         return {"wall_seconds": round(self.state["seconds"], 2), "steps": self.steps,
+                "precision": "bfloat16 autocast" if self.bf16 else "float32",
                 "resumed_from_step": self.resumed_from,
                 "steps_per_second": round(ran / self.elapsed, 3) if ran > 0 else None,
                 "median_step_seconds": {key: round(float(timing[key].median()), 5) for key in TIMED}}

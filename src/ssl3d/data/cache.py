@@ -25,13 +25,16 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from ssl3d.data.dataset import Case, DataError, check_same_grid, load_nifti, read_dataset
-from ssl3d.data.recipes import Recipe, apply_recipe
 from ssl3d.io import atomic_path, read_json, write_json
+
+if TYPE_CHECKING:  # the recipes import MONAI (seconds): readers of the cache (`ssl3d splits`) skip it
+    from ssl3d.data.recipes import Recipe
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +86,8 @@ def preprocess_case(case: Case, recipe: Recipe, label_map: dict[int, int] | None
                     undeclared: str = "error") -> tuple[dict[str, np.ndarray], dict]:
     """The recipe's arrays of one case and what the checks found (module docstring); ``declared``: the label
     values the dataset declares, checked before ``label_map`` (None: not checked, a given map says what to keep)."""
+    from ssl3d.data.recipes import apply_recipe
+
     image, affine = load_nifti(case.image, channels=True)
     image, replaced = _finite(image, case.image, nonfinite)
     report = {"nonfinite_replaced": replaced} if replaced else {}

@@ -114,8 +114,8 @@ def finetune(run_config: str | Path, out_dir: str | Path, device: str = "cpu", w
     steps, batch_size = spec["steps"], spec["batch_size"]
     optimizer, scheduler = build_optimization(model, spec, steps)
     engine = Engine(run_id, model, optimizer, scheduler, out_dir, steps, spec["checkpoint_every"], device,
-                    grad_clip=spec.get("grad_clip"), channels_last=spec.get("channels_last", False), workers=workers,
-                    log_every=log_every,
+                    grad_clip=spec.get("grad_clip"), channels_last=spec.get("channels_last", False),
+                    precision=spec.get("precision", "auto"), workers=workers, log_every=log_every,
                     fresh={"best": {"score": -1.0, "step": 0, "weights": None}, "validations_since_best": 0})
     loss_fn = segmentation_loss(spec.get("loss", "dice_ce"))
 

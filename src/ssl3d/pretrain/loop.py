@@ -138,7 +138,7 @@ def pretrain(run_config: str | Path, out_dir: str | Path, device: str = "cpu", w
     optimizer = build_optimizer(method, settings.optimizer)
     engine = Engine(run_id, method, optimizer, build_scheduler(optimizer, settings.scheduler, steps), out_dir, steps,
                     spec["checkpoint_every"], device, model_key="method", grad_clip=settings.grad_clip,
-                    workers=workers, log_every=log_every)
+                    precision=settings.precision, workers=workers, log_every=log_every)
 
     samples = RegionViews(volumes, method, spec["seed"], steps * settings.batch_size)
     state = engine.run(samples, settings.batch_size, data_parallel(MethodLoss(method), device),

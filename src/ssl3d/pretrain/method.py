@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from ssl3d.engine import PRECISIONS
 from ssl3d.nets import BACKBONES, backbone_class
 
 
@@ -45,7 +46,8 @@ class Transfer:
 class MethodConfig:
     """Fields every method config has; a method's own config subclasses this with its paper's defaults.
 
-    ``optimizer`` and ``scheduler`` are read by ``ssl3d.pretrain.optim``; ``patch_size`` is the network input.
+    ``optimizer`` and ``scheduler`` are read by ``ssl3d.pretrain.optim``; ``patch_size`` is the network input;
+    ``precision`` is the training engine's (``ssl3d.engine``: ``auto``, ``float32`` or ``bfloat16``).
     """
 
     loss_weights: dict[str, float] = field(default_factory=dict)
@@ -54,6 +56,7 @@ class MethodConfig:
     optimizer: dict[str, Any] = field(default_factory=lambda: {"name": "adamw", "lr": 1e-4, "weight_decay": 1e-5})
     scheduler: dict[str, Any] = field(default_factory=lambda: {"name": "cosine", "warmup_steps": 0})
     grad_clip: float | None = None
+    precision: str = "auto"
 
 
 def _positive_int(value) -> bool:
@@ -72,6 +75,7 @@ _RANGES = {
                    "is not three positive integers, e.g. [64, 64, 32]"),
     "batch_size": (_positive_int, "is not a positive integer"),
     "grad_clip": (lambda v: v is None or (_number(v) and v > 0), "is neither null (no clipping) nor a number > 0"),
+    "precision": (lambda v: v in PRECISIONS, f"is not one of {', '.join(PRECISIONS)}"),
     "loss_weights": (lambda v: isinstance(v, dict) and all(_number(w) and w >= 0 for w in v.values()),
                      "is not a mapping of loss terms to weights >= 0 (0 switches a term off)"),
 }

@@ -49,8 +49,10 @@ def regression_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """``||norm(p) - norm(z)||^2 = 2 - 2 cos(p, z)``, normalised and summed along dim 1 (features / channels).
 
     DeepMind's BYOL ``regression_loss`` (methods.md §6.1). One value per sample for (B, D) inputs; per voxel for
-    (B, C, X, Y, Z) maps (PGL's local consistency).
+    (B, C, X, Y, Z) maps (PGL's local consistency). In float32: under bf16 autocast the projections arrive in bf16,
+    where 2 - 2 cos near convergence would keep about two significant digits.
     """
+    p, z = p.float(), z.float()
     return (F.normalize(p, dim=1, eps=1e-12) - F.normalize(z, dim=1, eps=1e-12)).pow(2).sum(dim=1)
 
 
