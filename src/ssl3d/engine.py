@@ -9,15 +9,18 @@ of it (an EMA target update), and ``after_step`` once the step is logged (valida
 Per step the engine records the time waiting for data, the forward pass (batch to loss terms) and the backward pass
 with clipping, optimizer and schedule step and ``after_update``, synchronised on GPU so that asynchronous kernels
 are counted where they run, and peak memory (``ssl3d.manifest.peak_memory_mb``). ``after_step`` runs after these
-timings (a validation is not a training step), within the wall time. ``precision`` (a setting of the run) says
-what the forward pass runs in: ``auto``, bf16 autocast on CUDA and float32 on CPU; ``bfloat16``, bf16 autocast on
-either (on a CPU with AMX or AVX512-BF16 oneDNN's bf16 convolutions make a step 1.3-2x faster: demo UNet 46 -> 37
-ms, a 96³ UNet 4.1 -> 1.9 s; a CPU without them emulates bf16, slower, and the run's log says so); ``float32``,
-float32 on either (a GPU run that keeps CPU numerics). The weights, optimizer and evaluation stay float32; the
-manifest records the precision a run used. ``channels_last`` keeps the network's convolution weights and the batch's volumes in
-channels_last_3d order: oneDNN's CPU convolutions over few channels (the 7-channel output block of the demo's UNet:
-37 -> 11 ms forward and backward) are much faster in it; the sums run in another order, so the numbers differ by
-rounding, and it is a setting of the run (fine-tuning's ``channels_last``), off by default.
+timings (a validation is not a training step), within the wall time.
+
+``precision`` (a setting of the run) says what the forward pass runs in: ``auto``, bf16 autocast on CUDA and
+float32 on CPU; ``bfloat16``, bf16 autocast on either (on a CPU with AMX or AVX512-BF16, oneDNN's bf16 convolutions
+make a step 1.2-2.3x faster: the demo's UNet 46 -> 37 ms, a 96³ UNet 4.1 -> 1.9 s; a CPU without them emulates
+bf16, slower, and the run's log says so); ``float32``, float32 on either (a GPU run that keeps CPU numerics). The
+weights, optimizer and evaluation stay float32; the manifest records the precision a run used.
+
+``channels_last`` keeps the network's convolution weights and the batch's volumes in channels_last_3d order:
+oneDNN's CPU convolutions over few channels (the 7-channel output block of the demo's UNet: 37 -> 11 ms forward and
+backward) are much faster in it; the sums run in another order, so the numbers differ by rounding, and it is a
+setting of the run (fine-tuning's ``channels_last``), off by default.
 
 Determinism and resume: sample ``i`` depends only on (seed, i) (``ssl3d.data.sampling``) and the sampler starts at
 the resumed step, so a run killed after its checkpoint at step k and re-run replays steps k+1... exactly as an
