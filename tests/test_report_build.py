@@ -120,7 +120,7 @@ def pretraining(run_id, method, size=None):
     config = {"method": method, "variant": method, "backbone": {"name": "unet"}, "pool": [DATA], "seed": 0,
               "steps": 30, "method_config": {}}
     return {"run_id": run_id, "config_hash": run_id, "method_version": "1", "device": "cuda: test GPU",
-            **COMPUTE.get(run_id, {}), "method_config": resolved, "config": config}
+            "precision": "bfloat16 autocast", **COMPUTE.get(run_id, {}), "method_config": resolved, "config": config}
 
 
 def results_folder(folder):
@@ -262,6 +262,7 @@ def test_the_run_table_names_which_time_it_shows(page):
     report, html, _ = page
     runs = pd.read_csv(report / "tables" / "runs.csv").set_index("run")
     assert "wall_seconds" not in runs
+    assert runs.loc[runs["stage"] == "pretrain", "precision"].eq("bfloat16 autocast").all()
     assert runs.loc["scratch-finetune", ["loop_seconds", "job_seconds"]].tolist() == [12.5, 20.25]
     assert runs.loc["hybridmim-finetune", "loop_seconds"] == 12.5 and np.isnan(runs.loc["hybridmim-finetune",
                                                                                         "job_seconds"])

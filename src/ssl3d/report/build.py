@@ -186,6 +186,7 @@ def run_table(results: ExperimentResults) -> pd.DataFrame:
             "label_fraction": config.get("label_fraction"), "seed": manifest.get("seed"),
             "config_hash": manifest["config_hash"], "code_version": manifest.get("code_version"),
             "git_commit": (manifest.get("git_commit") or "")[:10] or None, "device": manifest.get("device"),
+            "precision": manifest.get("precision"),
             "torch": packages.get("torch"), "monai": packages.get("monai"), "python": manifest.get("python"),
             "steps": manifest.get("steps"), "loop_seconds": manifest.get("wall_seconds"),
             "device_seconds": manifest.get("device_seconds"), "job_seconds": _job_seconds(results.run_dirs[run]),
