@@ -37,6 +37,7 @@ import torch
 import yaml
 
 from method_step import pretraining_step, timed_steps
+from ssl3d.engine import bf16_autocast
 from ssl3d.estimate import RESULTS, arm_size, method_arm, reduced, step_cost
 from ssl3d.plan import pretrain_entries
 from ssl3d.pretrain.registry import methods
@@ -98,7 +99,7 @@ def time_method(arm: dict, device: torch.device, warmup: int, steps: int) -> dic
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    views, step = pretraining_step(args, device, autocast=device.type == "cuda")
+    views, step = pretraining_step(args, device)
     _, compute = timed_steps(views, step, device, warmup, steps)
     seconds = statistics.median(compute)
     entry.update(seconds_per_step=seconds, steps_timed=steps, achieved_tflops=cost.flops / seconds / 1e12)
@@ -131,8 +132,9 @@ def main() -> None:
                                          if device.type == "cuda" else f"cpu-{torch.get_num_threads()}core")
     arms, skipped = paper_arms()
     result = {"device_class": device_class, "device": name, "device_type": device.type, "torch": torch.__version__,
-              "date": datetime.date.today().isoformat(), "dtype": "bf16 autocast" if device.type == "cuda" else
-              "float32", "scale": args.scale, "methods": {},
+              "date": datetime.date.today().isoformat(),
+              "dtype": "bf16 autocast" if bf16_autocast(device, "auto") else "float32", "scale": args.scale,
+              "methods": {},
               "skipped": {method: "in no paper config" for method in skipped}}
     for method, (arm, source) in arms.items():
         if args.methods and method not in args.methods:

@@ -18,6 +18,7 @@ import time
 import numpy as np
 import torch
 
+from ssl3d.engine import forward_autocast
 from ssl3d.pretrain.method import make_config
 from ssl3d.pretrain.optim import build_optimizer
 from ssl3d.pretrain.registry import get_method
@@ -39,7 +40,7 @@ def step_seconds(size: int | None, args, device: torch.device) -> list[float]:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with forward_autocast(device):
             loss = method.total_loss(method.loss_terms(batch))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

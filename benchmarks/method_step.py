@@ -24,6 +24,7 @@ import time
 import numpy as np
 import torch
 
+from ssl3d.engine import forward_autocast
 from ssl3d.finetune.losses import segmentation_loss
 from ssl3d.nets import build_network
 from ssl3d.pretrain.method import make_config
@@ -52,9 +53,9 @@ def timed_steps(views, step, device: torch.device, warmup: int, steps: int) -> t
     return data, compute
 
 
-def pretraining_step(args, device: torch.device, autocast: bool = False):
-    """(make a batch of views, run one step) for the method; ``autocast``: its forward under bf16 autocast, as the
-    training engine runs it on CUDA."""
+def pretraining_step(args, device: torch.device, precision: str = "auto"):
+    """(make a batch of views, run one step) for the method; its forward at ``precision`` as the training engine
+    runs it (``auto``: bf16 autocast on CUDA, float32 on CPU)."""
     cls = get_method(args.method)
     config = make_config(cls.Config, json.loads(args.settings))
     torch.manual_seed(0)
@@ -69,7 +70,7 @@ def pretraining_step(args, device: torch.device, autocast: bool = False):
                 for key in samples[0]}
 
     def step(batch, i):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        with forward_autocast(device, precision):
             loss = method.total_loss(method.loss_terms(batch))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -286,7 +286,7 @@ def our_step(method: str, shape, batch: int, precision: str = "auto") -> Step:
     """Our method as the training engine runs a step (``ssl3d.engine``): loss terms (under bf16 autocast at
     ``precision: bfloat16``) -> weighted total, zero_grad, backward, the optimizer of the method's config; views
     made before timing by the method's ``make_views``."""
-    from ssl3d.engine import bf16_autocast
+    from ssl3d.engine import forward_autocast
     from ssl3d.pretrain.method import make_config
     from ssl3d.pretrain.optim import build_optimizer
     from ssl3d.pretrain.registry import get_method
@@ -304,10 +304,8 @@ def our_step(method: str, shape, batch: int, precision: str = "auto") -> Step:
     views = {key: torch.from_numpy(np.stack([np.asarray(s[key], dtype=np.float32) for s in samples]))
              for key in samples[0]}
     steps = itertools.count()
-    bf16 = bf16_autocast(torch.device("cpu"), precision)
-
     def loss():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with forward_autocast(torch.device("cpu"), precision):
             return model.total_loss(model.loss_terms(views))
 
     return training_step(loss, optimizer, lambda: model.after_step(next(steps), 1000))

@@ -72,6 +72,11 @@ def bf16_autocast(device: torch.device, precision: str) -> bool:
     return precision == "bfloat16" or (precision == "auto" and device.type == "cuda")
 
 
+def forward_autocast(device: torch.device, precision: str = "auto") -> torch.autocast:
+    """The context a forward pass runs in at ``precision`` (the engine's, and the benchmarks' that time its step)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_autocast(device, precision))
+
+
 def native_cpu_bf16() -> bool:
     """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX tiles); torch's own private probes, so an older or
     newer torch without them counts as native (no warning) rather than failing."""
@@ -181,7 +186,7 @@ class Engine:
         batch = to_device(next(batches), device, self.channels_last)
         _synchronize(device)
         loaded = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
+        with forward_autocast(device, self.precision):
             loss, terms = forward(batch)
         _synchronize(device)
         forwarded = time.perf_counter()
