@@ -4,9 +4,9 @@ Prints the total, the time per stage (each rule's jobs: how many, their summed s
 start to the last end, from the start and end times Snakemake records per output in .snakemake/metadata), the
 fine-tuning jobs' times (Snakemake's benchmark files) and each pre-training method's median step time split into
 data wait / forward / backward+step with its peak memory (its step log), and exits non-zero when the total exceeds
-the target (10 minutes on 2 cores for the demo grid with pre-training).
+the target (5 minutes on 2 cores: the demo grid with every pre-training method, data stages and report included).
 
-    python benchmarks/demo_wall_time.py [--target-seconds 600] [--cores all]
+    python benchmarks/demo_wall_time.py [--target-seconds 300] [--cores all]
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def stage_times(workdir: Path) -> pd.DataFrame:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--target-seconds", type=float, default=600.0)
+    parser.add_argument("--target-seconds", type=float, default=300.0)
     parser.add_argument("--cores", default="all")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as workdir:

@@ -26,7 +26,7 @@ Backbones (methods.md §2.3), as the official ``Pretrain/pretrain_models/deep_un
 method runs on any backbone with ``region_decoding`` (the UNet variant) or ``hidden_states`` (the Swin variant):
 - ``hybridmim_unet``: the heads read the encoder's 12³ bottleneck; count and location heads the mean of each 4³
   window (one per 32³ sub-volume), the contrast head the mean of all cells. Only the decoder is cropped to the
-  target region, the encoder runs on the whole crop.
+  target region, the encoder runs on the whole crop. MONAI's ``unet`` (the demo's network) is taken the same way.
 - ``swinunetr`` (MONAI's SwinUNETR): the heads read the Swin's last hidden state (layer-normed as MONAI's
   forward, 768 × 3³ tokens for a 96³ crop at feature_size 48), not ``encoder10``'s output; count and location
   heads each of the tokens (one per 32³ sub-volume), the contrast head **token 1 alone** (the official code copied

@@ -94,9 +94,9 @@ def test_capabilities_are_known_and_a_region_is_refused_without_one(name):
 
 @pytest.mark.parametrize("name", [n for n in NAMES if "region_decoding" in BACKBONES[n].capabilities])
 def test_region_decoding_decodes_the_declared_box_from_the_box_alone(name):
-    """The whole box is the full decode; a smaller box gives the ``voxel_region`` shape and does not depend on any
-    feature outside the box at any level (it is not the crop of the full decode: instance norm and zero padding
-    see only the box)."""
+    """The whole box is the full decode; on a smaller box the head's output covers ``voxel_region`` and does not
+    depend on any feature outside the box at any level (it is not the crop of the full decode: instance norm and
+    zero padding see only the box)."""
     network, x = built(name).eval(), example(name)
     with torch.no_grad():
         features = network.encode(x)
@@ -104,7 +104,7 @@ def test_region_decoding_decodes_the_declared_box_from_the_box_alone(name):
         whole = network.decode(features, region=((0, 0, 0), tuple(deepest)))
         torch.testing.assert_close(whole[0], network.decode(features)[0])
         box = ((0, 0, 0), tuple(max(1, n // 2) for n in deepest))
-        part = network.decode(features, region=box)[0]
+        part = network.head(network.decode(features, region=box))
         voxels = network.voxel_region(box)
         assert tuple(part.shape[2:]) == tuple(s.stop - s.start for s in voxels)
         outside = []
@@ -113,7 +113,7 @@ def test_region_decoding_decodes_the_declared_box_from_the_box_alone(name):
             cells = tuple(slice(s.start // st, s.stop // st) for s, st in zip(voxels, level.stride))
             noisy[(..., *cells)] = feature[(..., *cells)]
             outside.append(noisy)
-        torch.testing.assert_close(network.decode(outside, region=box)[0], part)
+        torch.testing.assert_close(network.head(network.decode(outside, region=box)), part)
     network.train()
 
 

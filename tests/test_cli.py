@@ -46,7 +46,7 @@ def test_methods_lists_every_method_with_paper_requirements_backbones_and_defaul
     assert f"models_genesis (version 1, {REPO / 'baselines' / 'models_genesis.py'})" in result.stdout
     assert f"hybridmim (version 1, {REPO / 'methods' / 'hybridmim.py'})" in result.stdout
     assert "Zhou et al." in result.stdout and "requires: nothing; runs on: unet, basicunet" in result.stdout
-    assert "requires: region_decoding or hidden_states; runs on: swinunetr, hybridmim_unet" in result.stdout
+    assert "requires: region_decoding or hidden_states; runs on: unet, swinunetr, hybridmim_unet" in result.stdout
     assert "hybridmim_unet: region_decoding" in result.stdout  # the backbones with their capabilities
     assert '"name": "lars", "lr": 0.2' in result.stdout
 

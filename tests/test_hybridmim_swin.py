@@ -60,7 +60,7 @@ def test_the_whole_region_is_monai_forward_and_a_region_past_the_bottleneck_is_n
     with torch.no_grad():
         hidden = network.hidden_states(x)
         assert torch.equal(cropped(network, x, hidden, (0, 2)), network(x))
-        with pytest.raises(ValueError, match="beyond the bottleneck"):
+        with pytest.raises(ValueError, match=r"region \(1, 3\) reaches \(96, 96, 96\), beyond the \(64, 64, 64\) map"):
             network.encode(x, hidden, region=(1, 3))
 
 

@@ -40,10 +40,15 @@ def test_each_protocol_is_a_grid_axis_named_after_the_init_and_part_of_the_ident
     assert len({run["run_id"] for run in runs.values()}) == len(runs)
 
 
+def two_backbones(**settings) -> dict:
+    """The demo with a second network in the grid: HybridMIM's UNet, trained from scratch."""
+    return with_finetune(backbones=[*DEMO["finetune"]["backbones"], {"name": "hybridmim_unet"}], **settings)
+
+
 @pytest.mark.parametrize("key, arm", [("per_backbone", "hybridmim_unet"), ("per_init", "byol")])
 def test_a_per_arm_override_makes_new_runs_for_that_arm_only(key, arm):
-    runs = finetune_runs(with_finetune(**{key: {arm: {"steps": 400, "augmentation": "pgl"}}}))
-    base = finetune_runs(DEMO)
+    runs = finetune_runs(two_backbones(**{key: {arm: {"steps": 400, "augmentation": "pgl"}}}))
+    base = finetune_runs(two_backbones())
     assert runs.keys() != base.keys() and len(runs) == len(base)
     field = "backbone" if key == "per_backbone" else "init"
     for name, run in runs.items():
@@ -54,13 +59,13 @@ def test_a_per_arm_override_makes_new_runs_for_that_arm_only(key, arm):
 
 
 def test_per_init_settings_apply_after_per_backbone_settings():
-    runs = finetune_runs(with_finetune(per_backbone={"hybridmim_unet": {"steps": 300, "val_every": 25}},
+    runs = finetune_runs(two_backbones(per_backbone={"unet": {"steps": 300, "val_every": 25}},
                                        per_init={"hybridmim": {"steps": 500}}))
     specs = {(run["spec"]["init"], run["spec"]["backbone"]["name"]): run["spec"] for run in runs.values()}
-    assert specs[("hybridmim", "hybridmim_unet")]["steps"] == 500
-    assert specs[("hybridmim", "hybridmim_unet")]["val_every"] == 25
-    assert specs[("scratch", "hybridmim_unet")]["steps"] == 300
-    assert specs[("scratch", "unet")]["steps"] == DEMO["finetune"]["steps"]
+    assert specs[("hybridmim", "unet")]["steps"] == 500
+    assert specs[("hybridmim", "unet")]["val_every"] == 25
+    assert specs[("scratch", "unet")]["steps"] == 300
+    assert specs[("scratch", "hybridmim_unet")]["steps"] == DEMO["finetune"]["steps"]
 
 
 def test_a_dataset_fine_tunes_on_its_own_label_fractions():

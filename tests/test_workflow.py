@@ -172,8 +172,8 @@ def test_the_report_links_every_figure_and_table_and_regenerates_without_trainin
     (lambda c: c["evaluation"]["empty"].update(both_empty="zero"), r"^  evaluation\.empty\.both_empty: 'zero' is not"),
     (lambda c: c["pretrain"]["methods"]["byol"].update(noise_sd=1),
      r"^  pretrain\.methods\.byol\.noise_sd: unknown setting of byol; known: batch_size, "),
-    (lambda c: c["pretrain"]["methods"].update(hybridmim={}), r"^  pretrain\.methods\.hybridmim: hybridmim needs a "
-     r"backbone with region_decoding or hidden_states; 'unet' has not \(it runs on swinunetr, hybridmim_unet\)$"),
+    (lambda c: c["pretrain"]["methods"].update(swinunetr_ssl={}), r"^  pretrain\.methods\.swinunetr_ssl: swinunetr_ssl "
+     r"needs a backbone with hidden_states; 'unet' has not \(it runs on swinunetr\)$"),
     (lambda c: c["finetune"]["backbones"][0].update(chanels=[4, 8]), r"^  finetune\.backbones\[0\]\.chanels: unet "
                                                                      r"takes no field 'chanels'; known: channels"),
     (lambda c: c["finetune"].update(protocols={"frozen_then_finetune": {"frozen_steps": 6, "ramp_steps": 2}}),

@@ -13,8 +13,8 @@ Pre-training methods and downstream protocols never ask a network's name: they r
 * ``capabilities`` names the optional abilities a method may require (``Method.requires``):
 
   - ``region_decoding``: ``decode(features, region=(start, stop))`` decodes only a box of the deepest map
-    (in its cells) and ``voxel_region(region)`` is the input box the result covers (HybridMIM's partial region
-    prediction on its UNet);
+    (in its cells): every encoder map is cropped to the box first (:meth:`Backbone.crop_to_region`), and
+    ``voxel_region(region)`` is the input box the result covers (HybridMIM's partial region prediction on a UNet);
   - ``hidden_states``: a transformer backbone's raw stage outputs, ``hidden_states(x)``, from which
     ``encode(x, hidden, region=None)`` builds the encoder maps, on the ``voxel_region(region)`` box only when
     ``region`` is given (HybridMIM's and SwinUNETR SSL's Swin variants read the last stage; HybridMIM crops
@@ -33,6 +33,7 @@ import abc
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import torch
 
 CAPABILITIES = frozenset({"region_decoding", "hidden_states"})
@@ -112,3 +113,32 @@ class Backbone(abc.ABC):
     def check_region(self, region) -> None:
         if region is not None and "region_decoding" not in self.capabilities:
             raise ValueError(f"backbone {self.name!r} cannot decode a region (it lacks 'region_decoding')")
+
+    def region_boxes(self, region, maps: tuple[Level, ...] | None = None) -> list[tuple[slice, slice, slice]]:
+        """The box of ``region`` on each of ``maps`` (the encoder's levels by default). ``region`` is (start, stop)
+        in cells of the deepest map, ints or one value per axis; a shallower map's box is scaled by the ratio of the
+        strides: (1, 3) on a 4³ map of stride 8 is [4:12]³ of a map of stride 2."""
+        start, stop = (np.broadcast_to(np.asarray(v, dtype=int), (3,)) for v in region)
+        if (start < 0).any() or (stop <= start).any():
+            raise ValueError(f"{self.name}: region {region} is not a non-empty (start, stop) box")
+        maps = self.encoder_levels if maps is None else maps
+        deepest = maps[-1].stride
+        return [tuple(slice(int(a) * (d // s), int(b) * (d // s))
+                      for a, b, d, s in zip(start, stop, deepest, level.stride)) for level in maps]
+
+    def voxel_region(self, region) -> tuple[slice, slice, slice]:
+        """The box of the input that the decoder's maps of ``region`` cover, as three slices."""
+        return self.region_boxes(region, (Level(0, (1, 1, 1)), self.encoder_levels[-1]))[0]
+
+    def crop_to_region(self, maps: list[torch.Tensor], region, levels: tuple[Level, ...] | None = None
+                       ) -> list[torch.Tensor]:
+        """``maps``, one per level of ``levels`` (the encoder's by default), each cropped to its box of ``region``
+        (:meth:`region_boxes`); as given when ``region`` is None."""
+        if region is None:
+            return maps
+        boxes = self.region_boxes(region, levels)
+        for box, feature in zip(boxes, maps):
+            if any(b.stop > n for b, n in zip(box, feature.shape[2:])):
+                raise ValueError(f"{self.name}: region {region} reaches {tuple(b.stop for b in box)}, beyond the "
+                                 f"{tuple(feature.shape[2:])} map")
+        return [feature[(..., *box)] for feature, box in zip(maps, boxes)]

@@ -123,39 +123,14 @@ class HybridMIMUNet(Backbone, torch.nn.Module):
             features.append(getattr(self, f"down_{level}")(features[-1]))
         return features
 
-    def level_regions(self, region: Region) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
-        """(start, stop) per axis at every level, from the bottleneck (first) up to full resolution (last)."""
-        start, stop = (triple(v) for v in region)
-        if any(a < 0 or b <= a for a, b in zip(start, stop)):
-            raise ValueError(f"hybridmim_unet: region {region} is not a non-empty (start, stop) box")
-        boxes = [(start, stop)]
-        for pool in reversed(self.pool_sizes):
-            start = tuple(a * p for a, p in zip(start, pool))
-            stop = tuple(b * p for b, p in zip(stop, pool))
-            boxes.append((start, stop))
-        return boxes
-
-    def voxel_region(self, region: Region) -> tuple[slice, slice, slice]:
-        """The voxel box of the input that ``decode(features, region)`` covers, as three slices."""
-        start, stop = self.level_regions(region)[-1]
-        return tuple(slice(a, b) for a, b in zip(start, stop))
-
     def decode(self, features: list[torch.Tensor], region: Region | None = None) -> list[torch.Tensor]:
         """Each UpCat's output, finest first; with ``region`` = (start, stop) in bottleneck cells (ints or one value
         per axis), only on that sub-volume: the bottleneck and every skip map are cropped to the matching box first,
         and the finest map covers :meth:`voxel_region` of the input."""
-        if region is None:
-            crops = [(..., )] * (self.depth + 1)
-        else:
-            boxes = self.level_regions(region)
-            for level, (feature, (_, stop)) in enumerate(zip(reversed(features), boxes)):
-                if any(b > n for b, n in zip(stop, feature.shape[2:])):
-                    raise ValueError(f"hybridmim_unet: region {region} reaches {stop} beyond the level-"
-                                     f"{self.depth - level} map {tuple(feature.shape[2:])}")
-            crops = [(..., *(slice(a, b) for a, b in zip(start, stop))) for start, stop in boxes]
-        x, decoded = features[-1][crops[0]], []
-        for step, level in enumerate(range(self.depth, 0, -1), start=1):
-            x = getattr(self, f"upcat_{level}")(x, features[level - 1][crops[step]])
+        features = self.crop_to_region(features, region)
+        x, decoded = features[-1], []
+        for level in range(self.depth, 0, -1):
+            x = getattr(self, f"upcat_{level}")(x, features[level - 1])
             decoded.insert(0, x)
         return decoded
 

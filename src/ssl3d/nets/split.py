@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 from monai.networks.layers import SkipConnection
 from monai.networks.nets import UNETR, BasicUNet, SegResNet, SwinUNETR, UNet
 
-from ssl3d.nets.backbone import Backbone, levels
+from ssl3d.nets.backbone import Backbone, Level, levels
 
 
 def as_tuple(value):
@@ -32,9 +31,14 @@ def by_prefix(name: str, encoder: tuple[str, ...], head: tuple[str, ...]) -> str
 class SplitUNet(Backbone, UNet):
     """MONAI's UNet. It nests each level as Sequential(down, SkipConnection(next level), up); the innermost level's
     SkipConnection holds the bottleneck. The outermost ``up`` maps the concatenation of the first down map and the
-    decoder's finest map to the classes, so it is the head and ``decoded[0]`` is that concatenation."""
+    decoder's finest map to the classes, so it is the head and ``decoded[0]`` is that concatenation (at the first
+    down map's stride; the head up-samples it to the input's).
+
+    Capability ``region_decoding``: its decoder reads only the encoder's maps, so HybridMIM's partial region
+    prediction runs on it as on HybridMIM's own UNet (the encoder maps cropped to the box, then decoded)."""
 
     name = "unet"
+    capabilities = frozenset({"region_decoding"})
     smallest = {"fields": {"channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 0}, "input": (32, 32, 32)}
 
     def __init__(self, channels=(16, 32, 64, 128), strides=(2, 2, 2), **kwargs):
@@ -76,8 +80,9 @@ class SplitUNet(Backbone, UNet):
         return [*features, bottom(x)]
 
     def decode(self, features: list[torch.Tensor], region=None) -> list[torch.Tensor]:
-        """Each level's up layer on [its down map, the deeper decoder map], as MONAI's SkipConnection."""
-        self.check_region(region)
+        """Each level's up layer on [its down map, the deeper decoder map], as MONAI's SkipConnection; with
+        ``region``, on the box of every map (:meth:`crop_to_region`)."""
+        features = self.crop_to_region(features, region)
         x, decoded = features[-1], []
         for (_, up), skip in zip(self.stages()[0][:0:-1], features[-2:0:-1]):
             x = up(torch.cat([skip, x], dim=1))
@@ -275,32 +280,12 @@ class SplitSwinUNETR(Backbone, SwinUNETR):
             self._check_input_size(x.shape[2:])
         return self.swinViT(x, self.normalize)
 
-    def region_boxes(self, region: tuple) -> list[tuple[slice, slice, slice]]:
-        """The box of ``region`` at every level, input first, bottleneck last. ``region`` is (start, stop) in
-        bottleneck cells, ints or one value per axis, doubled at each shallower level: (1, 3) of a 96³ input's 3³
-        bottleneck is [2:6]³ of hidden state 3 .. [32:96]³ of the input, the official code's ``stages``."""
-        start, stop = (np.broadcast_to(np.asarray(v, dtype=int), (3,)) for v in region)
-        if (start < 0).any() or (stop <= start).any():
-            raise ValueError(f"swinunetr: region {region} is not a non-empty (start, stop) box")
-        return [tuple(slice(int(a) << k, int(b) << k) for a, b in zip(start, stop))
-                for k in reversed(range(len(self.encoder_levels)))]
-
-    def voxel_region(self, region: tuple) -> tuple[slice, slice, slice]:
-        """The voxel box of the input that ``decode(encode(x, hidden, region))`` covers, as three slices."""
-        return self.region_boxes(region)[0]
-
     def encode(self, x: torch.Tensor, hidden: list[torch.Tensor] | None = None, region: tuple | None = None
                ) -> list[torch.Tensor]:
         """The decoder's inputs from the input and its hidden states (computed unless given); with ``region``,
         only on that box of each (class docstring)."""
         hidden = self.hidden_states(x) if hidden is None else hidden
-        inputs = [x, *hidden]
-        if region is not None:
-            boxes = self.region_boxes(region)
-            if any(box.stop > n for box, n in zip(boxes[-1], hidden[-1].shape[2:])):
-                raise ValueError(f"swinunetr: region {region} reaches beyond the bottleneck "
-                                 f"{tuple(hidden[-1].shape[2:])}")
-            inputs = [level[(..., *box)] for level, box in zip(inputs, boxes)]
+        inputs = self.crop_to_region([x, *hidden], region, (Level(0, (1, 1, 1)), *self.hidden_levels))
         x, h0, h1, h2, h3, h4 = inputs
         return [self.encoder1(x), self.encoder2(h0), self.encoder3(h1), self.encoder4(h2), h3, self.encoder10(h4)]
 
