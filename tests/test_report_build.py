@@ -175,9 +175,11 @@ def build_page(tmp_path, monkeypatch):
     return index.parent, index.read_text(), asked
 
 
-@pytest.fixture
-def page(tmp_path, monkeypatch):
-    return build_page(tmp_path, monkeypatch)
+@pytest.fixture(scope="module")
+def page(tmp_path_factory):
+    """Built once: the tests read it and change nothing."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        return build_page(tmp_path_factory.mktemp("page"), monkeypatch)
 
 
 def test_the_page_has_one_leaderboard_per_protocol_ranked_within_it(page):
