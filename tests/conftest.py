@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -12,6 +14,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import yaml
 
 from ssl3d.data.cache import preprocess_dataset
 from ssl3d.data.phantom import write_phantom_dataset
@@ -25,6 +28,7 @@ SHARED_CT = REPO / "tests" / "data" / "totalsegmentator-example"
 # The papers' text extractions are not redistributed with the suite: the checks of the published numbers against
 # them run where they are (../shared/papers beside the checkout, as in CI, or $SSL3D_PAPERS) and skip elsewhere.
 SHARED_PAPERS = Path(os.environ.get("SSL3D_PAPERS", REPO.parent / "shared" / "papers"))
+MICRO = yaml.safe_load((REPO / "config" / "experiments" / "micro.yaml").read_text())
 TINY_SHAPE = (64, 64, 32)
 TINY_RECIPE = {"name": "tiny_ct", "spacing": [4.0, 4.0, 4.0], "crop_foreground_above": -500, "window": [-175, 250]}
 
@@ -126,3 +130,12 @@ def rewrite(path: Path, change) -> None:
     header = image.header.copy()
     header.set_data_dtype(voxels.dtype)
     nib.save(nib.Nifti1Image(voxels, image.affine, header), path)
+
+
+def snakemake(workdir: Path, config: dict, *args, sort_keys: bool = True) -> subprocess.CompletedProcess:
+    """The workflow on ``config`` (written to ``workdir/config.yaml``) in ``workdir`` on 2 cores, output captured."""
+    path = workdir / "config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=sort_keys))
+    return subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory",
+                           str(workdir), "--configfile", str(path), "--cores", "2", *args],
+                          capture_output=True, text=True)

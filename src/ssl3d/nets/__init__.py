@@ -5,11 +5,11 @@ channels and strides, a head, the part of each parameter, optional capabilities)
 network's pyramid and never its name. Adding a backbone is one file holding its class and one line here;
 ``tests/test_backbone_contract.py`` then checks it, and ``ssl3d methods`` shows which methods run on it.
 
-Backbones: ``unet`` (MONAI, with ``region_decoding``), ``basicunet`` (MONAI), ``segresnet``, ``unetr``, ``swinunetr`` (MONAI, for the supervised
-rows of the papers' tables; the last offers ``hidden_states``), ``genesis_unet3d`` (Models Genesis' UNet),
-``hybridmim_unet`` (HybridMIM's UNet, with ``region_decoding``), ``resnet50_3d`` (PGL's 3D ResNet-50 encoder
-with a linear head), ``pgl_segnet`` (PGL's ResNet-50 + ASPP + light decoder segmentation network) and ``fpn3d``
-(vox2vec's / hierarchical dense SSL's FPN3d with its linear or non-linear FPN head).
+Backbones: ``unet`` (MONAI's, with ``region_decoding``), ``basicunet``, ``segresnet``, ``unetr``, ``swinunetr``
+(MONAI's, for the supervised rows of the papers' tables; the last offers ``hidden_states``), ``genesis_unet3d``
+(Models Genesis' UNet), ``hybridmim_unet`` (HybridMIM's UNet, with ``region_decoding``), ``resnet50_3d`` (PGL's
+3D ResNet-50 encoder with a linear head), ``pgl_segnet`` (PGL's ResNet-50 + ASPP + light decoder segmentation
+network) and ``fpn3d`` (vox2vec's / hierarchical dense SSL's FPN3d with its linear or non-linear FPN head).
 """
 
 from __future__ import annotations

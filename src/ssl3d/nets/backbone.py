@@ -127,7 +127,7 @@ class Backbone(abc.ABC):
                       for a, b, d, s in zip(start, stop, deepest, level.stride)) for level in maps]
 
     def voxel_region(self, region) -> tuple[slice, slice, slice]:
-        """The box of the input that the decoder's maps of ``region`` cover, as three slices."""
+        """The box of the input that the head's output on a decoded ``region`` covers, as three slices."""
         return self.region_boxes(region, (Level(0, (1, 1, 1)), self.encoder_levels[-1]))[0]
 
     def crop_to_region(self, maps: list[torch.Tensor], region, levels: tuple[Level, ...] | None = None

@@ -1,0 +1,94 @@
+"""Other DAGs through the workflow: a bring-your-own folder edited after a run, PGL's segmentation network, and
+vox2vec and hierarchical dense SSL probed and fine-tuned on an FPN."""
+
+import json
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ssl3d.nets import BACKBONES
+
+from conftest import MICRO, rewrite, snakemake
+
+
+@pytest.mark.slow
+def test_a_folder_dataset_edited_or_grown_after_a_run_is_prepared_again(tmp_path):
+    """Your own folder: a label edited in place re-runs prepare and preprocess and rebuilds that case only; an added
+    image re-runs prepare. (Before, both were "Nothing to be done" and the cache kept the old case.)"""
+    from ssl3d.data.phantom import write_phantom_dataset
+
+    write_phantom_dataset(tmp_path / "mine", n_labelled=4, n_unlabelled=1, seed=2, shape=[64, 64, 32],
+                          spacing=[2.4, 2.4, 4.5])
+    config = json.loads(json.dumps(MICRO))
+    config["datasets"] = {"phantom": {"source": "folder", "images": str(tmp_path / "mine" / "imagesTr"),
+                                      "labels": str(tmp_path / "mine" / "labelsTr")}}
+    target = "data/preprocessed/demo_ct/phantom/index.json"
+    assert snakemake(tmp_path, config, target).returncode == 0
+    assert "Nothing to be done" in snakemake(tmp_path, config, "-n", target).stdout
+    cache = tmp_path / "data" / "preprocessed" / "demo_ct" / "phantom"
+    before = {path.name: path.stat().st_mtime_ns for path in cache.glob("*.npz")}
+
+    rewrite(tmp_path / "mine" / "labelsTr" / "phantom_001.nii.gz", lambda label: np.where(label == 1, 0, label))
+    planned = snakemake(tmp_path, config, "-n", target).stdout
+    assert re.search(r"^prepare\s+1$", planned, re.M) and re.search(r"^preprocess\s+1$", planned, re.M)
+    assert snakemake(tmp_path, config, target).returncode == 0
+    after = {path.name: path.stat().st_mtime_ns for path in cache.glob("*.npz")}
+    assert [name for name in before if after[name] != before[name]] == ["phantom_001.npz"]
+
+    (tmp_path / "mine" / "imagesTr" / "extra.nii.gz").write_bytes(
+        (tmp_path / "mine" / "imagesTs" / "phantom_004.nii.gz").read_bytes())
+    assert re.search(r"^prepare\s+1$", snakemake(tmp_path, config, "-n", target).stdout, re.M)
+
+
+@pytest.mark.slow
+def test_a_micro_dag_pretrains_pgl_and_fine_tunes_its_segmentation_network(tmp_path):
+    """PGL pre-trains the segmentation network's ResNet encoder and hands over all of it and nothing else."""
+    segnet = {"name": "pgl_segnet", **BACKBONES["pgl_segnet"].smallest["fields"]}
+    config = json.loads(json.dumps(MICRO))
+    config["pretrain"].update(backbone=segnet, methods={"pgl": {
+        "patch_size": [32, 32, 32], "batch_size": 2, "projector_hidden": 16, "predictor_hidden": 16,
+        "projection_dim": 8}})
+    config["splits"]["label_fractions"] = [1.0]
+    config["finetune"].update(inits=["scratch", "pgl"], seeds=[0], backbones=[segnet], patch_size=[32, 32, 32])
+    config["inference"]["roi_size"] = [32, 32, 32]
+    result = snakemake(tmp_path, config, "results/micro/per_case.csv")  # the report is the micro DAG's to test
+    assert result.returncode == 0, result.stderr[-5000:]
+    (finetuned,) = (tmp_path / "results" / "micro" / "finetune").glob("phantom_pgl_pgl_segnet_*")
+    transfer = json.loads((finetuned / "manifest.json").read_text())["transfer"]
+    assert transfer["fractions"] == {"encoder": 1.0, "decoder": 0.0, "head": 0.0}
+    table = pd.read_csv(tmp_path / "results" / "micro" / "per_case.csv")
+    assert set(table["init"]) == {"scratch", "pgl"} and table["value"].notna().any()
+
+
+@pytest.mark.slow
+def test_a_micro_dag_probes_and_fine_tunes_vox2vec_and_hdssl(tmp_path):
+    """vox2vec and hierarchical dense SSL pre-train an FPN, which is probed and fine-tuned with the backbone frozen
+    first (the HDSSL paper's protocols), end to end: each protocol its own runs, per-case rows and leaderboard.
+    (The released vox2vec weights take the same path: tests/test_released.py plans and loads them.)"""
+    from ssl3d.pretrain.registry import get_method
+
+    fpn = {"name": "fpn3d", **BACKBONES["fpn3d"].smallest["fields"]}
+    voxels = {"patch_size": [32, 32, 16], "batch_size": 1, "pairs_per_region": 2, "max_voxels": 64,
+              "projection_dim": 16}
+    config = json.loads(json.dumps(MICRO))
+    config["pretrain"].update(backbone=fpn, methods={
+        "vox2vec": {**voxels, "cache_window_hu": [-175.0, 250.0]},  # the demo recipe's window
+        "hdssl": voxels})
+    config["splits"]["label_fractions"] = [1.0]
+    config["finetune"].update(
+        inits=["vox2vec", "hdssl"], seeds=[0], backbones=[fpn], patch_size=[32, 32, 32], loss="sigmoid_bce_dice",
+        protocols={"probe": {"optimizer": {"lr": 0.01}}, "frozen_then_finetune": {"frozen_steps": 2, "ramp_steps": 2}})
+    config["inference"]["roi_size"] = [32, 32, 32]
+    result = snakemake(tmp_path, config)
+    assert result.returncode == 0, result.stderr[-5000:]
+    table = pd.read_csv(tmp_path / "results" / "micro" / "per_case.csv")
+    assert table.groupby("protocol")["init"].unique().map(sorted).to_dict() == {
+        protocol: ["hdssl", "vox2vec"] for protocol in ("frozen_then_finetune", "probe")}
+    (probe,) = (tmp_path / "results" / "micro" / "finetune").glob("phantom_vox2vec_probe_fpn3d_*")
+    manifest = json.loads((probe / "manifest.json").read_text())
+    assert manifest["transfer"]["method"] == "vox2vec" and manifest["transfer"]["fractions"]["encoder"] == 1.0
+    assert manifest["probe_features"] == get_method("vox2vec").probe_features
+    board = pd.read_csv(tmp_path / "reports" / "micro" / "tables" / "leaderboard.csv")
+    assert sorted(board.groupby("protocol").size().items()) == [("frozen_then_finetune", 2), ("probe", 2)]
