@@ -36,8 +36,8 @@ pass ``(init, backbone)``.
 
 from __future__ import annotations
 
-import itertools
 import gc
+import itertools
 import math
 
 import numpy as np
