@@ -6,12 +6,14 @@ region of the method's size, prepared once as the loader prepares each scan (``p
 per step; the median over ``--steps`` steps, on one CPU thread (as a loader worker runs). Step: ``ssl3d estimate``'s
 seconds per step on the device class (the step's counted FLOPs at the FLOP/s measured there by ``gpu_step.py``).
 
-With no worker the training process makes the views itself, so the wait is all of them: share = views / (views +
-step). With W workers, each making whole batches on its own core, a batch is ready every views / W seconds, so in
-steady state a step waits max(0, views / W - step); it stays within 5% of the step (wait <= 0.05 x (step + wait))
-from W = ceil(views / (step x (1 + 0.05 / 0.95))) workers on (0 where views <= 5% of views + step). The training
-rules give a GPU job's process all its threads but one as workers (``workflow/rules/common.smk``,
-``loader_workers``): the last column plus one is the threads per GPU that a profile needs.
+With no worker the training process draws each batch in a background thread while the step before it runs
+(``ssl3d.engine.drawn_ahead``), with W workers each worker draws whole batches on its own core: P = max(W, 1)
+producers make a batch every views / P seconds, so in steady state a step waits max(0, views / P - step) (where a
+core is free for them: on a GPU machine; a CPU run's steps take its cores). The wait stays within 5% of the step
+(wait <= 0.05 x (step + wait)) from P = ceil(views / (step x (1 + 0.05 / 0.95))) producers on: 0 workers where one
+suffices. The training rules give a GPU job's process all its threads but one as workers
+(``workflow/rules/common.smk``, ``loader_workers``): the last column plus one is the threads per GPU that a profile
+needs.
 
     python benchmarks/data_wait.py --device cpu-2core
 """
@@ -43,12 +45,15 @@ def views_seconds(arm: dict, steps: int) -> float:
     return statistics.median(times[1:])
 
 
-def workers_needed(views: float, step: float) -> int:
-    """The fewest loader workers keeping the wait within ``SHARE`` of the step (module docstring); 0 where the
-    training process can make the views itself."""
-    if views <= SHARE * (views + step):
-        return 0
-    return math.ceil(views / (step * (1 + SHARE / (1 - SHARE))))
+def producers_needed(views: float, step: float) -> int:
+    """The fewest producers of batches keeping the wait within ``SHARE`` of the step (module docstring)."""
+    return max(math.ceil(views / (step * (1 + SHARE / (1 - SHARE)))), 1)
+
+
+def wait_share(views: float, step: float, producers: int = 1) -> float:
+    """The share of a step spent waiting for its batch with ``producers`` drawing batches ahead."""
+    wait = max(views / producers - step, 0.0)
+    return wait / (step + wait)
 
 
 def main() -> None:
@@ -60,7 +65,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     arms, _ = paper_arms()
-    print(f"| method | patch x batch | views s/step | step s ({args.device}) | data wait, no worker | "
+    print(f"| method | patch x batch | views s/step | step s ({args.device}) | data wait, no worker (drawn ahead) | "
           f"workers for <= {SHARE:.0%} |")
     print("|:--|:--|--:|--:|--:|--:|")
     for name, (arm, _) in arms.items():
@@ -68,8 +73,9 @@ def main() -> None:
             continue
         patch, batch = arm_size(arm)
         views, step = views_seconds(arm, args.steps), seconds_per_step(arm, args.device)
+        producers = producers_needed(views, step)
         print(f"| {name} | {'x'.join(map(str, patch))} x {batch} | {views:.3f} | {step:.3f} | "
-              f"{views / (views + step):.1%} | {workers_needed(views, step)} |", flush=True)
+              f"{wait_share(views, step):.1%} | {producers if producers > 1 else 0} |", flush=True)
 
 
 if __name__ == "__main__":

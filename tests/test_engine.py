@@ -1,5 +1,7 @@
 """The one training engine: resume, workers, hooks, non-finite losses; fine-tuning's stopping and selection on it."""
 
+import threading
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -7,7 +9,7 @@ import torch
 
 import ssl3d.finetune.train as train
 from ssl3d.data.sampling import SeededSamples
-from ssl3d.engine import Engine, NonFiniteLoss, to_device
+from ssl3d.engine import Engine, NonFiniteLoss, drawn_ahead, to_device
 from ssl3d.finetune.train import finetune
 from ssl3d.io import read_json
 
@@ -68,6 +70,36 @@ def test_a_resumed_run_replays_the_same_batches_and_ends_with_the_same_weights(t
 
 def test_workers_give_the_same_batches(tmp_path):
     assert losses(run(engine(tmp_path / "a", workers=2))) == losses(run(engine(tmp_path / "b")))
+
+
+def test_without_workers_the_next_batch_is_drawn_in_a_thread_while_the_step_runs():
+    drawn, threads = [], []
+    second = threading.Event()
+
+    def source():
+        for k in range(3):
+            threads.append(threading.current_thread().name)
+            drawn.append(k)
+            if k == 1:
+                second.set()
+            yield k
+
+    batches = drawn_ahead(source())
+    assert next(batches) == 0
+    assert second.wait(timeout=10)  # drawn while "step 1" runs, before it is asked for
+    assert list(batches) == [1, 2] and drawn == [0, 1, 2]
+    assert all(name.startswith("batches") for name in threads)
+
+
+def test_an_error_drawing_a_batch_reaches_the_training_loop():
+    def source():
+        yield 0
+        raise Killed("unreadable case")
+
+    batches = drawn_ahead(source())
+    assert next(batches) == 0
+    with pytest.raises(Killed, match="unreadable case"):
+        next(batches)
 
 
 def test_rows_hooks_and_early_stop(tmp_path):

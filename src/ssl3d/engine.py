@@ -41,7 +41,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,6 +101,22 @@ def to_device(batch, device: torch.device, channels_last: bool = False):
     return batch.to(device, non_blocking=True)
 
 
+def drawn_ahead(batches: Iterator) -> Iterator:
+    """The batches of ``batches``, each drawn in a background thread while the step before it runs.
+
+    Without loader workers the training process makes its own batches; drawn one step ahead they overlap the step
+    (numpy and torch release the GIL in their kernels), so a step waits only for what the step before left undone.
+    A thread, not a worker process: no copy of the batch between processes and no second interpreter, which cost
+    the demo's CPU jobs more than they saved (``loader_workers`` in ``workflow/rules/common.smk``). One thread draws
+    the samples in order, so batch k is what it would be drawn in the training thread.
+    """
+    with ThreadPoolExecutor(1, thread_name_prefix="batches") as pool:
+        ahead = pool.submit(next, batches, None)
+        while (batch := ahead.result()) is not None:
+            ahead = pool.submit(next, batches, None)
+            yield batch
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -151,7 +168,7 @@ class Engine:
         (recorded as ``state["stopped_at"]``); returns ``state``. ``batch_size``: a step's, over all processes."""
         shards = StepShards(self.resumed_from, self.steps, batch_size, rank(), world_size())
         loader = DataLoader(samples, batch_size=shards.per_process, num_workers=self.workers, sampler=shards)
-        batches = iter(loader)
+        batches = iter(loader) if self.workers else drawn_ahead(iter(loader))
         start = time.perf_counter()
         for step in range(self.resumed_from + 1, self.steps + 1):
             row = self._step(step, batches, forward, after_update)
