@@ -7,9 +7,10 @@ per step; the median over ``--steps`` steps, on one CPU thread (as a loader work
 seconds per step on the device class (the step's counted FLOPs at the FLOP/s measured there by ``gpu_step.py``).
 
 With no worker the training process draws each batch in a background thread while the step before it runs
-(``ssl3d.engine.drawn_ahead``), with W workers each worker draws whole batches on its own core: P = max(W, 1)
-producers make a batch every views / P seconds, so in steady state a step waits max(0, views / P - step) (where a
-core is free for them: on a GPU machine; a CPU run's steps take its cores). The wait stays within 5% of the step
+(``ssl3d.engine.drawn_ahead``: on a GPU, or where torch leaves a core free), with W workers each worker draws whole
+batches on its own core: P = max(W, 1) producers make a batch every views / P seconds, so in steady state a step
+waits max(0, views / P - step) (a CPU run whose steps take every core draws in the training thread instead: its
+wait is all of the views). The wait stays within 5% of the step
 (wait <= 0.05 x (step + wait)) from P = ceil(views / (step x (1 + 0.05 / 0.95))) producers on: 0 workers where one
 suffices. The training rules give a GPU job's process all its threads but one as workers
 (``workflow/rules/common.smk``, ``loader_workers``): the last column plus one is the threads per GPU that a profile
@@ -29,7 +30,7 @@ import torch
 from gpu_step import paper_arms, step_args
 from method_step import pretraining_step
 
-from ssl3d.estimate import arm_size, device_classes, seconds_per_step
+from ssl3d.estimate import arm_size, device_class, device_classes, seconds_per_step
 
 SHARE = 0.05
 
@@ -50,9 +51,9 @@ def producers_needed(views: float, step: float) -> int:
     return max(math.ceil(views / (step * (1 + SHARE / (1 - SHARE)))), 1)
 
 
-def wait_share(views: float, step: float, producers: int = 1) -> float:
-    """The share of a step spent waiting for its batch with ``producers`` drawing batches ahead."""
-    wait = max(views / producers - step, 0.0)
+def wait_share(views: float, step: float, ahead: bool) -> float:
+    """The share of a step spent waiting for its batch, drawn one step ahead or in the training thread."""
+    wait = max(views - step, 0.0) if ahead else views
     return wait / (step + wait)
 
 
@@ -64,8 +65,9 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", help="only these methods (default: every one in a paper config)")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    ahead = device_class(args.device)["device_type"] != "cpu"  # a CPU class's steps were timed on every core
     arms, _ = paper_arms()
-    print(f"| method | patch x batch | views s/step | step s ({args.device}) | data wait, no worker (drawn ahead) | "
+    print(f"| method | patch x batch | views s/step | step s ({args.device}) | data wait, no worker | "
           f"workers for <= {SHARE:.0%} |")
     print("|:--|:--|--:|--:|--:|--:|")
     for name, (arm, _) in arms.items():
@@ -75,7 +77,7 @@ def main() -> None:
         views, step = views_seconds(arm, args.steps), seconds_per_step(arm, args.device)
         producers = producers_needed(views, step)
         print(f"| {name} | {'x'.join(map(str, patch))} x {batch} | {views:.3f} | {step:.3f} | "
-              f"{wait_share(views, step):.1%} | {producers if producers > 1 else 0} |", flush=True)
+              f"{wait_share(views, step, ahead):.1%} | {producers if producers > 1 else 0} |", flush=True)
 
 
 if __name__ == "__main__":

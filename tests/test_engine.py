@@ -1,5 +1,6 @@
 """The one training engine: resume, workers, hooks, non-finite losses; fine-tuning's stopping and selection on it."""
 
+import os
 import threading
 
 import numpy as np
@@ -7,9 +8,10 @@ import pandas as pd
 import pytest
 import torch
 
+import ssl3d.engine
 import ssl3d.finetune.train as train
 from ssl3d.data.sampling import SeededSamples
-from ssl3d.engine import Engine, NonFiniteLoss, drawn_ahead, to_device
+from ssl3d.engine import Engine, NonFiniteLoss, core_left_for_batches, drawn_ahead, to_device
 from ssl3d.finetune.train import finetune
 from ssl3d.io import read_json
 
@@ -68,8 +70,12 @@ def test_a_resumed_run_replays_the_same_batches_and_ends_with_the_same_weights(t
     assert resumed.measurements()["resumed_from_step"] == 4 and straight.measurements()["steps"] == STEPS
 
 
-def test_workers_give_the_same_batches(tmp_path):
-    assert losses(run(engine(tmp_path / "a", workers=2))) == losses(run(engine(tmp_path / "b")))
+def test_workers_and_the_drawing_thread_give_the_same_batches(tmp_path, monkeypatch):
+    monkeypatch.setattr(ssl3d.engine, "core_left_for_batches", lambda device: False)
+    inline = losses(run(engine(tmp_path / "inline")))
+    assert losses(run(engine(tmp_path / "workers", workers=2))) == inline
+    monkeypatch.setattr(ssl3d.engine, "core_left_for_batches", lambda device: True)
+    assert losses(run(engine(tmp_path / "thread"))) == inline
 
 
 def test_without_workers_the_next_batch_is_drawn_in_a_thread_while_the_step_runs():
@@ -100,6 +106,15 @@ def test_an_error_drawing_a_batch_reaches_the_training_loop():
     assert next(batches) == 0
     with pytest.raises(Killed, match="unreadable case"):
         next(batches)
+
+
+def test_batches_are_drawn_ahead_where_torch_leaves_a_core_free_or_on_a_gpu(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert core_left_for_batches(torch.device("cpu"))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert not core_left_for_batches(torch.device("cpu"))
+    assert core_left_for_batches(torch.device("cuda"))
 
 
 def test_rows_hooks_and_early_stop(tmp_path):

@@ -143,11 +143,11 @@ def threads_per_process(wildcards, threads, resources):
 
 def loader_workers(wildcards, threads, resources):
     """Data-loader processes of each training process: on a GPU, all its threads but one (the main process feeds
-    the device); on a CPU the threads compute the steps, so the batches are drawn by a thread of the training
-    process, one step ahead (``ssl3d.engine.drawn_ahead``). Measured on the demo's 2 cores, its pre-training jobs
-    two at a time: a loader process per job made them 7% slower (96.7 and 97.0 s of six jobs, 103.5 and 104.9 s
-    with it; interleaved runs); the drawing thread, 107.8 -> 100.6 s of seven jobs, data wait 5-38% -> 0-3% of a
-    step (``benchmarks/demo_wall_time.py``)."""
+    the device); on a CPU the threads compute the steps, so the batches are drawn by the training process, one step
+    ahead in a thread where torch leaves a core free (``ssl3d.engine.drawn_ahead``). Measured on the demo's 2 cores,
+    its pre-training jobs two at a time: a loader process per job made them 7% slower (96.7 and 97.0 s of six jobs,
+    103.5 and 104.9 s with it; interleaved runs), and the drawing thread neither gains nor loses there (seven jobs
+    107.8 and 101.6 s without it, 100.6 and 107.2 s with it): the cores are busy either way."""
     return max(threads_per_process(wildcards, threads, resources) - 1, 0) if resources.gpu > 0 else 0
 
 
