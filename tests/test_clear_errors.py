@@ -124,6 +124,31 @@ def test_a_method_setting_out_of_range_is_a_plan_time_problem(field, value, rule
     assert len(problems) == 1 and problems[0].startswith(f"pretrain.methods.byol.{field}: {value!r} {rule}")
 
 
+@pytest.mark.parametrize("settings, problem", [
+    ({"optimizer": {"name": "adamw", "lrr": 0.1}}, "optimizer.lrr: unknown field for optimizer 'adamw'"),
+    ({"optimizer": {"name": "adam", "lr": 0.1}}, "optimizer.name: unknown optimizer 'adam'"),
+    ({"scheduler": {"name": "cosine", "warmup_fractoin": 0.1}},
+     "scheduler.warmup_fractoin: unknown field for scheduler 'cosine'"),
+    ({"scheduler": {"name": "step", "step_fraction": 0.5}}, "scheduler.gamma: missing"),
+    ({"loss_weights": {"regresion": 1.0}}, "loss_weights.regresion: not a loss term of this method; its terms: "
+                                           "regression"),
+])
+def test_a_nested_method_setting_is_checked_at_plan_time(settings, problem):
+    problems = config_problems(demo(lambda config: config["pretrain"]["methods"]["byol"].update(settings)))
+    assert len(problems) == 1 and problems[0].startswith(f"pretrain.methods.byol.{problem}")
+
+
+def test_a_fine_tuning_schedule_is_checked_per_arm_at_plan_time():
+    def edit(config):
+        config["finetune"]["per_init"] = {"byol": {"scheduler": {"name": "step"}}}
+
+    assert config_problems(demo(edit)) == [
+        "finetune.scheduler.gamma: missing (required by the step schedule) (arms: byol on unet (finetune))"]
+    typo = demo(lambda config: config["finetune"]["optimizer"].update(lrr=0.1))
+    assert [problem.split(" (allowed")[0] for problem in config_problems(typo)] == [
+        "finetune.optimizer.lrr: unknown field for optimizer 'adamw'"]  # every arm has it: no list of arms
+
+
 def test_a_missing_manual_dataset_is_a_plan_time_problem_unless_skipped(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no data/sources/btcv/verified.json from an earlier run
     absent = tmp_path / "absent"

@@ -1,5 +1,6 @@
 """The one training engine: resume, workers, hooks, non-finite losses; fine-tuning's stopping and selection on it."""
 
+import itertools
 import os
 import threading
 
@@ -10,10 +11,11 @@ import torch
 
 import ssl3d.engine
 import ssl3d.finetune.train as train
+import ssl3d.pretrain.loop as loop
 from ssl3d.data.sampling import SeededSamples
 from ssl3d.engine import Engine, NonFiniteLoss, core_left_for_batches, drawn_ahead, to_device
 from ssl3d.finetune.train import finetune
-from ssl3d.io import read_json
+from ssl3d.io import read_json, write_json
 
 from conftest import run_config
 
@@ -185,6 +187,25 @@ def test_a_non_finite_finetuning_loss_writes_no_model(config, tmp_path, monkeypa
     with pytest.raises(NonFiniteLoss, match=r"step 3: the loss is nan \(loss_dice nan, loss_ce nan\)"):
         finetune(config(), out)
     assert not (out / "model.pt").exists() and not (out / "train_log.csv").exists()
+
+
+def test_a_non_finite_pretraining_loss_writes_nothing_final(tiny_index, tmp_path, monkeypatch):
+    sample, calls = loop.RegionViews.sample, itertools.count(1)
+
+    def poisoned(self, volume, rng):
+        views = sample(self, volume, rng)
+        return {key: view * float("nan") for key, view in views.items()} if next(calls) > 2 else views
+
+    monkeypatch.setattr(loop.RegionViews, "sample", poisoned)  # batch 2 per step: the samples of step 2 on
+    spec = {"method": "models_genesis", "method_config": {"patch_size": [32, 32, 32], "batch_size": 2},
+            "backbone": {"name": "basicunet", "features": [4, 4, 8, 8, 16, 4]}, "seed": 0, "steps": 3,
+            "checkpoint_every": 1, "pool": [{"dataset": "phantom", "data": {}}]}
+    write_json(tmp_path / "pre.json", {"run_id": "pre", "spec": spec, "inputs": {"cache_indexes": [str(tiny_index)]}})
+    out = tmp_path / "pre"
+    with pytest.raises(NonFiniteLoss, match=r"step 2: the loss is nan \(loss_restoration nan\)"):
+        loop.pretrain(tmp_path / "pre.json", out)
+    assert not any((out / name).exists() for name in ("pretrained.pt", "step_log.csv", "manifest.json"))
+    assert (out / "checkpoints" / "last.pt").exists()  # step 1's: a re-run resumes after it
 
 
 def test_channels_last_trains_the_same_network_in_another_memory_order(config, tmp_path, monkeypatch):

@@ -186,7 +186,7 @@ def pretrain_runs(config: dict) -> dict[str, dict]:
     return runs
 
 
-def _init_backbones(config: dict) -> list[tuple[str, dict]]:
+def init_backbones(config: dict) -> list[tuple[str, dict]]:
     """(init, backbone) pairs: ``scratch`` on each of ``finetune.backbones`` (the supervised rows), each
     pre-trained init on the backbone it was pre-trained on and each released checkpoint on the backbone of its
     registry entry (the only ones their weights fit)."""
@@ -267,7 +267,7 @@ def finetune_runs(config: dict) -> dict[str, dict]:
     grid = [(dataset, fold) for dataset in datasets for fold in dataset_folds(config, dataset)]
     data_specs = {dataset: _data_spec(config, dataset) for dataset in datasets}
     for (dataset, fold), (init, backbone), protocol, fraction, subset, (i, seed) in itertools.product(
-            grid, _init_backbones(config), protocols(config), config["splits"]["label_fractions"],
+            grid, init_backbones(config), protocols(config), config["splits"]["label_fractions"],
             range(config["splits"]["subsets"]), enumerate(finetune["seeds"])):
         if fraction == 1 and subset > 0 or init in entries and not pretrained:  # no pool: skipped
             continue

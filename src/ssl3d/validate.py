@@ -2,9 +2,9 @@
 
 The JSON schema (``workflow/schemas/config.schema.yaml``, checked first by the workflow itself, one line per
 problem) checks the config's shape; what only the code knows is checked here, before any job runs: each method's
-settings (names, then everything its constructor checks, built on PyTorch's ``meta`` device so no weight is
-allocated: values, which backbone it runs on, the pool's channels), backbone names and fields, inits, per-arm
-overrides and protocol settings, recipe names, and the user's copy of each manual registry dataset. A misspelt
+settings (names, loss terms, optimizer and schedule fields, then everything its constructor checks, built on
+PyTorch's ``meta`` device so no weight is allocated: values, which backbone it runs on, the pool's channels),
+backbone names and fields, inits, per-arm overrides, protocol settings, each fine-tuning arm's optimizer and schedule, recipe names, and the user's copy of each manual registry dataset. A misspelt
 setting thus fails ``snakemake -n`` with ``pretrain.methods.byol.noise_sd: unknown setting; known: ...`` instead of
 an hour later in the pre-training job. The Snakefile prints the lines and keeps the full detail in a log file.
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import itertools
 from pathlib import Path
 
 import torch
@@ -22,8 +23,10 @@ from ssl3d.data.files import data_root, manual_copy
 from ssl3d.data.registry import get_entry, source_dir
 from ssl3d.nets import BACKBONES
 from ssl3d.nets.backbone import Backbone
-from ssl3d.plan import dataset_recipe, pretrain_entries, protocols, skipped_datasets
+from ssl3d.finetune.protocols import DEFAULT_SCHEDULER
+from ssl3d.plan import arm_training, dataset_recipe, init_backbones, pretrain_entries, protocols, skipped_datasets
 from ssl3d.pretrain.method import make_config
+from ssl3d.pretrain.optim import optimization_problems
 from ssl3d.pretrain.released import released_checkpoints
 from ssl3d.pretrain.registry import get_method
 
@@ -48,7 +51,7 @@ def backbone_problems(spec: dict, where: str) -> list[str]:
             for field in spec if field != "name" and field not in known]
 
 
-def method_problems(entry: str, settings: dict, pool_channels: int) -> list[str]:
+def method_problems(entry: str, settings: dict, pool_channels: int, steps: int) -> list[str]:
     where = f"pretrain.methods.{entry}"
     try:
         cls = get_method(settings["method"])
@@ -64,6 +67,9 @@ def method_problems(entry: str, settings: dict, pool_channels: int) -> list[str]
         config = make_config(cls.Config, settings["overrides"], where)
     except ValueError as err:
         return [str(err)]
+    problems = [f"{where}.{problem}" for problem in optimization_problems(config.optimizer, config.scheduler, steps)]
+    if problems:
+        return problems
     try:
         with torch.device("meta"):  # the constructor's own checks, without allocating any weight
             cls(config, settings["backbone"], pool_channels)
@@ -106,6 +112,21 @@ def dataset_problems(config: dict, root: Path | None = None) -> list[str]:
     return problems
 
 
+def finetuning_problems(config: dict) -> list[str]:
+    """The optimizer and schedule of each fine-tuning arm (``finetune`` with its per-backbone, per-init and protocol
+    overrides), each problem once, naming the arms it is in."""
+    arms = [f"{init} on {backbone['name']} ({protocol})"
+            for (init, backbone), protocol in itertools.product(init_backbones(config), protocols(config))]
+    found: dict[str, list[str]] = {}
+    for arm, ((init, backbone), protocol) in zip(arms, itertools.product(init_backbones(config), protocols(config))):
+        training, _ = arm_training(config, init, backbone, protocol)
+        for problem in optimization_problems(training["optimizer"], training.get("scheduler", DEFAULT_SCHEDULER),
+                                             training["steps"]):
+            found.setdefault(problem, []).append(arm)
+    return [f"finetune.{problem}" + ("" if len(where) == len(arms) else f" (arms: {', '.join(where)})")
+            for problem, where in found.items()]
+
+
 def config_problems(config: dict) -> list[str]:
     """What the schema cannot know; assumes the config passed the schema."""
     problems = []
@@ -126,7 +147,7 @@ def config_problems(config: dict) -> list[str]:
     if len(channels) > 1:
         problems.append(f"pretrain.datasets: one pool cannot mix channel counts ({sorted(channels)})")
     for entry, settings in entries.items():
-        problems += method_problems(entry, settings, max(channels, default=1))
+        problems += method_problems(entry, settings, max(channels, default=1), pretrain["steps"])
     finetune = config["finetune"]
     for i, backbone in enumerate(finetune["backbones"]):
         problems += backbone_problems(backbone, f"finetune.backbones[{i}]")
@@ -150,4 +171,4 @@ def config_problems(config: dict) -> list[str]:
     if frozen and frozen["frozen_steps"] >= frozen.get("steps", finetune["steps"]):
         problems.append(f"finetune.protocols.frozen_then_finetune.frozen_steps: {frozen['frozen_steps']} leaves "
                         f"none of the {frozen.get('steps', finetune['steps'])} steps to fine-tune the backbone")
-    return problems
+    return problems or finetuning_problems(config)  # arms exist once inits and backbones are known

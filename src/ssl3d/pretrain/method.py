@@ -93,6 +93,10 @@ def make_config(config_class: type[MethodConfig], overrides: dict[str, Any] | No
         raise ValueError(f"{where}: unknown setting(s) {unknown}; known: {sorted(known)}")
     wrong = [f"{where}.{name}: {overrides[name]!r} {rule}" for name, (valid, rule) in _RANGES.items()
              if name in overrides and not valid(overrides[name])]
+    terms, given = config_class().loss_weights, overrides.get("loss_weights")  # the defaults name every term
+    if terms and isinstance(given, dict):
+        wrong += [f"{where}.loss_weights.{name}: not a loss term of this method; its terms: {', '.join(terms)}"
+                  for name in given if name not in terms]
     if wrong:
         raise ValueError("; ".join(wrong))
     if "patch_size" in overrides:

@@ -184,3 +184,17 @@ def build_scheduler(optimizer: torch.optim.Optimizer, settings: dict, total_step
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=_steps(settings, "step", total_steps),
                                                gamma=settings["gamma"])
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def optimization_problems(optimizer: dict, scheduler: dict, total_steps: int) -> list[str]:
+    """What :func:`build_optimizer` and :func:`build_scheduler` would refuse in these settings (``optimizer.lrr:
+    unknown field ...``), found by building them over one placeholder parameter: the workflow's check at plan time,
+    with the very code a training job runs."""
+    problems = []
+    for build in (lambda: build_optimizer([torch.nn.Parameter(torch.zeros(1))], optimizer),
+                  lambda: lr_factor(scheduler, total_steps)):
+        try:
+            build()
+        except (ValueError, TypeError, AttributeError) as err:
+            problems.append(str(err))
+    return problems
