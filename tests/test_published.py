@@ -1,5 +1,5 @@
 """The papers' published results as package data (ssl3d.report.published): schema, known cells, and every number
-checked against the papers' text (conftest.SHARED_PAPERS, required test input like the shared CT)."""
+checked against the papers' text (conftest.SHARED_PAPERS; skipped with the place to get them where they are absent)."""
 
 from __future__ import annotations
 

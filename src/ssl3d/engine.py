@@ -1,7 +1,7 @@
 """The one training engine of pre-training, fine-tuning and probing: the step loop and what surrounds it.
 
 Why one: methods and downstream protocols are compared under the same loop and the same clock, so data loading,
-AMP, gradient clipping, checkpoints, timing and progress are written once (``DESIGN.md``, "One training engine").
+AMP, gradient clipping, checkpoints, timing and progress are written once.
 A caller brings the model with its optimizer and schedule, a ``SeededSamples`` dataset and a function from a batch
 to its loss and named loss terms; two hooks do the rest: ``after_update`` right after the optimizer step, as part
 of it (an EMA target update), and ``after_step`` once the step is logged (validation, a request to stop early).

@@ -1,4 +1,4 @@
-"""The one interface every segmentation backbone offers (``DESIGN.md``, the network side).
+"""The one interface every segmentation backbone offers.
 
 Pre-training methods and downstream protocols never ask a network's name: they read its pyramid.
 

@@ -2,7 +2,7 @@
 region both views show, using the spatial transforms that made the views as the prior.
 
 Hand-written: no library has a 3D RoIAlign (torchvision's is 2D, MONAI has none), and no official PGL code was
-ever released, so this is the reference implementation; ``tests/test_pgl_align.py`` proves it on volumes whose
+ever released, so this is the reference implementation; ``tests/test_pgl.py`` proves it on volumes whose
 voxels hold their own coordinates. Conventions (continuous coordinates at voxel edges, voxel ``j`` centred at
 ``j + 0.5``, as ``F.interpolate`` and ``F.grid_sample`` with ``align_corners=False``):
 
