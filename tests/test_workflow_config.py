@@ -89,7 +89,25 @@ def test_every_experiment_config_validates_and_plans(experiment, tmp_path):
     result = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory",
                              str(tmp_path), "--configfile", str(experiment), "-n"], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert f"results/{yaml.safe_load(experiment.read_text())['experiment']}/summary.md" in result.stdout
+    config = yaml.safe_load(experiment.read_text())
+    assert f"results/{config['experiment']}/summary.md" in result.stdout
+    # the plan's summary, and each manual dataset without a copy here named as skipped, before the job list
+    assert re.search(rf"^experiment {config['experiment']}: \d+ pre-training and \d+ fine-tuning runs; follow one "
+                     rf"with `tail -f results/{config['experiment']}/<stage>/<run>/<stage>.log`", result.stderr, re.M)
+    for name, dataset in config["datasets"].items():
+        if dataset.get("missing") == "skip":
+            assert f"skipping dataset {name}: " in result.stderr
+
+
+def test_ssl3d_data_moves_every_data_stage_to_another_disk(tmp_path, monkeypatch):
+    elsewhere = tmp_path / "other_disk"
+    monkeypatch.setenv("SSL3D_DATA", str(elsewhere))
+    result = snakemake(tmp_path, MICRO, "-n")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"output: {elsewhere}/raw/phantom/dataset.json" in result.stdout  # prepare
+    assert f"output: {elsewhere}/preprocessed/demo_ct/phantom/index.json" in result.stdout  # preprocess
+    assert f"input: {elsewhere}/preprocessed/demo_ct/phantom/index.json" in result.stdout  # the runs read it there
+    assert "data/" not in result.stdout.replace(str(elsewhere), "")  # nothing under the working directory's data/
 
 
 @pytest.mark.parametrize("config_path", [REPO / "config" / "config.yaml",
