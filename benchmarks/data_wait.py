@@ -10,11 +10,10 @@ With no worker the training process draws each batch in a background thread whil
 (``ssl3d.engine.drawn_ahead``: on a GPU, or where torch leaves a core free), with W workers each worker draws whole
 batches on its own core: P = max(W, 1) producers make a batch every views / P seconds, so in steady state a step
 waits max(0, views / P - step) (a CPU run whose steps take every core draws in the training thread instead: its
-wait is all of the views). The wait stays within 5% of the step
-(wait <= 0.05 x (step + wait)) from P = ceil(views / (step x (1 + 0.05 / 0.95))) producers on: 0 workers where one
-suffices. The training rules give a GPU job's process all its threads but one as workers
-(``workflow/rules/common.smk``, ``loader_workers``): the last column plus one is the threads per GPU that a profile
-needs.
+wait is all of the views). The wait stays within 5% of the step (wait <= 0.05 x (step + wait)) from
+P = ceil(views / (step x (1 + 0.05 / 0.95))) producers on: 0 workers where one suffices. The training rules give a
+GPU job's process all its threads but one as workers (``workflow/rules/common.smk``, ``loader_workers``): the last
+column plus one is the threads per GPU that a profile needs.
 
     python benchmarks/data_wait.py --device cpu-2core
 """

@@ -4,7 +4,8 @@ The JSON schema (``workflow/schemas/config.schema.yaml``, checked first by the w
 problem) checks the config's shape; what only the code knows is checked here, before any job runs: each method's
 settings (names, loss terms, optimizer and schedule fields, then everything its constructor checks, built on
 PyTorch's ``meta`` device so no weight is allocated: values, which backbone it runs on, the pool's channels),
-backbone names and fields, inits, per-arm overrides, protocol settings, each fine-tuning arm's optimizer and schedule, recipe names, and the user's copy of each manual registry dataset. A misspelt
+backbone names and fields, inits, per-arm overrides, protocol settings, each fine-tuning arm's optimizer and
+schedule, recipe names, and the user's copy of each manual registry dataset. A misspelt
 setting thus fails ``snakemake -n`` with ``pretrain.methods.byol.noise_sd: unknown setting; known: ...`` instead of
 an hour later in the pre-training job. The Snakefile prints the lines and keeps the full detail in a log file.
 """
@@ -21,9 +22,9 @@ import torch
 from ssl3d.data.recipes import builtin_recipes
 from ssl3d.data.files import data_root, manual_copy
 from ssl3d.data.registry import get_entry, source_dir
+from ssl3d.finetune.protocols import DEFAULT_SCHEDULER
 from ssl3d.nets import BACKBONES
 from ssl3d.nets.backbone import Backbone
-from ssl3d.finetune.protocols import DEFAULT_SCHEDULER
 from ssl3d.plan import arm_training, dataset_recipe, init_backbones, pretrain_entries, protocols, skipped_datasets
 from ssl3d.pretrain.method import make_config
 from ssl3d.pretrain.optim import optimization_problems
@@ -115,14 +116,13 @@ def dataset_problems(config: dict, root: Path | None = None) -> list[str]:
 def finetuning_problems(config: dict) -> list[str]:
     """The optimizer and schedule of each fine-tuning arm (``finetune`` with its per-backbone, per-init and protocol
     overrides), each problem once, naming the arms it is in."""
-    arms = [f"{init} on {backbone['name']} ({protocol})"
-            for (init, backbone), protocol in itertools.product(init_backbones(config), protocols(config))]
+    arms = list(itertools.product(init_backbones(config), protocols(config)))
     found: dict[str, list[str]] = {}
-    for arm, ((init, backbone), protocol) in zip(arms, itertools.product(init_backbones(config), protocols(config))):
+    for (init, backbone), protocol in arms:
         training, _ = arm_training(config, init, backbone, protocol)
         for problem in optimization_problems(training["optimizer"], training.get("scheduler", DEFAULT_SCHEDULER),
                                              training["steps"]):
-            found.setdefault(problem, []).append(arm)
+            found.setdefault(problem, []).append(f"{init} on {backbone['name']} ({protocol})")
     return [f"finetune.{problem}" + ("" if len(where) == len(arms) else f" (arms: {', '.join(where)})")
             for problem, where in found.items()]
 
