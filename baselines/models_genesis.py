@@ -2,7 +2,7 @@
 
 Each sample is a cube; the target is the (possibly flipped) cube and the input is the target after local pixel
 shuffling, a non-linear intensity mapping, and in- or out-painting, with the official probabilities
-(``ssl3d.pretrain.genesis_transforms``). The loss is the mean squared error between the sigmoid output and the
+(``ssl3d.pretrain.bricks.genesis_transforms``). The loss is the mean squared error between the sigmoid output and the
 target. The whole encoder-decoder transfers to fine-tuning; only the output convolution does not.
 
 Defaults are the official code's: 64 x 64 x 32 cubes in [0, 1], batch 6, SGD lr 1.0 with momentum 0.9 and no weight
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ssl3d.nets import build_network
-from ssl3d.pretrain.genesis_transforms import GenesisTransformConfig, generate_pair
+from ssl3d.pretrain.bricks.genesis_transforms import GenesisTransformConfig, generate_pair
 from ssl3d.pretrain.method import Method, MethodConfig, Transfer
 
 

@@ -1,5 +1,5 @@
 """Tests for the Models Genesis bricks: the UNet3D (ssl3d.nets.genesis) and the transformations
-(ssl3d.pretrain.genesis_transforms), against methods.md §5 and fixtures F9/F10 (§10).
+(ssl3d.pretrain.bricks.genesis_transforms), against methods.md §5 and fixtures F9/F10 (§10).
 
 F10's exact numbers are tied to the official code's RNG stream (Python ``random`` + ``np.random``), which this
 port does not replay; the tests check the invariants of §10 and the distributional part of F10 instead.
@@ -16,8 +16,8 @@ import torch
 
 from ssl3d.nets.genesis import (GENESIS_N_PARAMETERS, GenesisBatchNorm3d, UNet3D,
                                 load_genesis_checkpoint)
-from ssl3d.pretrain import genesis_transforms as gt
-from ssl3d.pretrain.genesis_transforms import GenesisTransformConfig
+from ssl3d.pretrain.bricks import genesis_transforms as gt
+from ssl3d.pretrain.bricks.genesis_transforms import GenesisTransformConfig
 
 SHAPE = (1, 64, 64, 32)  # the Models Genesis cube
 

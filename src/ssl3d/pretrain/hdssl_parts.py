@@ -5,7 +5,7 @@ task with three changes; two of them live here (the third, the restoration loss,
 
 * **local augmentations** (:class:`AppearanceTransform`, the official ``hb_ssl/utils/intensity_augmentations.py``):
   each view is distorted with local pixel shuffling, a non-linear intensity curve and in-painting, a variant of
-  Models Genesis' transforms (``ssl3d.pretrain.genesis_transforms``), whose pieces are reused where they are the
+  Models Genesis' transforms (``ssl3d.pretrain.bricks.genesis_transforms``), whose pieces are reused where they are the
   same;
 * **the balanced pyramid** (:class:`BalancedPyramid`): every decoder level is projected to the same 32 channels
   before a voxel's features are read from all levels and concatenated, so that the fine levels weigh as much in the
@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ssl3d.pretrain.genesis_transforms import Box, apply_shuffle_plan, nonlinear_transformation
+from ssl3d.pretrain.bricks.genesis_transforms import Box, apply_shuffle_plan, nonlinear_transformation
 
 PROJECTIONS = ("fixed_random", "learned")
 
