@@ -67,6 +67,17 @@ def run_config(path: Path, index: Path, splits: Path, run_id: str = "test", **ov
     return path
 
 
+def pretrain_config(path: Path, index: Path, method: str = "models_genesis", run_id: str = "pre",
+                    method_config: dict | None = None, **overrides) -> Path:
+    """A pre-training run config as the workflow writes it: ``method`` on a very small BasicUNet over the phantom
+    pool of the cache ``index``, 32³ regions two at a time unless ``method_config`` says otherwise."""
+    spec = {"method": method, "method_config": method_config or {"patch_size": [32, 32, 32], "batch_size": 2},
+            "backbone": {"name": "basicunet", "features": [4, 4, 8, 8, 16, 4]}, "seed": 0, "steps": 2,
+            "checkpoint_every": 2, "pool": [{"dataset": "phantom", "data": {}}], **overrides}
+    write_json(path, {"run_id": run_id, "spec": spec, "inputs": {"cache_indexes": [str(index)]}})
+    return path
+
+
 class Server(ThreadingHTTPServer):
     """Serves ``files`` by path; records each request's Range header; can drop a response after some bytes."""
 

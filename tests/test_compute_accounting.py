@@ -9,23 +9,17 @@ import torch
 
 from ssl3d.analysis.aggregate import hours_title
 from ssl3d.finetune.train import finetune
-from ssl3d.io import read_json, write_json
+from ssl3d.io import read_json
 from ssl3d.manifest import run_manifest
 from ssl3d.pretrain.loop import pretrain
 from ssl3d.report.tables import leaderboard
 
-from conftest import run_config
+from conftest import pretrain_config, run_config
 from test_stats import rows, table
-
-BASICUNET = {"name": "basicunet", "features": [4, 4, 8, 8, 16, 4]}
 
 
 def test_pretraining_and_finetuning_manifests_record_their_compute(tiny_index, tiny_splits, tmp_path):
-    spec = {"method": "models_genesis", "method_config": {"patch_size": [32, 32, 32], "batch_size": 2},
-            "backbone": BASICUNET, "seed": 0, "steps": 2, "checkpoint_every": 2,
-            "pool": [{"dataset": "phantom", "data": {}}]}
-    write_json(tmp_path / "pre.json", {"run_id": "pre", "spec": spec, "inputs": {"cache_indexes": [str(tiny_index)]}})
-    pretrain(tmp_path / "pre.json", tmp_path / "pre")
+    pretrain(pretrain_config(tmp_path / "pre.json", tiny_index), tmp_path / "pre")
     finetune(run_config(tmp_path / "fine.json", tiny_index, tiny_splits, steps=2, val_every=2, checkpoint_every=2),
              tmp_path / "fine")
     for stage in ("pre", "fine"):

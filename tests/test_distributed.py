@@ -16,17 +16,17 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ssl3d.data.sampling import StepShards
-from ssl3d.io import read_json, write_json
+from ssl3d.io import read_json
+
+from conftest import pretrain_config
 
 BASICUNET = {"name": "basicunet", "features": [4, 4, 8, 8, 16, 4]}  # instance norm: no statistics across samples
 STEPS = 12
 
 
 def write_config(path, tiny_index, method: str) -> str:
-    spec = {"method": method, "method_config": {"patch_size": [32, 32, 32], "batch_size": 4}, "backbone": BASICUNET,
-            "seed": 0, "steps": STEPS, "checkpoint_every": 3, "pool": [{"dataset": "phantom", "data": {}}]}
-    write_json(path, {"run_id": f"pre-{method}", "spec": spec, "inputs": {"cache_indexes": [str(tiny_index)]}})
-    return str(path)
+    return str(pretrain_config(path, tiny_index, method, f"pre-{method}", {"patch_size": [32, 32, 32], "batch_size": 4},
+                               backbone=BASICUNET, steps=STEPS, checkpoint_every=3))
 
 
 def process(rank: int, world: int, port: int, config: str, out: str) -> None:

@@ -15,9 +15,9 @@ import ssl3d.pretrain.loop as loop
 from ssl3d.data.sampling import SeededSamples
 from ssl3d.engine import Engine, NonFiniteLoss, core_left_for_batches, drawn_ahead, to_device
 from ssl3d.finetune.train import finetune
-from ssl3d.io import read_json, write_json
+from ssl3d.io import read_json
 
-from conftest import run_config
+from conftest import pretrain_config, run_config
 
 STEPS = 6
 
@@ -197,13 +197,9 @@ def test_a_non_finite_pretraining_loss_writes_nothing_final(tiny_index, tmp_path
         return {key: view * float("nan") for key, view in views.items()} if next(calls) > 2 else views
 
     monkeypatch.setattr(loop.RegionViews, "sample", poisoned)  # batch 2 per step: the samples of step 2 on
-    spec = {"method": "models_genesis", "method_config": {"patch_size": [32, 32, 32], "batch_size": 2},
-            "backbone": {"name": "basicunet", "features": [4, 4, 8, 8, 16, 4]}, "seed": 0, "steps": 3,
-            "checkpoint_every": 1, "pool": [{"dataset": "phantom", "data": {}}]}
-    write_json(tmp_path / "pre.json", {"run_id": "pre", "spec": spec, "inputs": {"cache_indexes": [str(tiny_index)]}})
     out = tmp_path / "pre"
     with pytest.raises(NonFiniteLoss, match=r"step 2: the loss is nan \(loss_restoration nan\)"):
-        loop.pretrain(tmp_path / "pre.json", out)
+        loop.pretrain(pretrain_config(tmp_path / "pre.json", tiny_index, steps=3, checkpoint_every=1), out)
     assert not any((out / name).exists() for name in ("pretrained.pt", "step_log.csv", "manifest.json"))
     assert (out / "checkpoints" / "last.pt").exists()  # step 1's: a re-run resumes after it
 

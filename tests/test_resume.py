@@ -12,9 +12,8 @@ import torch
 
 from ssl3d.evaluate.metrics import EmptyPolicy
 from ssl3d.evaluate.run import evaluate_run
-from ssl3d.io import write_json
 
-from conftest import run_config
+from conftest import pretrain_config, run_config
 
 STEPS = dict(steps=24, checkpoint_every=4, val_every=6)
 
@@ -82,11 +81,8 @@ def pretrain_cli(config, out):
 # restoration method such as Models Genesis has; another method would time the same engine path again (~50 s).
 @pytest.mark.parametrize("method", ["byol"])
 def test_killed_pretraining_resumes_and_matches_uninterrupted(method, tiny_index, tmp_path):
-    spec = {"method": method, "method_config": {"patch_size": [32, 32, 32], "batch_size": 2},
-            "backbone": {"name": "basicunet", "features": [4, 4, 8, 8, 16, 4]}, "seed": 0, "steps": 12,
-            "checkpoint_every": 3, "pool": [{"dataset": "phantom", "data": {}}]}
-    config = tmp_path / "config.json"
-    write_json(config, {"run_id": f"pre-{method}", "spec": spec, "inputs": {"cache_indexes": [str(tiny_index)]}})
+    config = pretrain_config(tmp_path / "config.json", tiny_index, method, f"pre-{method}", steps=12,
+                             checkpoint_every=3)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     subprocess.run(pretrain_cli(config, straight), check=True, capture_output=True)
     kill_after_checkpoint(pretrain_cli(config, resumed), resumed)

@@ -48,6 +48,9 @@ class Level:
     stride: tuple[int, int, int]
 
 
+INPUT = Level(0, (1, 1, 1))  # the network's input as a level of the pyramid (stride 1), for region boxes
+
+
 def levels(channels, strides) -> tuple[Level, ...]:
     """Levels from parallel lists of channels and strides (an int stride is isotropic)."""
     return tuple(Level(int(c), triple(s)) for c, s in zip(channels, strides, strict=True))
@@ -128,7 +131,7 @@ class Backbone(abc.ABC):
 
     def voxel_region(self, region) -> tuple[slice, slice, slice]:
         """The box of the input that the head's output on a decoded ``region`` covers, as three slices."""
-        return self.region_boxes(region, (Level(0, (1, 1, 1)), self.encoder_levels[-1]))[0]
+        return self.region_boxes(region, (INPUT, self.encoder_levels[-1]))[0]
 
     def crop_to_region(self, maps: list[torch.Tensor], region, levels: tuple[Level, ...] | None = None
                        ) -> list[torch.Tensor]:

@@ -88,22 +88,22 @@ class HybridMIMUNet(Backbone, torch.nn.Module):
                  bias: bool = True):
         super().__init__()
         features = tuple(int(f) for f in features)
-        self.pool_sizes = tuple(triple(p) for p in pool_sizes)
-        depth = len(self.pool_sizes)
+        pool_sizes = tuple(triple(p) for p in pool_sizes)
+        depth = len(pool_sizes)
         if len(features) != depth + 1:
             raise ValueError(f"hybridmim_unet: {len(features)} features need {len(features) - 1} pool sizes, "
                              f"got {depth}")
         self.depth = depth
-        strides = cumulative(self.pool_sizes)
+        strides = cumulative(pool_sizes)
         self.encoder_levels = levels(features, strides)
         self.decoder_levels = self.encoder_levels[:-1]
         self.conv_0 = TwoConv(3, in_channels, features[0], act, norm, bias, dropout)
         for level in range(1, depth + 1):  # no dropout in the Down blocks, as the official code
             self.add_module(f"down_{level}", Down(features[level - 1], features[level], act, norm, bias, 0.0,
-                                                  self.pool_sizes[level - 1]))
+                                                  pool_sizes[level - 1]))
         for level in range(depth, 0, -1):
             self.add_module(f"upcat_{level}", UpCat(features[level], features[level - 1], features[level - 1], act,
-                                                    norm, bias, dropout, self.pool_sizes[level - 1]))
+                                                    norm, bias, dropout, pool_sizes[level - 1]))
         self.final_conv = torch.nn.Conv3d(features[0], out_channels, kernel_size=1)
 
     @classmethod

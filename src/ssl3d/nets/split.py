@@ -13,7 +13,7 @@ import torch
 from monai.networks.layers import SkipConnection
 from monai.networks.nets import UNETR, BasicUNet, SegResNet, SwinUNETR, UNet
 
-from ssl3d.nets.backbone import Backbone, Level, levels
+from ssl3d.nets.backbone import INPUT, Backbone, levels
 
 
 def as_tuple(value):
@@ -285,7 +285,7 @@ class SplitSwinUNETR(Backbone, SwinUNETR):
         """The decoder's inputs from the input and its hidden states (computed unless given); with ``region``,
         only on that box of each (class docstring)."""
         hidden = self.hidden_states(x) if hidden is None else hidden
-        inputs = self.crop_to_region([x, *hidden], region, (Level(0, (1, 1, 1)), *self.hidden_levels))
+        inputs = self.crop_to_region([x, *hidden], region, (INPUT, *self.hidden_levels))
         x, h0, h1, h2, h3, h4 = inputs
         return [self.encoder1(x), self.encoder2(h0), self.encoder3(h1), self.encoder4(h2), h3, self.encoder10(h4)]
 
