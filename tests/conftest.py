@@ -63,7 +63,7 @@ def run_config(path: Path, index: Path, splits: Path, run_id: str = "test", **ov
         "inference": {"roi_size": [24, 24, 16], "overlap": 0.25, "sw_batch_size": 2},
         **overrides,
     }
-    write_json(path, {"run_id": run_id, "spec": spec, "inputs": {"cache_index": str(index), "splits": str(splits)}})
+    write_json(path, {"run_id": run_id, "spec": spec, "inputs": {"cache": str(index), "splits": str(splits)}})
     return path
 
 
@@ -74,7 +74,7 @@ def pretrain_config(path: Path, index: Path, method: str = "models_genesis", run
     spec = {"method": method, "method_config": method_config or {"patch_size": [32, 32, 32], "batch_size": 2},
             "backbone": {"name": "basicunet", "features": [4, 4, 8, 8, 16, 4]}, "seed": 0, "steps": 2,
             "checkpoint_every": 2, "pool": [{"dataset": "phantom", "data": {}}], **overrides}
-    write_json(path, {"run_id": run_id, "spec": spec, "inputs": {"cache_indexes": [str(index)]}})
+    write_json(path, {"run_id": run_id, "spec": spec, "inputs": {"caches": [str(index)]}})
     return path
 
 

@@ -105,7 +105,7 @@ def test_hybridmim_pre_trains_on_four_channels_and_initialises_a_four_input_netw
             "method_config": {"patch_size": [32, 32, 32], "batch_size": 2, "mask_patch": 8, "reconstruction_size": 16},
             "seed": 0, "steps": 2, "checkpoint_every": 5,
             "pool": [{"dataset": "brats2020", "data": {"pretrain_cases": "all"}}]}
-    write_json(tmp_path / "pre.json", {"run_id": "pre", "spec": spec, "inputs": {"cache_indexes": [str(index_path)]}})
+    write_json(tmp_path / "pre.json", {"run_id": "pre", "spec": spec, "inputs": {"caches": [str(index_path)]}})
     pretrained = pretrain(tmp_path / "pre.json", tmp_path / "pre")
     assert torch.load(pretrained, weights_only=False)["state_dict"]["network.conv_0.conv_0.conv.weight"].shape[1] == 4
     ids = sorted(read_index(index_path)["cases"])

@@ -12,7 +12,7 @@ import pytest
 from ssl3d import __version__
 from ssl3d.cli import main, parser
 
-from conftest import REPO
+from conftest import REPO, run_config
 
 SUBCOMMANDS = ["datasets", "fetch", "fetch-weights", "prepare", "preprocess", "splits", "pretrain", "methods",
                "finetune", "evaluate", "collect", "summarise", "report", "status", "estimate"]
@@ -71,7 +71,7 @@ def test_pretrain_and_finetune_by_hand_from_a_config_and_a_run_name(tiny_index, 
     monkeypatch.setenv("SSL3D_DATA", str(tmp_path / "data"))
     micro = str(REPO / "config" / "experiments" / "micro.yaml")
     assert main(["pretrain", "--configfile", micro, "--run", "models_genesis"]) == 1  # its data are not made yet
-    assert "data/preprocessed/demo_ct/phantom/index.json" in caplog.text and f"--configfile {micro}" in caplog.text
+    assert "data/preprocessed/demo_ct/phantom" in caplog.text and f"--configfile {micro}" in caplog.text
     assert main(["finetune", "--configfile", micro, "--run", "phantom_byol"]) == 1  # 2 fractions × 2 seeds: ambiguous
     assert "4 finetune runs start with 'phantom_byol'; they are:" in caplog.text
 
@@ -88,3 +88,14 @@ def test_pretrain_and_finetune_by_hand_from_a_config_and_a_run_name(tiny_index, 
         == str(next((tmp_path / "results" / "micro" / "pretrain").glob("models_genesis_*/pretrained.pt")).relative_to(
             tmp_path))
     assert main(["finetune", "--run-config", str(run / "config.json")]) == 1 and "needs --out" in caplog.text
+
+
+def test_a_job_reads_its_inputs_where_the_workflow_put_them(tiny_index, tiny_splits, tmp_path, caplog):
+    """On a cluster without a shared file system a job's inputs are local copies at other paths than the run config
+    names: ``--inputs`` says where (the workflow passes it to every training job)."""
+    config = str(run_config(tmp_path / "config.json", tmp_path / "elsewhere" / "cache", tmp_path / "elsewhere.json"))
+    run = ["finetune", "--run-config", config, "--out", str(tmp_path / "run")]
+    assert main([*run, "--inputs", json.dumps({"cache": str(tiny_index.parent), "splits": str(tiny_splits)})]) == 0
+    assert (tmp_path / "run" / "model.pt").is_file()
+    assert main([*run, "--inputs", json.dumps({"cache_index": str(tiny_index)})]) == 1
+    assert "--inputs gives ['cache_index']; " in caplog.text and "reads ['cache', 'splits']" in caplog.text

@@ -57,7 +57,7 @@ def job_counts(stdout: str) -> dict[str, int]:
 
 
 def fetched(stdout: str) -> set[str]:
-    return set(re.findall(r"^rule fetch:\n\s+output: data/sources/([\w-]+)/verified\.json", stdout, re.M))
+    return set(re.findall(r"^rule fetch:\n\s+output: data/sources/([\w-]+)$", stdout, re.M))
 
 
 @pytest.mark.parametrize("name", CONFIGS)

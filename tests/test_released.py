@@ -56,7 +56,7 @@ def test_each_release_round_trips_its_keys_and_loads_bit_exactly(name, server, t
 
     root = tmp_path / "data"
     verified = fetch_released(place(entry, official, root, server), root)
-    assert verified == root / "weights" / name / "verified.json"
+    assert verified == root / "weights" / name / "verified"
     network = build_network(entry.backbone, in_channels=1, out_channels=4)
     report = load_released(network, verified)
     state = network.state_dict()
@@ -95,7 +95,7 @@ def test_a_file_whose_keys_or_shapes_do_not_fit_is_refused_naming_them(vox2vec_f
     root = tmp_path / "data"
     with pytest.raises(TransferError, match=message):
         fetch_released(place(entry, official, root, server), root)
-    assert not (entry.folder(root) / "verified.json").exists()
+    assert not (entry.folder(root) / "verified").exists()
 
 
 def test_keys_outside_the_official_layout_and_pickled_code_are_refused(server, tmp_path):
@@ -139,6 +139,18 @@ def test_a_released_init_runs_on_its_entrys_backbone_with_its_identity():
                for problem in config_problems(config))
 
 
+def test_a_manual_released_init_without_its_file_stops_the_plan_saying_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("SSL3D_DATA", str(tmp_path / "data"))
+    config = copy.deepcopy(yaml.safe_load((REPO / "config" / "config.yaml").read_text()))
+    config["finetune"]["inits"] = ["scratch", "models_genesis_chest_ct"]
+    entry = get_released("models_genesis_chest_ct")
+    copy_path = entry.folder(tmp_path / "data") / entry.file
+    assert f"finetune.inits: models_genesis_chest_ct: no copy at {copy_path}; " in "\n".join(config_problems(config))
+    copy_path.parent.mkdir(parents=True)
+    copy_path.write_bytes(b"placed")  # checked for its keys by fetch_weights, not by the plan
+    assert not config_problems(config)
+
+
 def test_a_released_init_is_fetched_once_and_loaded_by_its_runs(vox2vec_file, server, tmp_path):
     """The workflow's side: a fetch_weights job the fine-tuning runs read, and a probe on the released weights
     reading the pyramid its method declares."""
@@ -153,7 +165,7 @@ def test_a_released_init_is_fetched_once_and_loaded_by_its_runs(vox2vec_file, se
                          capture_output=True, text=True)
     assert dry.returncode == 0, dry.stderr[-3000:]
     assert re.search(r"^fetch_weights\s+1$", dry.stdout, re.M)
-    assert re.search(r"rule finetune:\n\s+input: [^\n]*data/weights/vox2vec_official/verified\.json", dry.stdout)
+    assert re.search(r"rule finetune:\n\s+input: [^\n]*data/weights/vox2vec_official/verified\b", dry.stdout)
 
     entry, official = vox2vec_file
     verified = fetch_released(place(entry, official, tmp_path / "data", server), tmp_path / "data")

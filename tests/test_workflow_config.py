@@ -104,9 +104,9 @@ def test_ssl3d_data_moves_every_data_stage_to_another_disk(tmp_path, monkeypatch
     monkeypatch.setenv("SSL3D_DATA", str(elsewhere))
     result = snakemake(tmp_path, MICRO, "-n")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert f"output: {elsewhere}/raw/phantom/dataset.json" in result.stdout  # prepare
-    assert f"output: {elsewhere}/preprocessed/demo_ct/phantom/index.json" in result.stdout  # preprocess
-    assert f"input: {elsewhere}/preprocessed/demo_ct/phantom/index.json" in result.stdout  # the runs read it there
+    assert f"output: {elsewhere}/raw/phantom\n" in result.stdout  # prepare
+    assert f"output: {elsewhere}/preprocessed/demo_ct/phantom\n" in result.stdout  # preprocess
+    assert f"input: {elsewhere}/preprocessed/demo_ct/phantom," in result.stdout  # the runs read it there
     assert "data/" not in result.stdout.replace(str(elsewhere), "")  # nothing under the working directory's data/
 
 

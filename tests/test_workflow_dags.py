@@ -3,6 +3,7 @@ vox2vec and hierarchical dense SSL probed and fine-tuned on an FPN."""
 
 import json
 import re
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -24,7 +25,7 @@ def test_a_folder_dataset_edited_or_grown_after_a_run_is_prepared_again(tmp_path
     config = json.loads(json.dumps(MICRO))
     config["datasets"] = {"phantom": {"source": "folder", "images": str(tmp_path / "mine" / "imagesTr"),
                                       "labels": str(tmp_path / "mine" / "labelsTr")}}
-    target = "data/preprocessed/demo_ct/phantom/index.json"
+    target = "data/preprocessed/demo_ct/phantom"
     assert snakemake(tmp_path, config, target).returncode == 0
     assert "Nothing to be done" in snakemake(tmp_path, config, "-n", target).stdout
     cache = tmp_path / "data" / "preprocessed" / "demo_ct" / "phantom"
@@ -92,3 +93,33 @@ def test_a_micro_dag_probes_and_fine_tunes_vox2vec_and_hdssl(tmp_path):
     assert manifest["probe_features"] == get_method("vox2vec").probe_features
     board = pd.read_csv(tmp_path / "reports" / "micro" / "tables" / "leaderboard.csv")
     assert sorted(board.groupby("protocol").size().items()) == [("frozen_then_finetune", 2), ("probe", 2)]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("rsync") is None, reason="the fs storage plugin copies with rsync: apt install rsync")
+def test_a_dag_runs_with_no_shared_file_system_so_every_file_a_job_reads_is_declared(tmp_path):
+    """As on a cluster whose jobs share no file system (profiles/kubernetes): every input and output goes through a
+    storage provider, here a folder (snakemake-storage-plugin-fs), and a job sees only the files it declares, in
+    local copies at other paths. Your own folder, pre-training, fine-tuning from it and the report all run."""
+    from ssl3d.data.phantom import write_phantom_dataset
+
+    store = tmp_path / "store"
+    write_phantom_dataset(store / "mine", n_labelled=5, n_unlabelled=2, seed=2, shape=[64, 64, 32],
+                          spacing=[2.4, 2.4, 4.5])  # a folder dataset goes into the storage, at its path
+    config = json.loads(json.dumps(MICRO))
+    config["datasets"] = {"phantom": {"source": "folder", "images": "mine/imagesTr", "labels": "mine/labelsTr",
+                                      "pretrain_cases": "all"}}
+    config["pretrain"]["methods"] = {"models_genesis": MICRO["pretrain"]["methods"]["models_genesis"]}
+    config["finetune"].update(inits=["scratch", "models_genesis"], seeds=[0])
+    config["evaluation"]["nsd_tolerance_mm"] = 2.0  # the folder's classes are label_1 ... label_6
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copytree(store / "mine", work / "mine")  # where the plan lists the folder's files
+    result = snakemake(work, config, "--default-storage-provider", "fs", "--default-storage-prefix", str(store))
+    assert result.returncode == 0, result.stderr[-5000:]
+    assert "(retrieve from storage)" in result.stdout + result.stderr
+    assert not (work / "data").exists() and not (work / "results").exists()  # everything went through the storage
+    table = pd.read_csv(store / "results" / "micro" / "per_case.csv")
+    assert set(table["init"]) == {"scratch", "models_genesis"} and table["value"].notna().any()
+    assert (store / "reports" / "micro" / "index.html").is_file()
+    assert list((store / "reports" / "micro" / "figures").glob("qualitative*"))  # it read a test case's volume

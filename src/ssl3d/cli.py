@@ -83,10 +83,24 @@ def cmd_splits(args):
     write_json(args.out, split)
 
 
-def run_config_path(args) -> tuple[str, str]:
+def load_run(args) -> tuple[dict, str]:
     """The run config and output folder of a training command: ``--run-config`` and ``--out`` as the workflow
-    passes them, or a run of an experiment config by name (``--configfile``, ``--run``), whose config.json is
-    written where the workflow writes it, ``results/<experiment>/<stage>/<run>``, unless ``--out`` says where."""
+    passes them (with ``--inputs``, the files the job reads where the workflow put them), or a run of an
+    experiment config by name (``--configfile``, ``--run``), whose config.json is written where the workflow
+    writes it, ``results/<experiment>/<stage>/<run>``, unless ``--out`` says where."""
+    from ssl3d.plan import read_run
+
+    config, out = run_config_path(args)
+    record = read_run(config)
+    if args.inputs:
+        if set(args.inputs) != set(record["inputs"]):
+            raise ValueError(f"--inputs gives {sorted(args.inputs)}; {config} reads {sorted(record['inputs'])}")
+        record["inputs"] = args.inputs
+    return record, out
+
+
+def run_config_path(args) -> tuple[str, str]:
+    """``load_run``'s config.json path and output folder."""
     if args.run_config:
         if args.configfile or args.run:
             raise ValueError("give either --run-config or --configfile with --run, not both")
@@ -116,7 +130,7 @@ def run_config_path(args) -> tuple[str, str]:
 def cmd_finetune(args):
     from ssl3d.finetune.train import finetune
 
-    run_config, out = run_config_path(args)
+    run_config, out = load_run(args)
     model = finetune(run_config, out, device=args.device, workers=args.workers, log_every=args.log_every)
     if args.evaluate:  # in this process: a second job would pay the imports again (4-5 s a run)
         evaluate(args, run_config, model, args.evaluate)
@@ -126,7 +140,7 @@ def cmd_pretrain(args):
     from ssl3d.distributed import torchrun_process_group
     from ssl3d.pretrain.loop import pretrain
 
-    run_config, out = run_config_path(args)
+    run_config, out = load_run(args)
     with torchrun_process_group(args.device) as device:
         pretrain(run_config, out, device=device, workers=args.workers, log_every=args.log_every)
 
@@ -191,7 +205,8 @@ def cmd_summarise(args):
 def cmd_report(args):
     from ssl3d.report.build import ReportOptions, build_report
 
-    build_report(args.results, args.out, ReportOptions.from_config(args.options, n_resamples=args.resamples))
+    build_report(args.results, args.out, ReportOptions.from_config(args.options, n_resamples=args.resamples),
+                 args.caches)
 
 
 def cmd_estimate(args):
@@ -263,6 +278,8 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--run-config", help="the run's config.json, as the workflow writes it")
         p.add_argument("--out", help="the run's folder (default with --configfile: results/<experiment>/"
                                      f"{name}/<run>)")
+        p.add_argument("--inputs", type=_json, help="JSON {role: path}: where the files of the run config's "
+                       "inputs are (the workflow's local copies on a cluster without a shared file system)")
         p.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:<index>")
         p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
         p.add_argument("--log-every", type=int, default=10)
@@ -310,6 +327,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--options", type=_json, default={}, help="JSON: the config's report block, e.g. "
                    '\'{"tier": "paper", "aliases": {"hybridmim_unet": "hybridmim"}}\'')
     p.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples per interval")
+    p.add_argument("--caches", type=_json, default={}, help="JSON {path a run config names: path}: where the "
+                   "preprocessed datasets are, where not at the paths the runs name (the workflow's local copies)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("estimate", help="what a config will cost before anything runs: per stage, its runs, steps, "

@@ -2,7 +2,8 @@
 
 Every artefact the suite writes goes through here: the content is written to a temporary file in the
 destination folder and renamed into place, so a killed job never leaves a half-written file that a later
-step (or a Snakemake rerun) would mistake for a finished one. A write that fails (a full disk, a read-only folder)
+step (or a Snakemake rerun) would mistake for a finished one; a folder output (a data stage's) is built in a
+staging folder and renamed into place the same way. A write that fails (a full disk, a read-only folder)
 likewise leaves nothing behind and raises :class:`WriteError`, one line naming the file and the fix.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -74,6 +76,36 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         raise WriteError(describe_os_error(err, path)) from err
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def staging_folder(dest: str | os.PathLike) -> Path:
+    """Where a folder output is built before :func:`replace_folder` puts it at ``dest``: ``.<name>.partial`` beside
+    it, which a failed or killed job leaves for its rerun to resume from (Snakemake deletes a ``directory()``
+    output before re-running its job, not this)."""
+    dest = Path(dest)
+    return dest.parent / f".{dest.name}.partial"
+
+
+def replace_folder(work: Path, dest: str | os.PathLike) -> Path:
+    """Rename the finished folder ``work`` onto ``dest``, replacing a previous ``dest`` whole; returns ``dest``."""
+    dest = Path(dest)
+    if dest.exists():
+        old = dest.parent / f".{dest.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dest, old)
+        os.replace(work, dest)
+        shutil.rmtree(old)
+    else:
+        os.replace(work, dest)
+    return dest
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """``target`` as a hard link to ``source`` (no bytes copied), or a copy where the file system has none."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
 
 
 def _umask() -> int:

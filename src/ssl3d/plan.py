@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ssl3d import __version__
 from ssl3d.data.files import folder_fingerprint, manual_copy
+from ssl3d.io import read_json
 from ssl3d.pretrain.released import released_checkpoints
 
 # the experiment config's JSON schema, in the checkout beside the package (the workflow validates against it)
@@ -304,29 +305,36 @@ def finetune_runs(config: dict) -> dict[str, dict]:
     return runs
 
 
-def cache_index(data: str | Path, spec: dict) -> str:
-    """The preprocessed cache index a dataset spec (a run's or a pool member's) reads."""
-    return f"{data}/preprocessed/{spec['recipe']}/{spec['dataset']}/index.json"
+def cache_folder(data: str | Path, spec: dict) -> str:
+    """The preprocessed dataset (a folder: ``index.json`` and its cases) that a dataset spec (a run's or a pool
+    member's) reads."""
+    return f"{data}/preprocessed/{spec['recipe']}/{spec['dataset']}"
 
 
 def run_files(entry: dict, stage: str, results: str | Path, data: str | Path) -> dict:
-    """The files a run of ``stage`` reads, by role (the ``inputs`` of its config.json): the cache indexes of its
-    pool, or its dataset's cache index and splits and, for an init, the pre-trained checkpoint or the released
-    weights' verification record."""
+    """The files a run of ``stage`` reads, by role (the ``inputs`` of its config.json): the preprocessed datasets
+    of its pool, or its dataset's and its splits and, for an init, the pre-trained checkpoint or the folder of the
+    verified released weights."""
     spec = entry["spec"]
     if stage == "pretrain":
-        return {"cache_indexes": [cache_index(data, member) for member in spec["pool"]]}
-    files = {"cache_index": cache_index(data, spec), "splits": f"{results}/splits/{spec['dataset']}.json"}
+        return {"caches": [cache_folder(data, member) for member in spec["pool"]]}
+    files = {"cache": cache_folder(data, spec), "splits": f"{results}/splits/{spec['dataset']}.json"}
     if "pretrain_run" in entry:
         files["pretrained"] = f"{results}/pretrain/{entry['pretrain_run']}/pretrained.pt"
     if "released" in entry:
-        files["pretrained"] = f"{data}/weights/{entry['released']}/verified.json"
+        files["pretrained"] = f"{data}/weights/{entry['released']}/verified"
     return files
 
 
 def run_config(entry: dict, stage: str, results: str | Path, data: str | Path) -> dict:
     """A run's config.json: its identity and the files it reads; what ``ssl3d pretrain|finetune|evaluate`` run."""
     return {**entry, "inputs": run_files(entry, stage, results, data)}
+
+
+def read_run(run_config: str | Path | dict) -> dict:
+    """A run's config.json, or the record itself: ``ssl3d pretrain|finetune`` pass it read, with its ``inputs``
+    replaced by the paths the workflow gives the job (on a cluster without a shared file system, local copies)."""
+    return dict(run_config) if isinstance(run_config, dict) else read_json(run_config)
 
 
 def find_run(config: dict, stage: str, name: str) -> tuple[str, dict]:

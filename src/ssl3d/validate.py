@@ -159,6 +159,11 @@ def config_problems(config: dict) -> list[str]:
         if init in entries and init in released_checkpoints():
             problems.append(f"pretrain.methods.{init}: the name of a released checkpoint; rename the entry so "
                             "finetune.inits says which one it means")
+        elif init in released_checkpoints():
+            released = released_checkpoints()[init]
+            copy = released.folder(data_root()) / released.file
+            if released.access == "manual" and not copy.is_file():
+                problems.append(f"finetune.inits: {init}: no copy at {copy}; {released.instructions.strip()}")
     problems += [f"finetune.per_backbone.{name}: unknown backbone; known: {', '.join(sorted(BACKBONES))}"
                  for name in finetune.get("per_backbone", {}) if name not in BACKBONES]
     problems += [f"finetune.per_init.{init}: not one of finetune.inits ({', '.join(finetune['inits'])})"

@@ -23,6 +23,7 @@ sys.path.insert(0, str(SRC))
 from ssl3d.data.files import data_root, folder_cases
 from ssl3d.plan import (dataset_recipe, finetune_runs, pretrain_runs, run_config, run_files, schema_problems,
                         skipped_datasets, stage_keys, stage_settings)
+from ssl3d.pretrain.released import released_checkpoints
 
 CONFIG_LOG = Path("logs/config_problems.log")
 
@@ -86,11 +87,18 @@ def prepare_inputs(wildcards):
     added, removed (the input set changes) or rewritten (its mtime) re-runs prepare; phantoms need none."""
     settings = config["datasets"][wildcards.dataset]
     if settings["source"] == "registry":
-        return f"{DATA}/sources/{wildcards.dataset}/verified.json"
+        return f"{DATA}/sources/{wildcards.dataset}"
     if settings["source"] == "folder":
         cases = folder_cases(settings["images"], settings.get("labels"))
         return [str(path) for _, image, label in cases for path in (image, label) if path is not None]
     return []
+
+
+def released_copy(wildcards):
+    """The user's copy of a manual released checkpoint (checked when the plan is made, ssl3d.validate), so that it
+    reaches a job that runs on another machine; an automatic one is downloaded by the job."""
+    entry = released_checkpoints()[wildcards.checkpoint]
+    return str(entry.folder(DATA) / entry.file) if entry.access == "manual" else []
 
 
 def preprocess_options(wildcards):
@@ -108,18 +116,49 @@ def run_inputs(wildcards):
     return run_files(run_entry(wildcards), wildcards.stage, RESULTS, DATA)
 
 
+def local_inputs(wildcards, input):
+    """The run's inputs where this job has them, as JSON {role: path} (``ssl3d pretrain|finetune --inputs``): the
+    plan's paths, or on a cluster without a shared file system the local copies of the storage files."""
+    return json.dumps({role: [str(path) for path in input[role]] if isinstance(files, list) else str(input[role])
+                       for role, files in run_inputs(wildcards).items()}, sort_keys=True)
+
+
 def run_record(wildcards):
     """A run's config.json as canonical JSON (key order in the config is cosmetic)."""
     return json.dumps(run_config(run_entry(wildcards), wildcards.stage, RESULTS, DATA), sort_keys=True)
+
+
+# What the report reads of each run (declared, so that a cluster without a shared file system brings them to it)
+REPORTED = {"pretrain": ("manifest.json", "step_log.csv", "pretrain.benchmark.tsv"),
+            "finetune": ("manifest.json", "train_log.csv", "finetune.benchmark.tsv", "config.json", "model.pt")}
+
+
+def report_inputs(wildcards):
+    """The report's inputs by role: the tables, every run's files it reads, and the preprocessed datasets whose
+    test cases its qualitative figures show."""
+    pretrain_runs = sorted({entry["pretrain_run"] for entry in RUNS.values() if "pretrain_run" in entry})
+    return {
+        "per_case": f"{RESULTS}/per_case.csv",
+        "skipped": f"{RESULTS}/skipped.json",
+        "runs": [f"{RESULTS}/{stage}/{run}/{name}" for stage, runs in (("pretrain", pretrain_runs), ("finetune", RUNS))
+                 for run in runs for name in REPORTED[stage]],
+        "caches": sorted({run_files(entry, "finetune", RESULTS, DATA)["cache"] for entry in RUNS.values()}),
+    }
+
+
+def local_caches(wildcards, input):
+    """The report's preprocessed datasets where this job has them, as JSON {path the run configs name: path}."""
+    return json.dumps(dict(zip(report_inputs(wildcards)["caches"], map(str, input.caches))), sort_keys=True)
 
 
 def input_dir(wildcards, input):
     return str(Path(input[0]).parent)
 
 
-def data_root_of(wildcards, output):
-    """The data root of a data stage's output (``<root>/<stage folder>/<name>/<file>``), for the stage's command."""
-    return str(Path(output[0]).parents[2])
+def data_root_of(levels):
+    """The data root of a data stage's output folder, ``levels`` folders above it (``<root>/raw/<name>``: 2), for
+    the stage's command."""
+    return lambda wildcards, output: str(Path(output[0]).parents[levels - 1])
 
 
 def output_dir(wildcards, output):

@@ -1,9 +1,9 @@
 rule fetch:
     output:
-        f"{DATA}/sources/{{dataset}}/verified.json",
+        directory(f"{DATA}/sources/{{dataset}}"),
     params:
         settings=lambda wildcards: stage_settings(config, wildcards.dataset, "fetch"),
-        data=data_root_of,
+        data=data_root_of(2),
     log:
         "logs/fetch/{dataset}.log",
     conda:
@@ -14,10 +14,12 @@ rule fetch:
 
 
 rule fetch_weights:
+    input:
+        released_copy,
     output:
-        f"{DATA}/weights/{{checkpoint}}/verified.json",
+        directory(f"{DATA}/weights/{{checkpoint}}/verified"),
     params:
-        data=data_root_of,
+        data=data_root_of(3),
     log:
         "logs/fetch_weights/{checkpoint}.log",
     conda:
@@ -30,10 +32,10 @@ rule prepare:
     input:
         prepare_inputs,
     output:
-        f"{DATA}/raw/{{dataset}}/dataset.json",
+        directory(f"{DATA}/raw/{{dataset}}"),
     params:
         settings=lambda wildcards: stage_settings(config, wildcards.dataset, "prepare"),
-        data=data_root_of,
+        data=data_root_of(2),
     log:
         "logs/prepare/{dataset}.log",
     conda:
@@ -45,25 +47,24 @@ rule prepare:
 
 rule preprocess:
     input:
-        f"{DATA}/raw/{{dataset}}/dataset.json",
+        raw=f"{DATA}/raw/{{dataset}}",
+        sources=prepare_inputs,  # the converted folder links to its source files
     output:
-        f"{DATA}/preprocessed/{{recipe}}/{{dataset}}/index.json",
+        directory(f"{DATA}/preprocessed/{{recipe}}/{{dataset}}"),
     log:
         "logs/preprocess/{recipe}/{dataset}.log",
     params:
-        dataset=input_dir,
-        out=output_dir,
         options=preprocess_options,
     conda:
         "../envs/ssl3d.yaml"
     shell:
-        "python -m ssl3d --threads {threads} preprocess --dataset {params.dataset} --recipe {wildcards.recipe}"
-        " --out {params.out} {params.options} > {log} 2>&1"
+        "python -m ssl3d --threads {threads} preprocess --dataset {input.raw} --recipe {wildcards.recipe}"
+        " --out {output} {params.options} > {log} 2>&1"
 
 
 rule splits:
     input:
-        lambda wildcards: f"{DATA}/preprocessed/{dataset_recipe(config, wildcards.dataset)}/{wildcards.dataset}/index.json",
+        lambda wildcards: f"{DATA}/preprocessed/{dataset_recipe(config, wildcards.dataset)}/{wildcards.dataset}",
     output:
         f"{RESULTS}/splits/{{dataset}}.json",
     params:

@@ -26,6 +26,7 @@ rule finetune:
         per_case=f"{RESULTS}/{{stage}}/{{run}}/per_case.csv",
     params:
         out=output_dir,
+        inputs=local_inputs,
         device=device,
         workers=loader_workers,
         tolerance=json.dumps(config["evaluation"]["nsd_tolerance_mm"], sort_keys=True),
@@ -43,5 +44,5 @@ rule finetune:
         "../envs/ssl3d.yaml"
     shell:
         "python -m ssl3d --threads {threads} finetune --run-config {input.config} --out {params.out}"
-        " --device {params.device} --workers {params.workers} --evaluate {output.per_case}"
+        " --inputs {params.inputs:q} --device {params.device} --workers {params.workers} --evaluate {output.per_case}"
         " --nsd-tolerance {params.tolerance:q} --empty-policy {params.policy:q} > {log} 2>&1"

@@ -8,6 +8,7 @@ rule pretrain:
         manifest=f"{RESULTS}/{{stage}}/{{run}}/manifest.json",
     params:
         out=output_dir,
+        inputs=local_inputs,
         device=device,
         workers=loader_workers,
         python=launcher,
@@ -25,4 +26,4 @@ rule pretrain:
         "../envs/ssl3d.yaml"
     shell:
         "{params.python} -m ssl3d --threads {params.threads} pretrain --run-config {input.config} --out {params.out}"
-        " --device {params.device} --workers {params.workers} > {log} 2>&1"
+        " --inputs {params.inputs:q} --device {params.device} --workers {params.workers} > {log} 2>&1"

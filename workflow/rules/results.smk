@@ -43,9 +43,7 @@ rule skipped:
 
 rule report:
     input:
-        f"{RESULTS}/per_case.csv",
-        f"{RESULTS}/skipped.json",
-        expand(f"{RESULTS}/finetune/{{run}}/model.pt", run=RUNS),  # the runs' manifests and logs come with them
+        unpack(report_inputs),
     output:
         report(
             directory(f"reports/{config['experiment']}"),
@@ -56,9 +54,11 @@ rule report:
     params:
         results=input_dir,  # results/<experiment>, the folder of per_case.csv
         options=json.dumps(config.get("report", {}), sort_keys=True),
+        caches=local_caches,
     log:
         f"{RESULTS}/logs/report.log",
     conda:
         "../envs/ssl3d.yaml"
     shell:
-        "python -m ssl3d report --results {params.results} --out {output} --options {params.options:q} > {log} 2>&1"
+        "python -m ssl3d report --results {params.results} --out {output} --options {params.options:q}"
+        " --caches {params.caches:q} > {log} 2>&1"

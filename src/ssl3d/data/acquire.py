@@ -2,12 +2,12 @@
 
 The workflow's data stages, one function each (``ssl3d fetch`` and ``ssl3d prepare`` call them):
 
-* :func:`fetch_dataset` brings a registry dataset to ``<data_root>/sources/<name>/`` and writes ``verified.json``
-  there last, so its presence means "verified": automatic sources are downloaded (resumable), checked against the
-  registry's size and hashes, and safely extracted; manual sources (BTCV, BraTS, FLARE, ...) are never downloaded:
-  the user's copy at the config's ``path`` is counted and hashed against a trust-on-first-use manifest
-  (``<data_root>/manifests/<name>.json``, written on first verification; commit it), and an absent copy stops with
-  the registry's instructions.
+* :func:`fetch_dataset` brings a registry dataset to ``<data_root>/sources/<name>/``, a folder that appears only
+  once verified (``verified.json`` in it; downloads resume in ``.<name>.partial`` beside it): automatic sources are
+  downloaded (resumable), checked against the registry's size and hashes, and safely extracted; manual sources
+  (BTCV, BraTS, FLARE, ...) are never downloaded: the user's copy at the config's ``path`` is counted and hashed
+  against a trust-on-first-use manifest (``<data_root>/manifests/<name>.json``, written on first verification;
+  commit it), and an absent copy stops with the registry's instructions.
 * :func:`prepare_dataset` writes ``<data_root>/raw/<name>/`` (``dataset.json`` + ``imagesTr``/``labelsTr``/
   ``imagesTs``): phantoms are generated, registry datasets converted from their verified source by the entry's
   layout, and a folder of your own NIfTI images (``source: folder``) converted as it is.
@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path
 
 from ssl3d.data.convert import convert
 from ssl3d.data.fetch import ManualDataMissing, download, safe_extract, verify_manual
 from ssl3d.data.files import manual_copy
 from ssl3d.data.registry import Archive, get_entry, source_dir
-from ssl3d.io import read_json, write_json
+from ssl3d.io import read_json, replace_folder, staging_folder, write_json
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,10 @@ def fetch_dataset(name: str, settings: dict, data_root: Path = Path("data")) -> 
     sources = source_dir(name, data_root)
     if entry.access == "unavailable":
         raise ManualDataMissing(name, sources, f"{entry.title} cannot be obtained by the suite. {entry.substitute}")
+    work = staging_folder(sources)
+    if sources.exists() and not work.exists():
+        os.replace(sources, work)  # a rerun by hand: what was downloaded before is verified, not fetched again
+    work.mkdir(parents=True, exist_ok=True)
     if entry.access == "manual":
         copy = manual_copy(name, settings, data_root)
         if not copy.exists():
@@ -66,8 +71,9 @@ def fetch_dataset(name: str, settings: dict, data_root: Path = Path("data")) -> 
                   **verify_manual(copy, entry.verify, Path(data_root) / "manifests" / f"{name}.json")}
     else:
         record = {"access": "automatic",
-                  "archives": [str(_fetch_archive(archive, sources)) for archive in entry.archives]}
-    write_json(sources / "verified.json", {"dataset": name, "entry": entry.name, **record})
+                  "archives": [str(_fetch_archive(archive, work).relative_to(work)) for archive in entry.archives]}
+    write_json(work / "verified.json", {"dataset": name, "entry": entry.name, **record})
+    replace_folder(work, sources)
     log.info("%s: verified (%s)", name, entry.access)
     return sources / "verified.json"
 
@@ -87,10 +93,12 @@ def prepare_dataset(name: str, settings: dict, data_root: Path = Path("data")) -
     if source == "phantom":
         from ssl3d.data.phantom import write_phantom_dataset
 
-        write_phantom_dataset(out, n_labelled=settings["labelled"], n_unlabelled=settings["unlabelled"],
+        work = staging_folder(out)
+        shutil.rmtree(work, ignore_errors=True)  # phantoms are made again in seconds
+        write_phantom_dataset(work, n_labelled=settings["labelled"], n_unlabelled=settings["unlabelled"],
                               seed=settings["seed"], shape=tuple(settings["shape"]),
                               spacing=tuple(settings["spacing"]))
-        return out / "dataset.json"
+        return replace_folder(work, out) / "dataset.json"
     if source == "folder":
         options = {key: settings[key] for key in ("labels", "labels_map", "modality") if key in settings}
         return convert("folder", Path(settings["images"]), out, **options)  # the images (folder or glob) are the source

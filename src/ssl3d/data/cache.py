@@ -3,8 +3,12 @@
 Preprocessing runs once per (recipe, dataset); training jobs only read these files. Each case file carries a key
 of everything that made it (the recipe's hash, the data options, and the size and modification time of its image
 and label files), so an interrupted preprocessing job resumes where it stopped, and a changed recipe, option or
-source file (your own folder edited in place) never serves a stale volume. ``index.json`` marks the dataset
-complete for Snakemake.
+source file (your own folder edited in place) never serves a stale volume. The dataset's folder is the workflow's
+output and exists only complete: it is built beside itself and renamed into place, holding ``index.json`` and hard
+links to its cases (copies where the file system has no hard links). The cases themselves are made and kept in
+``.<name>.cases`` beside it, because Snakemake deletes a folder output before it re-runs the job: an interrupted
+job resumes there, and a rerun after one source file changed rebuilds that case alone. To free a cache's space,
+delete both folders.
 
 Every volume is checked here, where each voxel is read anyway, so a bad file fails naming itself instead of as a
 NaN loss or a silently empty class later:
@@ -23,6 +27,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,7 +37,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ssl3d.data.dataset import Case, DataError, check_same_grid, load_nifti, read_dataset
-from ssl3d.io import atomic_path, read_json, write_json
+from ssl3d.io import atomic_path, link_or_copy, read_json, replace_folder, staging_folder, write_json
 
 if TYPE_CHECKING:  # the recipes import MONAI (seconds): readers of the cache (`ssl3d splits`) skip it
     from ssl3d.data.recipes import Recipe
@@ -155,10 +161,14 @@ def preprocess_dataset(dataset_root: str | Path, recipe: Recipe, out_dir: str | 
                                                        ("undeclared_labels", undeclared_labels)]}
     declared = None if explicit_map else set(dataset.labels)
     out_dir = Path(out_dir)
+    store = case_store(out_dir)
+    if out_dir.exists() and not store.exists():
+        os.replace(out_dir, store)  # a cache made before stores existed: its cases are reused where keys match
+    store.mkdir(parents=True, exist_ok=True)
     cases = {}
     start = time.perf_counter()
     for case in tqdm(dataset.labelled + dataset.unlabelled, desc=f"preprocess {dataset.name} ({recipe.name})"):
-        path = out_dir / f"{case.case_id}.npz"
+        path = store / f"{case.case_id}.npz"
         key = case_key(case, recipe, options)
         cached = _cached(path, key)
         if cached is None:
@@ -174,8 +184,14 @@ def preprocess_dataset(dataset_root: str | Path, recipe: Recipe, out_dir: str | 
     counts = {case["channels"] for case in cases.values()}
     if len(counts) > 1:
         raise ValueError(f"{dataset_root}: cases have different numbers of image channels ({sorted(counts)})")
-    index = out_dir / "index.json"
-    write_json(index, {
+    for stale in {path.name for path in store.glob("*.npz")} - {case["file"] for case in cases.values()}:
+        (store / stale).unlink()  # a case the dataset no longer has
+    work = staging_folder(out_dir)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    for case in cases.values():
+        link_or_copy(store / case["file"], work / case["file"])
+    write_json(work / "index.json", {
         "dataset": dataset.name,
         "recipe": recipe.__dict__,
         "recipe_hash": recipe.hash,
@@ -186,10 +202,18 @@ def preprocess_dataset(dataset_root: str | Path, recipe: Recipe, out_dir: str | 
         "seconds": round(time.perf_counter() - start, 3),
         "cases": cases,
     })
-    return index
+    return replace_folder(work, out_dir) / "index.json"
 
 
-def read_index(index_path: str | Path) -> dict:
+def case_store(out_dir: Path) -> Path:
+    """Where the cases of the dataset folder ``out_dir`` are made and kept: ``.<name>.cases`` beside it."""
+    return out_dir.parent / f".{out_dir.name}.cases"
+
+
+def read_index(cache: str | Path) -> dict:
+    """The index of a preprocessed dataset: ``cache`` is its folder (or the ``index.json`` in it)."""
+    cache = Path(cache)
+    index_path = cache / "index.json" if cache.is_dir() else cache
     index = read_json(index_path)
-    index["dir"] = Path(index_path).parent
+    index["dir"] = index_path.parent
     return index

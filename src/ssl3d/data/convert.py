@@ -61,7 +61,6 @@ import inspect
 import logging
 import os
 import re
-import shutil
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -72,7 +71,7 @@ import SimpleITK as sitk
 
 from ssl3d.data.dataset import AFFINE_TOLERANCE_MM, DataError, case_id_of, check_same_grid, load_nifti
 from ssl3d.data.files import folder_cases, glob_files, is_junk
-from ssl3d.io import atomic_path, read_json, write_json
+from ssl3d.io import atomic_path, read_json, replace_folder, staging_folder, write_json
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +114,7 @@ class _Output:
 
     def __init__(self, dest: Path):
         self.dest = dest
-        self.work = dest.parent / f".{dest.name}.partial"
+        self.work = staging_folder(dest)
         self.work.mkdir(parents=True, exist_ok=True)
         self.training: list[dict] = []
         self.test: list[str] = []
@@ -177,15 +176,7 @@ class _Output:
         """Write ``dataset.json``, drop what it does not list, and rename the folder onto ``dest``."""
         write_dataset_json(self.work / "dataset.json", header, self.training, self.test)
         _prune(self.work, lambda rel, path: rel in self._files or rel == "dataset.json")
-        if self.dest.exists():
-            old = self.dest.parent / f".{self.dest.name}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(self.dest, old)
-            os.replace(self.work, self.dest)
-            shutil.rmtree(old)
-        else:
-            os.replace(self.work, self.dest)
-        return self.dest / "dataset.json"
+        return replace_folder(self.work, self.dest) / "dataset.json"
 
     def abandon(self) -> None:
         """After a failure: keep only the converted files (for a re-run to reuse), nothing if there are none."""

@@ -21,6 +21,7 @@ from ssl3d.evaluate.metrics import EmptyPolicy, case_metrics
 from ssl3d.io import atomic_path, read_json
 from ssl3d.finetune.protocols import build_downstream
 from ssl3d.nets import predict_volume
+from ssl3d.plan import read_run
 
 log = logging.getLogger(__name__)
 
@@ -48,16 +49,16 @@ def target_metrics(pred: np.ndarray, ref: np.ndarray, classes: dict[int, str], r
     return rows
 
 
-def evaluate_run(run_config: str | Path, model_path: str | Path, out_csv: str | Path,
+def evaluate_run(run_config: str | Path | dict, model_path: str | Path, out_csv: str | Path,
                  nsd_tolerance_mm: dict[str, float] | float, policy: EmptyPolicy, device: str = "cpu") -> Path:
-    config = read_json(run_config)
+    config = read_run(run_config)
     spec, inputs = config["spec"], config["inputs"]
     device = torch.device(device)
     model, checkpoint = load_model(model_path, device)
     if checkpoint["run_id"] != config["run_id"]:
-        raise ValueError(f"{model_path}: model of run {checkpoint['run_id']}, but {run_config} is run "
+        raise ValueError(f"{model_path}: model of run {checkpoint['run_id']}, but the run config is run "
                          f"{config['run_id']}")
-    index = read_index(inputs["cache_index"])
+    index = read_index(inputs["cache"])
     test_ids = run_split(read_json(inputs["splits"]), spec.get("fold"), inputs["splits"])["test"]
     inference = spec["inference"]
     policy_text = ";".join(f"{key}={value}" for key, value in policy.as_dict().items())

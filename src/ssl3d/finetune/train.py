@@ -35,6 +35,7 @@ from ssl3d.io import atomic_path, read_json, write_json
 from ssl3d.manifest import run_manifest
 from ssl3d.finetune.losses import segmentation_loss
 from ssl3d.nets import predict_volume
+from ssl3d.plan import read_run
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ def load_cases(index: dict, case_ids: list[str]) -> list[dict]:
     return [load_cached_case(index["dir"] / index["cases"][case_id]["file"]) for case_id in case_ids]
 
 
-def finetune(run_config: str | Path, out_dir: str | Path, device: str = "cpu", workers: int = 0,
+def finetune(run_config: str | Path | dict, out_dir: str | Path, device: str = "cpu", workers: int = 0,
              log_every: int = 10) -> Path:
     """Train the run described by ``run_config`` (written by the workflow) into ``out_dir``; returns model.pt.
 
@@ -94,13 +95,13 @@ def finetune(run_config: str | Path, out_dir: str | Path, device: str = "cpu", w
     ``out_dir/checkpoints/last.pt`` is written every ``checkpoint_every`` steps; if it exists when this starts,
     training resumes from it.
     """
-    config = read_json(run_config)
+    config = read_run(run_config)
     run_id, spec, inputs = config["run_id"], config["spec"], config["inputs"]
     out_dir = Path(out_dir)
     device = torch.device(device)
     set_determinism(seed=spec["seed"])
 
-    index = read_index(inputs["cache_index"])
+    index = read_index(inputs["cache"])
     splits = run_split(read_json(inputs["splits"]), spec.get("fold"), inputs["splits"])
     classes = {int(k): v for k, v in index["classes"].items()}
     n_classes = len(classes)

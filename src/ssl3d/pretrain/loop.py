@@ -46,9 +46,10 @@ from ssl3d.data.cache import load_cached_case, read_index
 from ssl3d.data.sampling import SeededSamples
 from ssl3d.distributed import data_parallel, is_main
 from ssl3d.engine import Engine
-from ssl3d.io import atomic_path, read_json, write_json
+from ssl3d.io import atomic_path, write_json
 from ssl3d.manifest import run_manifest
 from ssl3d.nets import build_network
+from ssl3d.plan import read_run
 from ssl3d.pretrain.method import Method, make_config
 from ssl3d.pretrain.optim import build_optimizer, build_scheduler
 from ssl3d.pretrain.registry import get_method
@@ -72,13 +73,13 @@ class RegionViews(SeededSamples):
                 for key, view in self.method.make_views(region, rng).items()}
 
 
-def pretraining_pool(cache_indexes: list[str], cases: list[str]) -> tuple[list[np.ndarray], int]:
+def pretraining_pool(caches: list[str], cases: list[str]) -> tuple[list[np.ndarray], int]:
     """The (C, X, Y, Z) volumes of every cached dataset of the pool, in the order given, and their channel count C:
     each dataset's unlabelled cases, or all of them where its ``pretrain_cases`` is ``all`` (PGL pre-trains on
     every image of the MSD tasks, labelled ones too). One pool has one channel count (BraTS's four modalities
     pre-train HybridMIM's task-specific rows)."""
     volumes, channels = [], {}
-    for path, which in zip(cache_indexes, cases, strict=True):
+    for path, which in zip(caches, cases, strict=True):
         index = read_index(path)
         channels[path] = index.get("channels", 1)
         volumes += [load_cached_case(index["dir"] / case["file"])["image"] for case in index["cases"].values()
@@ -87,7 +88,7 @@ def pretraining_pool(cache_indexes: list[str], cases: list[str]) -> tuple[list[n
         raise ValueError(f"one pre-training pool mixes channel counts: {channels}; pre-train on datasets with the "
                          "same channels")
     if not volumes:
-        raise ValueError(f"{', '.join(cache_indexes)}: no cases to pre-train on (only labelled ones, and "
+        raise ValueError(f"{', '.join(caches)}: no cases to pre-train on (only labelled ones, and "
                          "pretrain_cases is not 'all')")
     return volumes, next(iter(channels.values()))
 
@@ -119,16 +120,16 @@ def check_transfer(method: Method) -> dict:
     return report.as_dict()
 
 
-def pretrain(run_config: str | Path, out_dir: str | Path, device: str = "cpu", workers: int = 0,
+def pretrain(run_config: str | Path | dict, out_dir: str | Path, device: str = "cpu", workers: int = 0,
              log_every: int = 10) -> Path:
     """Pre-train the run described by ``run_config`` into ``out_dir``; returns ``pretrained.pt``."""
-    config = read_json(run_config)
+    config = read_run(run_config)
     run_id, spec, inputs = config["run_id"], config["spec"], config["inputs"]
     out_dir = Path(out_dir)
     device = torch.device(device)
     set_determinism(seed=spec["seed"])
 
-    volumes, channels = pretraining_pool(inputs["cache_indexes"], [member["data"].get("pretrain_cases", "unlabelled")
+    volumes, channels = pretraining_pool(inputs["caches"], [member["data"].get("pretrain_cases", "unlabelled")
                                                                    for member in spec["pool"]])
     method = build_method(spec, channels).to(device)
     transfer_report = check_transfer(method)

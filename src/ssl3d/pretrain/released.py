@@ -11,7 +11,8 @@ Fetching (``ssl3d fetch-weights``, the workflow's ``fetch_weights`` rule; ``ssl3
 downloads an automatic entry with the datasets' resumable, verified download (``ssl3d.data.fetch``) or finds the
 user's copy of a manual one at ``<data_root>/weights/<name>/<file>``, then maps its keys onto the backbone and
 checks them (every tensor must land on a parameter or buffer of the backbone, with its shape; the mapped tensors
-must cover ``coverage`` of the backbone's encoder and decoder) before writing ``verified.json`` there last.
+must cover ``coverage`` of the backbone's encoder and decoder), then puts the file and ``verified.json`` in the
+folder ``<data_root>/weights/<name>/verified``.
 Fine-tuning loads it (``load_released``) through the same check and ``plan_transfer`` as a pre-training
 checkpoint, so its manifest holds the same transfer report. Files are read with ``torch.load(weights_only=True)``:
 third-party pickles never run code. This module is the registry alone, free of torch, since the workflow's plan

@@ -9,13 +9,14 @@ checkpoint (``ssl3d.pretrain.released``) goes through the same check, when it is
 from __future__ import annotations
 
 import logging
+import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
 from ssl3d.data.fetch import ManualDataMissing, download, verify_file
-from ssl3d.io import read_json, write_json
+from ssl3d.io import link_or_copy, read_json, replace_folder, staging_folder, write_json
 from ssl3d.nets import build_network, parameter_part
 from ssl3d.pretrain.method import Transfer
 from ssl3d.pretrain.released import ReleasedCheckpoint, get_released
@@ -138,7 +139,9 @@ def check_released(entry: ReleasedCheckpoint, state: dict, downstream: torch.nn.
 
 
 def fetch_released(entry: ReleasedCheckpoint, data_root: str | Path = Path("data")) -> Path:
-    """Download (or find) and check ``entry``'s file; returns ``<data_root>/weights/<name>/verified.json``."""
+    """Download (or find) and check ``entry``'s file; returns ``<data_root>/weights/<name>/verified``, a folder
+    that holds the file (a hard link where the file system allows it, else a copy) beside ``verified.json``: the
+    workflow's output, which a job on another machine receives whole."""
     path = entry.folder(data_root) / entry.file
     if entry.access == "automatic":
         download(list(entry.urls), path, entry.size, sha256=entry.sha256)  # which logs the sha256 to pin
@@ -150,19 +153,24 @@ def fetch_released(entry: ReleasedCheckpoint, data_root: str | Path = Path("data
     network = build_network(entry.backbone, in_channels=1, out_channels=2)
     _, report = check_released(entry, read_state(entry, path), network)
     log.info("%s: %d tensors fit %s (%s)", entry.name, report.loaded, entry.backbone["name"], report.fractions)
-    verified = entry.folder(data_root) / "verified.json"
-    write_json(verified, {"name": entry.name, "file": str(path), "size": record["size"], "sha256": record["sha256"],
-                          "pinned": entry.sha256 is not None, "transfer": report.as_dict()})
-    return verified
+    verified = entry.folder(data_root) / "verified"
+    work = staging_folder(verified)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    link_or_copy(path, work / entry.file)
+    write_json(work / "verified.json", {"name": entry.name, "file": entry.file, "size": record["size"],
+                                        "sha256": record["sha256"], "pinned": entry.sha256 is not None,
+                                        "transfer": report.as_dict()})
+    return replace_folder(work, verified)
 
 
 def load_released(downstream: torch.nn.Module, verified: str | Path) -> TransferReport:
-    """Initialise ``downstream`` from the released checkpoint that ``verified`` (fetch_released's record) names."""
-    record = read_json(verified)
+    """Initialise ``downstream`` from the released checkpoint in the folder ``verified`` (fetch_released's)."""
+    record = read_json(Path(verified) / "verified.json")
     entry = get_released(record["name"])
-    path = Path(record["file"])
+    path = Path(verified) / record["file"]
     if verify_file(path)["sha256"] != record["sha256"]:
-        raise TransferError(f"{path} changed since it was verified ({verified}); delete both and fetch again")
+        raise TransferError(f"{path} changed since it was verified ({verified}); delete {verified} and fetch again")
     load, report = check_released(entry, read_state(entry, path), downstream)
     downstream.load_state_dict(load, strict=False)
     return report

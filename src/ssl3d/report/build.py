@@ -97,7 +97,8 @@ class ReportOptions:
 @dataclass
 class ExperimentResults:
     """What an experiment left on disk: the per-case table and, per run (``<stage>/<run name>``), its folder,
-    manifest and step or training log."""
+    manifest and step or training log; ``caches``: where a preprocessed dataset that a run config names is, where
+    that is not the path it names (the workflow's local copies on a cluster without a shared file system)."""
     name: str
     per_case: pd.DataFrame
     run_dirs: dict[str, Path]
@@ -105,6 +106,7 @@ class ExperimentResults:
     step_logs: dict[str, pd.DataFrame]
     train_logs: dict[str, pd.DataFrame]
     skipped: dict[str, str]
+    caches: Mapping[str, str] = field(default_factory=dict)
 
     def by_run_id(self) -> dict[str, dict]:
         return {manifest["run_id"]: manifest for manifest in self.manifests.values()}
@@ -132,7 +134,7 @@ class ExperimentResults:
                                   self.method_of())
 
 
-def read_results(results_dir: str | Path) -> ExperimentResults:
+def read_results(results_dir: str | Path, caches: Mapping[str, str] | None = None) -> ExperimentResults:
     """The results of ``results/<experiment>``: ``per_case.csv``, and the manifests and logs of the runs behind it
     (module docstring). A run of the table without its manifest raises ``FileNotFoundError`` naming the folder."""
     results_dir = Path(results_dir)
@@ -157,7 +159,8 @@ def read_results(results_dir: str | Path) -> ExperimentResults:
                 logs[run] = pd.read_csv(folder / log_name)
     skipped_file = results_dir / "skipped.json"
     skipped = read_json(skipped_file) if skipped_file.is_file() else {}
-    return ExperimentResults(results_dir.name, per_case, run_dirs, manifests, step_logs, train_logs, skipped)
+    return ExperimentResults(results_dir.name, per_case, run_dirs, manifests, step_logs, train_logs, skipped,
+                             dict(caches or {}))
 
 
 # --- tables ---------------------------------------------------------------------------------------------------
@@ -346,7 +349,7 @@ def _qualitative(results: ExperimentResults, protocol: str, dataset: str, out: P
         model, checkpoint = load_model(folder / "model.pt", torch.device("cpu"))
         inputs, inference = read_json(folder / "config.json")["inputs"], checkpoint["spec"]["inference"]
         if case is None:
-            index = read_index(inputs["cache_index"])
+            index = read_index(results.caches.get(inputs["cache"], inputs["cache"]))
             case = load_cached_case(index["dir"] / index["cases"][case_id]["file"])
         name = f"{titles[line.init]} ({line.backbone})" if several else titles[line.init]
         predictions[name] = predict_volume(model, case["image"], inference["roi_size"], inference["overlap"],
@@ -523,9 +526,10 @@ def _environment(runs: pd.DataFrame) -> dict[str, str]:
             if column in runs and runs[column].notna().any()}
 
 
-def build_report(results_dir: str | Path, out_dir: str | Path, options: ReportOptions | None = None) -> Path:
+def build_report(results_dir: str | Path, out_dir: str | Path, options: ReportOptions | None = None,
+                 caches: Mapping[str, str] | None = None) -> Path:
     """Build ``out_dir`` (``reports/<experiment>``) from ``results_dir`` (``results/<experiment>``); returns the
-    path of ``index.html``. Progress is logged per stage."""
+    path of ``index.html``. Progress is logged per stage. ``caches``: as :class:`ExperimentResults`'."""
     options = options or ReportOptions()
     out_dir = Path(out_dir)
     started = time.perf_counter()
@@ -533,7 +537,7 @@ def build_report(results_dir: str | Path, out_dir: str | Path, options: ReportOp
     def progress(message: str) -> None:
         log.info("report %s: %s (%.1f s)", out_dir.name, message, time.perf_counter() - started)
 
-    results = read_results(results_dir)
+    results = read_results(results_dir, caches)
     progress(f"read {len(results.per_case)} per-case rows of {len(results.manifests)} runs")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     build = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
