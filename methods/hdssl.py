@@ -57,8 +57,8 @@ import torch.nn.functional as F
 from ssl3d.nets import build_network
 from ssl3d.pretrain.bricks.heads import voxel_projector
 from ssl3d.pretrain.bricks.losses import voxel_info_nce
-from ssl3d.pretrain.bricks.voxel_pairs import (VoxelContrastConfig, anchored_view_pair, pyramid_at_voxels,
-                                               split_body_mask, with_body_mask)
+from ssl3d.pretrain.bricks.voxel_pairs import (VoxelContrastConfig, pyramid_at_voxels, split_body_mask, view_pair,
+                                               view_pair_region, with_body_mask)
 from ssl3d.pretrain.hdssl_parts import AppearanceTransform, BalancedPyramid
 from ssl3d.pretrain.method import Method, Transfer
 
@@ -97,8 +97,7 @@ class HierarchicalDenseSSL(Method):
         self.augment = AppearanceTransform(local=config.local_augmentations)
 
     def region_size(self) -> tuple[int, int, int]:
-        """Two patches sharing a voxel lie within 2 x patch - 1 voxels per axis."""
-        return tuple(2 * size - 1 for size in self.config.patch_size)
+        return view_pair_region(self.config)
 
     def prepare_volume(self, volume: np.ndarray) -> np.ndarray:
         return with_body_mask(volume, self.config.body_threshold)
@@ -108,7 +107,7 @@ class HierarchicalDenseSSL(Method):
         region, mask = split_body_mask(region)
         pairs = []
         for _ in range(self.config.pairs_per_region):
-            pair = anchored_view_pair(region, mask, self.config.patch_size, self.config.max_voxels, rng)
+            pair = view_pair(self.config, region, mask, rng)
             pairs.append({"input1": self.augment(pair["view1"], rng), "input2": self.augment(pair["view2"], rng),
                           "target1": pair["view1"], "target2": pair["view2"],
                           "voxels1": pair["voxels1"], "voxels2": pair["voxels2"], "valid": pair["valid"]})

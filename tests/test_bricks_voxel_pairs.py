@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ssl3d.pretrain.bricks.voxel_pairs import (anchored_view_pair, body_mask, pyramid_at_voxels, split_body_mask,
-                                               with_body_mask)
+                                               transformed_view_pair, with_body_mask)
 
 
 def coordinate_region(size=(20, 18, 12)) -> np.ndarray:
@@ -152,3 +152,49 @@ def test_body_mask_floods_air_touching_the_in_plane_border_at_any_slice():
     assert not mask[20, 18].any()
     assert mask[body & (image >= 0.36)].all()
     assert not body_mask(np.full((8, 8, 4), 0.1), 0.36).any() and body_mask(np.full((8, 8, 4), 0.9), 0.36).all()
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_turned_and_zoomed_views_match_the_same_region_voxel(seed):
+    """Each view shows the region turned in-plane and zoomed; a matched voxel shows, in either view, the region
+    within one voxel per axis of the same body voxel (half a view voxel, zoomed by at most 1.4 and turned), once."""
+    rng = np.random.default_rng(seed)
+    region = coordinate_region((40, 36, 16))
+    mask = rng.random(region.shape[1:]) < 0.3
+    mask[:2], mask[-2:], mask[:, :2], mask[:, -2:], mask[..., :2], mask[..., -2:] = (False,) * 6  # away from the rim
+    pair = transformed_view_pair(region, mask, (10, 8, 6), 64, rng, rotation_degrees=45, rescale=(0.7, 1.4))
+    v1, v2 = matched(pair)
+    assert 1 <= len(v1) <= 64 and pair["view1"].shape == (3, 10, 8, 6)
+    assert np.all((v1 >= 0) & (v1 < (10, 8, 6))) and np.all((v2 >= 0) & (v2 < (10, 8, 6)))
+    at1 = pair["view1"][:, v1[:, 0], v1[:, 1], v1[:, 2]].T
+    at2 = pair["view2"][:, v2[:, 0], v2[:, 1], v2[:, 2]].T
+    for point1, point2 in zip(at1, at2):  # a body voxel within one voxel per axis of what both views show
+        low, high = np.ceil(np.maximum(point1, point2) - 1 - 1e-4), np.floor(np.minimum(point1, point2) + 1 + 1e-4)
+        assert np.all(low <= high) and mask[tuple(slice(int(a), int(b) + 1) for a, b in zip(low, high))].any()
+    assert len(np.unique(v1, axis=0)) == len(v1) and len(np.unique(v2, axis=0)) == len(v2)
+
+
+def test_a_turned_view_pair_without_turn_or_zoom_is_two_crops_matched_exactly():
+    rng = np.random.default_rng(3)
+    region = coordinate_region()
+    mask = rng.random(region.shape[1:]) < 0.3
+    pair = transformed_view_pair(region, mask, (10, 8, 6), 64, rng, rotation_degrees=0, rescale=(1, 1))
+    v1, v2 = matched(pair)
+    at1 = pair["view1"][:, v1[:, 0], v1[:, 1], v1[:, 2]].T
+    at2 = pair["view2"][:, v2[:, 0], v2[:, 1], v2[:, 2]].T
+    np.testing.assert_allclose(at1, at2, atol=1e-4)
+    assert mask[tuple(np.rint(at1).astype(int).T)].all()
+
+
+def test_the_anchor_is_matched_exactly_in_turned_views():
+    """A body of one voxel: it is the anchor, sampled on a voxel of each view, so both read its coordinates."""
+    region = coordinate_region((30, 30, 12))
+    mask = np.zeros(region.shape[1:], dtype=bool)
+    mask[14, 15, 6] = True
+    for seed in range(5):
+        pair = transformed_view_pair(region, mask, (8, 8, 4), 16, np.random.default_rng(seed), rotation_degrees=40,
+                                     rescale=(0.8, 1.3))
+        v1, v2 = matched(pair)
+        assert len(v1) == 1
+        np.testing.assert_allclose(pair["view1"][:, v1[0, 0], v1[0, 1], v1[0, 2]], (14, 15, 6), atol=1e-4)
+        np.testing.assert_allclose(pair["view2"][:, v2[0, 0], v2[0, 1], v2[0, 2]], (14, 15, 6), atol=1e-4)

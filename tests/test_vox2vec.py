@@ -48,9 +48,19 @@ def test_official_defaults():
     assert method.region_size() == (63, 63, 63)
 
 
-def test_there_is_no_rotation_setting_as_the_official_code_applies_none():
-    with pytest.raises(ValueError, match="unknown setting.*rotate_rescale"):
-        vox2vec(rotate_rescale=True)
+def test_rotation_and_rescale_are_a_switch_off_by_default_that_trains():
+    """Off as in the official code (its comment promises them); on, a step from the loader trains on turned and
+    zoomed views from a region grown to hold them."""
+    assert not get_method("vox2vec").Config().rotate_rescale
+    method = vox2vec(rotate_rescale=True, rotation_degrees=30, rescale=[0.8, 1.25])
+    assert method.region_size() == (2 * 55 - 1, 2 * 55 - 1, 2 * 40 - 1)  # ceil(32 x 1.25 x (cos 30° + sin 30°))
+    samples = RegionViews([ct_volume(seed=s) for s in range(2)], method, seed=0, length=2)
+    batch = next(iter(DataLoader(samples, batch_size=2)))
+    assert batch["valid"].sum(dim=1).min() > 0
+    loss = method.total_loss(method.loss_terms(batch))
+    assert torch.isfinite(loss)
+    with pytest.raises(ValueError, match="rescale"):
+        vox2vec(rotate_rescale=True, rescale=[1.2, 0.8])
 
 
 def test_the_projection_head_is_the_official_mlp():

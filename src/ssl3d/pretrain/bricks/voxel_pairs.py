@@ -35,6 +35,18 @@ class VoxelContrastConfig(MethodConfig):
     max_voxels: int = 1024
     temperature: float = 0.1
     projection_dim: int = 128
+    # Each view rotated in-plane by U(-rotation_degrees, rotation_degrees) and zoomed by U(*rescale) (see
+    # ``transformed_view_pair``): what the official vox2vec comment promises ("random rescale, rotation") and its
+    # code never does, so off by default
+    rotate_rescale: bool = False
+    rotation_degrees: float = 15.0
+    rescale: tuple[float, float] = (0.8, 1.2)
+
+    def __post_init__(self):
+        if not (0 <= self.rotation_degrees <= 180 and 0 < self.rescale[0] <= self.rescale[1]):
+            raise ValueError(f"rotation_degrees {self.rotation_degrees} / rescale {self.rescale}: want degrees in "
+                             "[0, 180] and 0 < low <= high")
+
 
 
 def body_mask(image: np.ndarray, threshold: float) -> np.ndarray:
@@ -107,6 +119,87 @@ def anchored_view_pair(region: np.ndarray, mask: np.ndarray, patch_size, max_vox
     valid[:len(voxels)] = True
     return {"view1": crop(start1), "view2": crop(start2), "voxels1": padded(voxels - start1),
             "voxels2": padded(voxels - start2), "valid": valid}
+
+
+def transformed_view_pair(region: np.ndarray, mask: np.ndarray, patch_size, max_voxels: int,
+                          rng: np.random.Generator, rotation_degrees: float,
+                          rescale: tuple[float, float]) -> dict[str, np.ndarray]:
+    """:func:`anchored_view_pair` with each view rotated about the slice axis (Z) and zoomed: its own angle
+    U(-rotation_degrees, rotation_degrees) and factor U(*rescale) (a factor s shows s x patch region voxels per
+    axis). In-plane only, because CT slices are thicker than their pixels; one factor for all axes.
+
+    A view voxel ``v`` shows the region at ``centre + A (v - (patch - 1) / 2)``, A the turn times the zoom,
+    resampled trilinearly (``scipy.ndimage.affine_transform``; 0 outside the region: air, outside the body). The
+    anchor sits on a view voxel drawn uniformly in each view. The matched voxels are the mask voxels that the first
+    view covers and the second contains, each at the nearest voxel of either view (within half a view voxel of
+    it: the same anatomy, up to the resampling), the anchor among them, subsampled to at most ``max_voxels``.
+    Hand-written: MONAI's random affine transforms resample one view but do not map voxel indices between two.
+    Returns what :func:`anchored_view_pair` returns.
+    """
+    size, patch = np.array(mask.shape), np.array(patch_size)
+    if region.shape[1:] != mask.shape:
+        raise ValueError(f"transformed_view_pair: region {region.shape[1:]} and mask {mask.shape} differ in size")
+    if not mask.any():
+        mask = np.ones_like(mask, dtype=bool)
+    body = np.flatnonzero(mask)
+    anchor = np.array(np.unravel_index(body[rng.integers(len(body))], mask.shape), dtype=float)
+    middle = (patch - 1) / 2
+    views, maps = [], []
+    for _ in range(2):
+        angle, zoom = np.radians(rng.uniform(-rotation_degrees, rotation_degrees)), rng.uniform(*rescale)
+        turn = np.array([[np.cos(angle), -np.sin(angle), 0.0], [np.sin(angle), np.cos(angle), 0.0], [0, 0, 1.0]])
+        matrix = turn * zoom
+        centre = anchor - matrix @ (rng.integers(0, patch) - middle)  # the anchor on a view voxel
+        offset = centre - matrix @ middle
+        views.append(np.stack([ndimage.affine_transform(channel, matrix, offset, output_shape=tuple(patch),
+                                                        order=1, cval=0.0) for channel in region]).astype(np.float32))
+        maps.append((matrix, offset))
+
+    def to_view(points, which):
+        matrix, offset = maps[which]
+        return np.rint((points - offset) @ np.linalg.inv(matrix).T).astype(np.int64)
+
+    matrix1, offset1 = maps[0]
+    grid = np.indices(tuple(patch)).reshape(3, -1).T
+    covered = np.rint(grid @ matrix1.T + offset1).astype(np.int64)  # the region voxel of every voxel of view 1
+    covered = covered[np.all((covered >= 0) & (covered < size), axis=1)]
+    covered = covered[mask[tuple(covered.T)]]
+    covered = np.array(np.unravel_index(np.unique(np.ravel_multi_index(covered.T, mask.shape)), mask.shape)).T
+    voxels1, voxels2 = to_view(covered, 0), to_view(covered, 1)
+    inside = np.all((voxels1 >= 0) & (voxels1 < patch) & (voxels2 >= 0) & (voxels2 < patch), axis=1)
+    voxels1, voxels2 = voxels1[inside], voxels2[inside]
+    for which in (0, 1):  # zoomed in, one view voxel can hold two region voxels: keep one
+        _, first = np.unique(np.ravel_multi_index((voxels1, voxels2)[which].T, patch), return_index=True)
+        voxels1, voxels2 = voxels1[np.sort(first)], voxels2[np.sort(first)]
+    if len(voxels1) > max_voxels:
+        keep = rng.choice(len(voxels1), max_voxels, replace=False)
+        voxels1, voxels2 = voxels1[keep], voxels2[keep]
+    valid = np.zeros(max_voxels, dtype=bool)
+    valid[:len(voxels1)] = True
+    padded1, padded2 = np.zeros((max_voxels, 3), dtype=np.int64), np.zeros((max_voxels, 3), dtype=np.int64)
+    padded1[:len(voxels1)], padded2[:len(voxels2)] = voxels1, voxels2
+    return {"view1": views[0], "view2": views[1], "voxels1": padded1, "voxels2": padded2, "valid": valid}
+
+
+def view_pair(config: VoxelContrastConfig, region: np.ndarray, mask: np.ndarray,
+              rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """A view pair of ``config``'s recipe: two crops (:func:`anchored_view_pair`), or with ``rotate_rescale``
+    rotated and zoomed views (:func:`transformed_view_pair`)."""
+    if config.rotate_rescale:
+        return transformed_view_pair(region, mask, config.patch_size, config.max_voxels, rng,
+                                     config.rotation_degrees, config.rescale)
+    return anchored_view_pair(region, mask, config.patch_size, config.max_voxels, rng)
+
+
+def view_pair_region(config: VoxelContrastConfig) -> tuple[int, int, int]:
+    """The region two views sharing a voxel lie within: 2 x footprint - 1 voxels per axis, the footprint being the
+    patch, or with ``rotate_rescale`` its extent at the largest zoom and in-plane turn (the corners of a view may
+    still reach past it: :func:`transformed_view_pair` pads with 0, outside the body)."""
+    if not config.rotate_rescale:
+        return tuple(2 * size - 1 for size in config.patch_size)
+    angle = np.radians(min(config.rotation_degrees, 45.0))
+    turn = (np.cos(angle) + np.sin(angle),) * 2 + (1.0,)
+    return tuple(2 * int(np.ceil(size * config.rescale[1] * t)) - 1 for size, t in zip(config.patch_size, turn))
 
 
 def pyramid_at_voxels(pyramid: list[torch.Tensor], strides, voxels: torch.Tensor) -> torch.Tensor:
