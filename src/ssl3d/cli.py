@@ -257,7 +257,7 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_preprocess)
 
     p = sub.add_parser("splits", help="write train/validation/test and nested label-fraction subsets")
-    p.add_argument("--index", required=True, help="index.json of the preprocessed dataset")
+    p.add_argument("--index", required=True, help="the preprocessed dataset: its folder (or index.json)")
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, required=True)
     p.add_argument("--validation", type=int, required=True)

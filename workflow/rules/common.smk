@@ -128,9 +128,11 @@ def run_record(wildcards):
     return json.dumps(run_config(run_entry(wildcards), wildcards.stage, RESULTS, DATA), sort_keys=True)
 
 
-# What the report reads of each run (declared, so that a cluster without a shared file system brings them to it)
-REPORTED = {"pretrain": ("manifest.json", "step_log.csv", "pretrain.benchmark.tsv"),
-            "finetune": ("manifest.json", "train_log.csv", "finetune.benchmark.tsv", "config.json", "model.pt")}
+# What the report reads of each run (declared, so that a cluster without a shared file system brings them to it).
+# Not the Snakemake benchmark files (a job's whole wall time): declared, they would re-run a run made by hand
+# (`ssl3d finetune --configfile`), which has none; where they are not at hand the report leaves that column empty.
+REPORTED = {"pretrain": ("manifest.json", "step_log.csv"),
+            "finetune": ("manifest.json", "train_log.csv", "config.json", "model.pt")}
 
 
 def report_inputs(wildcards):
