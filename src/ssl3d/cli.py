@@ -239,7 +239,7 @@ def parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
 
     p = sub.add_parser("fetch-weights", help="download (or find your copy of) a released checkpoint and check it "
-                                             "against its backbone; writes <data-root>/weights/<name>/verified.json")
+                                             "against its backbone; writes <data-root>/weights/<name>/verified/")
     p.add_argument("--name", required=True, help="the checkpoint's name (`ssl3d methods` lists them)")
     p.add_argument("--data-root", type=Path, default=data_root(), help="default: $SSL3D_DATA, else data")
     p.set_defaults(func=cmd_fetch_weights)

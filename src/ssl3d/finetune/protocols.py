@@ -71,7 +71,7 @@ class Downstream:
 def build_downstream(spec: dict, in_channels: int, out_channels: int, pretrained=None,
                      probe_features: str | None = None) -> Downstream:
     """The downstream model of ``spec`` for its protocol: its backbone network, initialised from the pre-training
-    checkpoint ``pretrained`` (a path: a pre-training run's ``pretrained.pt``, or the ``verified.json`` of the
+    checkpoint ``pretrained`` (a path: a pre-training run's ``pretrained.pt``, or the ``verified`` folder of the
     released checkpoint that ``spec["released"]`` names) when given, wrapped in a :class:`LinearProbe` for ``probe``.
 
     Fine-tuning calls it with ``pretrained``; evaluation calls it with the ``probe_features`` that ``model.pt``
