@@ -144,6 +144,19 @@ def test_each_profile_puts_every_training_job_on_its_device_with_loader_workers(
     assert "mem_mb=" not in result.stdout  # estimated only when asked for (SSL3D_DEVICE_CLASS), for a scheduler
 
 
+def test_the_kubernetes_profile_puts_every_training_job_on_a_gpu_with_a_storage_provider(tmp_path):
+    """Its plan, where its executor plugin is installed (it is no test dependency: it pulls the kubernetes client);
+    running it needs a cluster. The storage provider is the fs one, as the profile suggests for a shared volume."""
+    pytest.importorskip("snakemake_executor_plugin_kubernetes",
+                        reason='the kubernetes executor plugin: pip install -c requirements.lock -e ".[kubernetes]"')
+    result = dry_run_commands(tmp_path, "kubernetes", "--default-storage-provider", "fs",
+                              "--default-storage-prefix", str(tmp_path / "store"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = re.findall(r"python -m ssl3d --threads (\d+) (pretrain|finetune) .*?--device (\w+)", result.stdout)
+    assert {stage for _, stage, _ in jobs} == {"pretrain", "finetune"} and {d for _, _, d in jobs} == {"cuda"}
+    assert "gpu=1, gpu_manufacturer=nvidia" in result.stdout and "(retrieve from storage)" in result.stdout
+
+
 def test_a_scheduler_gets_each_training_jobs_memory_and_time_from_the_plan(tmp_path):
     """With a device class named, every training job carries the estimate's mem_mb and runtime (ssl3d.estimate)."""
     result = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory",
