@@ -96,7 +96,8 @@ def test_a_micro_dag_probes_and_fine_tunes_vox2vec_and_hdssl(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("rsync") is None, reason="the fs storage plugin copies with rsync: apt install rsync")
+@pytest.mark.skipif(shutil.which("rsync") is None, reason="rsync, a system program (no pip package), is missing: "
+                    "the fs storage plugin copies every file with it; apt install rsync")
 def test_a_dag_runs_with_no_shared_file_system_so_every_file_a_job_reads_is_declared(tmp_path):
     """As on a cluster whose jobs share no file system (profiles/kubernetes): every input and output goes through a
     storage provider, here a folder (snakemake-storage-plugin-fs), and a job sees only the files it declares, in

@@ -100,6 +100,21 @@ def replace_folder(work: Path, dest: str | os.PathLike) -> Path:
     return dest
 
 
+@contextmanager
+def built_folder(dest: str | os.PathLike, resume: bool = False) -> Iterator[Path]:
+    """Yield the staging folder of ``dest`` to build it in; once the block succeeds it replaces ``dest`` whole. It
+    starts empty, or with ``resume`` holds what a failed or killed run left in it (or, on a rerun by hand, the
+    previous ``dest``) for the block to reuse; a failure leaves it for the next run."""
+    dest, work = Path(dest), staging_folder(dest)
+    if resume and dest.exists() and not work.exists():
+        os.replace(dest, work)
+    elif not resume:
+        shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    yield work
+    replace_folder(work, dest)
+
+
 def link_or_copy(source: Path, target: Path) -> None:
     """``target`` as a hard link to ``source`` (no bytes copied), or a copy where the file system has none."""
     try:

@@ -322,7 +322,7 @@ def run_files(entry: dict, stage: str, results: str | Path, data: str | Path) ->
     if "pretrain_run" in entry:
         files["pretrained"] = f"{results}/pretrain/{entry['pretrain_run']}/pretrained.pt"
     if "released" in entry:
-        files["pretrained"] = f"{data}/weights/{entry['released']}/verified"
+        files["pretrained"] = str(released_checkpoints()[entry["released"]].verified(data))
     return files
 
 

@@ -161,7 +161,7 @@ def config_problems(config: dict) -> list[str]:
                             "finetune.inits says which one it means")
         elif init in released_checkpoints():
             released = released_checkpoints()[init]
-            copy = released.folder(data_root()) / released.file
+            copy = released.copy(data_root())
             if released.access == "manual" and not copy.is_file():
                 problems.append(f"finetune.inits: {init}: no copy at {copy}; {released.instructions.strip()}")
     problems += [f"finetune.per_backbone.{name}: unknown backbone; known: {', '.join(sorted(BACKBONES))}"

@@ -98,7 +98,7 @@ def released_copy(wildcards):
     """The user's copy of a manual released checkpoint (checked when the plan is made, ssl3d.validate), so that it
     reaches a job that runs on another machine; an automatic one is downloaded by the job."""
     entry = released_checkpoints()[wildcards.checkpoint]
-    return str(entry.folder(DATA) / entry.file) if entry.access == "manual" else []
+    return str(entry.copy(DATA)) if entry.access == "manual" else []
 
 
 def preprocess_options(wildcards):
@@ -135,22 +135,25 @@ REPORTED = {"pretrain": ("manifest.json", "step_log.csv"),
             "finetune": ("manifest.json", "train_log.csv", "config.json", "model.pt")}
 
 
+# the preprocessed datasets whose test cases the report's qualitative figures show
+REPORT_CACHES = sorted({run_files(entry, "finetune", RESULTS, DATA)["cache"] for entry in RUNS.values()})
+
+
 def report_inputs(wildcards):
-    """The report's inputs by role: the tables, every run's files it reads, and the preprocessed datasets whose
-    test cases its qualitative figures show."""
+    """The report's inputs by role: the tables, every run's files it reads, and its preprocessed datasets."""
     pretrain_runs = sorted({entry["pretrain_run"] for entry in RUNS.values() if "pretrain_run" in entry})
     return {
         "per_case": f"{RESULTS}/per_case.csv",
         "skipped": f"{RESULTS}/skipped.json",
         "runs": [f"{RESULTS}/{stage}/{run}/{name}" for stage, runs in (("pretrain", pretrain_runs), ("finetune", RUNS))
                  for run in runs for name in REPORTED[stage]],
-        "caches": sorted({run_files(entry, "finetune", RESULTS, DATA)["cache"] for entry in RUNS.values()}),
+        "caches": REPORT_CACHES,
     }
 
 
 def local_caches(wildcards, input):
     """The report's preprocessed datasets where this job has them, as JSON {path the run configs name: path}."""
-    return json.dumps(dict(zip(report_inputs(wildcards)["caches"], map(str, input.caches))), sort_keys=True)
+    return json.dumps(dict(zip(REPORT_CACHES, map(str, input.caches))), sort_keys=True)
 
 
 def input_dir(wildcards, input):

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from pathlib import Path
 
 from ssl3d.data.convert import convert
 from ssl3d.data.fetch import ManualDataMissing, download, safe_extract, verify_manual
 from ssl3d.data.files import manual_copy
 from ssl3d.data.registry import Archive, get_entry, source_dir
-from ssl3d.io import read_json, replace_folder, staging_folder, write_json
+from ssl3d.io import built_folder, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -59,21 +58,17 @@ def fetch_dataset(name: str, settings: dict, data_root: Path = Path("data")) -> 
     sources = source_dir(name, data_root)
     if entry.access == "unavailable":
         raise ManualDataMissing(name, sources, f"{entry.title} cannot be obtained by the suite. {entry.substitute}")
-    work = staging_folder(sources)
-    if sources.exists() and not work.exists():
-        os.replace(sources, work)  # a rerun by hand: what was downloaded before is verified, not fetched again
-    work.mkdir(parents=True, exist_ok=True)
-    if entry.access == "manual":
-        copy = manual_copy(name, settings, data_root)
-        if not copy.exists():
-            raise ManualDataMissing(name, copy, entry.instructions)
-        record = {"access": "manual", "path": str(copy.resolve()),
-                  **verify_manual(copy, entry.verify, Path(data_root) / "manifests" / f"{name}.json")}
-    else:
-        record = {"access": "automatic",
-                  "archives": [str(_fetch_archive(archive, work).relative_to(work)) for archive in entry.archives]}
-    write_json(work / "verified.json", {"dataset": name, "entry": entry.name, **record})
-    replace_folder(work, sources)
+    with built_folder(sources, resume=True) as work:  # downloads resume; verified ones are not fetched again
+        if entry.access == "manual":
+            copy = manual_copy(name, settings, data_root)
+            if not copy.exists():
+                raise ManualDataMissing(name, copy, entry.instructions)
+            record = {"access": "manual", "path": str(copy.resolve()),
+                      **verify_manual(copy, entry.verify, Path(data_root) / "manifests" / f"{name}.json")}
+        else:
+            record = {"access": "automatic", "archives": [str(_fetch_archive(archive, work).relative_to(work))
+                                                          for archive in entry.archives]}
+        write_json(work / "verified.json", {"dataset": name, "entry": entry.name, **record})
     log.info("%s: verified (%s)", name, entry.access)
     return sources / "verified.json"
 
@@ -93,12 +88,11 @@ def prepare_dataset(name: str, settings: dict, data_root: Path = Path("data")) -
     if source == "phantom":
         from ssl3d.data.phantom import write_phantom_dataset
 
-        work = staging_folder(out)
-        shutil.rmtree(work, ignore_errors=True)  # phantoms are made again in seconds
-        write_phantom_dataset(work, n_labelled=settings["labelled"], n_unlabelled=settings["unlabelled"],
-                              seed=settings["seed"], shape=tuple(settings["shape"]),
-                              spacing=tuple(settings["spacing"]))
-        return replace_folder(work, out) / "dataset.json"
+        with built_folder(out) as work:  # phantoms are made again in seconds
+            write_phantom_dataset(work, n_labelled=settings["labelled"], n_unlabelled=settings["unlabelled"],
+                                  seed=settings["seed"], shape=tuple(settings["shape"]),
+                                  spacing=tuple(settings["spacing"]))
+        return out / "dataset.json"
     if source == "folder":
         options = {key: settings[key] for key in ("labels", "labels_map", "modality") if key in settings}
         return convert("folder", Path(settings["images"]), out, **options)  # the images (folder or glob) are the source

@@ -28,7 +28,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -37,7 +36,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ssl3d.data.dataset import Case, DataError, check_same_grid, load_nifti, read_dataset
-from ssl3d.io import atomic_path, link_or_copy, read_json, replace_folder, staging_folder, write_json
+from ssl3d.io import atomic_path, built_folder, link_or_copy, read_json, write_json
 
 if TYPE_CHECKING:  # the recipes import MONAI (seconds): readers of the cache (`ssl3d splits`) skip it
     from ssl3d.data.recipes import Recipe
@@ -186,23 +185,21 @@ def preprocess_dataset(dataset_root: str | Path, recipe: Recipe, out_dir: str | 
         raise ValueError(f"{dataset_root}: cases have different numbers of image channels ({sorted(counts)})")
     for stale in {path.name for path in store.glob("*.npz")} - {case["file"] for case in cases.values()}:
         (store / stale).unlink()  # a case the dataset no longer has
-    work = staging_folder(out_dir)
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir()
-    for case in cases.values():
-        link_or_copy(store / case["file"], work / case["file"])
-    write_json(work / "index.json", {
-        "dataset": dataset.name,
-        "recipe": recipe.__dict__,
-        "recipe_hash": recipe.hash,
-        "options": {"nonfinite": nonfinite, "undeclared_labels": undeclared_labels},
-        "classes": {str(k): v for k, v in (classes or dataset.labels).items() if int(k) != 0},
-        "channels": counts.pop() if counts else 1,
-        **({"regions": regions} if regions else {}),
-        "seconds": round(time.perf_counter() - start, 3),
-        "cases": cases,
-    })
-    return replace_folder(work, out_dir) / "index.json"
+    with built_folder(out_dir) as work:
+        for case in cases.values():
+            link_or_copy(store / case["file"], work / case["file"])
+        write_json(work / "index.json", {
+            "dataset": dataset.name,
+            "recipe": recipe.__dict__,
+            "recipe_hash": recipe.hash,
+            "options": {"nonfinite": nonfinite, "undeclared_labels": undeclared_labels},
+            "classes": {str(k): v for k, v in (classes or dataset.labels).items() if int(k) != 0},
+            "channels": counts.pop() if counts else 1,
+            **({"regions": regions} if regions else {}),
+            "seconds": round(time.perf_counter() - start, 3),
+            "cases": cases,
+        })
+    return out_dir / "index.json"
 
 
 def case_store(out_dir: Path) -> Path:

@@ -131,6 +131,14 @@ class ReleasedCheckpoint:
     def folder(self, data_root: str | Path) -> Path:
         return Path(data_root) / "weights" / self.name
 
+    def copy(self, data_root: str | Path) -> Path:
+        """Where the file is downloaded to, or where the user puts a manual one."""
+        return self.folder(data_root) / self.file
+
+    def verified(self, data_root: str | Path) -> Path:
+        """The folder of the checked file and its ``verified.json`` (``ssl3d.pretrain.transfer.fetch_released``)."""
+        return self.folder(data_root) / "verified"
+
 
 def _renamed(key: str, renames: dict) -> str:
     for old, new in renames.items():

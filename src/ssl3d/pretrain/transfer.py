@@ -9,14 +9,13 @@ checkpoint (``ssl3d.pretrain.released``) goes through the same check, when it is
 from __future__ import annotations
 
 import logging
-import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
 from ssl3d.data.fetch import ManualDataMissing, download, verify_file
-from ssl3d.io import link_or_copy, read_json, replace_folder, staging_folder, write_json
+from ssl3d.io import built_folder, link_or_copy, read_json, write_json
 from ssl3d.nets import build_network, parameter_part
 from ssl3d.pretrain.method import Transfer
 from ssl3d.pretrain.released import ReleasedCheckpoint, get_released
@@ -142,7 +141,7 @@ def fetch_released(entry: ReleasedCheckpoint, data_root: str | Path = Path("data
     """Download (or find) and check ``entry``'s file; returns ``<data_root>/weights/<name>/verified``, a folder
     that holds the file (a hard link where the file system allows it, else a copy) beside ``verified.json``: the
     workflow's output, which a job on another machine receives whole."""
-    path = entry.folder(data_root) / entry.file
+    path = entry.copy(data_root)
     if entry.access == "automatic":
         download(list(entry.urls), path, entry.size, sha256=entry.sha256)  # which logs the sha256 to pin
     elif not path.is_file():
@@ -153,15 +152,12 @@ def fetch_released(entry: ReleasedCheckpoint, data_root: str | Path = Path("data
     network = build_network(entry.backbone, in_channels=1, out_channels=2)
     _, report = check_released(entry, read_state(entry, path), network)
     log.info("%s: %d tensors fit %s (%s)", entry.name, report.loaded, entry.backbone["name"], report.fractions)
-    verified = entry.folder(data_root) / "verified"
-    work = staging_folder(verified)
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    link_or_copy(path, work / entry.file)
-    write_json(work / "verified.json", {"name": entry.name, "file": entry.file, "size": record["size"],
-                                        "sha256": record["sha256"], "pinned": entry.sha256 is not None,
-                                        "transfer": report.as_dict()})
-    return replace_folder(work, verified)
+    with built_folder(entry.verified(data_root)) as work:
+        link_or_copy(path, work / entry.file)
+        write_json(work / "verified.json", {"name": entry.name, "file": entry.file, "size": record["size"],
+                                            "sha256": record["sha256"], "pinned": entry.sha256 is not None,
+                                            "transfer": report.as_dict()})
+    return entry.verified(data_root)
 
 
 def load_released(downstream: torch.nn.Module, verified: str | Path) -> TransferReport:

@@ -94,31 +94,40 @@ def anchored_view_pair(region: np.ndarray, mask: np.ndarray, patch_size, max_vox
     if region.shape[1:] != mask.shape or np.any(patch > size):
         raise ValueError(f"anchored_view_pair: region {region.shape[1:]} and mask {mask.shape} must have the same "
                          f"size, at least the patch {tuple(patch)}")
-    if not mask.any():
-        mask = np.ones_like(mask, dtype=bool)
-    body = np.flatnonzero(mask)
-    anchor = np.array(np.unravel_index(body[rng.integers(len(body))], mask.shape))
+    mask, anchor = _anchor(mask, rng)
     low, high = np.maximum(0, anchor - patch + 1), np.minimum(size - patch, anchor)
     start1, start2 = rng.integers(low, high + 1), rng.integers(low, high + 1)
 
     shared_start, shared_stop = np.maximum(start1, start2), np.minimum(start1, start2) + patch
     shared = mask[tuple(slice(a, b) for a, b in zip(shared_start, shared_stop))]
     voxels = np.argwhere(shared) + shared_start
-    if len(voxels) > max_voxels:
-        voxels = voxels[rng.choice(len(voxels), max_voxels, replace=False)]
 
     def crop(start):
         return region[(slice(None), *(slice(a, a + p) for a, p in zip(start, patch)))].astype(np.float32)
 
-    def padded(rows):
-        out = np.zeros((max_voxels, 3), dtype=np.int64)
-        out[:len(rows)] = rows
-        return out
+    return _view_pair(crop(start1), crop(start2), voxels - start1, voxels - start2, max_voxels, rng)
 
+
+def _anchor(mask: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """The body mask (all body where it is empty) and an anchor voxel drawn uniformly from it."""
+    if not mask.any():
+        mask = np.ones_like(mask, dtype=bool)
+    body = np.flatnonzero(mask)
+    return mask, np.array(np.unravel_index(body[rng.integers(len(body))], mask.shape))
+
+
+def _view_pair(view1: np.ndarray, view2: np.ndarray, voxels1: np.ndarray, voxels2: np.ndarray, max_voxels: int,
+               rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """A pair's record: its matched voxels subsampled without replacement to at most ``max_voxels`` and padded
+    with zero rows to ``max_voxels``, ``valid`` marking the real ones."""
+    if len(voxels1) > max_voxels:
+        keep = rng.choice(len(voxels1), max_voxels, replace=False)
+        voxels1, voxels2 = voxels1[keep], voxels2[keep]
     valid = np.zeros(max_voxels, dtype=bool)
-    valid[:len(voxels)] = True
-    return {"view1": crop(start1), "view2": crop(start2), "voxels1": padded(voxels - start1),
-            "voxels2": padded(voxels - start2), "valid": valid}
+    valid[:len(voxels1)] = True
+    padded1, padded2 = np.zeros((max_voxels, 3), dtype=np.int64), np.zeros((max_voxels, 3), dtype=np.int64)
+    padded1[:len(voxels1)], padded2[:len(voxels2)] = voxels1, voxels2
+    return {"view1": view1, "view2": view2, "voxels1": padded1, "voxels2": padded2, "valid": valid}
 
 
 def transformed_view_pair(region: np.ndarray, mask: np.ndarray, patch_size, max_voxels: int,
@@ -139,10 +148,7 @@ def transformed_view_pair(region: np.ndarray, mask: np.ndarray, patch_size, max_
     size, patch = np.array(mask.shape), np.array(patch_size)
     if region.shape[1:] != mask.shape:
         raise ValueError(f"transformed_view_pair: region {region.shape[1:]} and mask {mask.shape} differ in size")
-    if not mask.any():
-        mask = np.ones_like(mask, dtype=bool)
-    body = np.flatnonzero(mask)
-    anchor = np.array(np.unravel_index(body[rng.integers(len(body))], mask.shape), dtype=float)
+    mask, anchor = _anchor(mask, rng)
     middle = (patch - 1) / 2
     views, maps = [], []
     for _ in range(2):
@@ -171,14 +177,7 @@ def transformed_view_pair(region: np.ndarray, mask: np.ndarray, patch_size, max_
     for which in (0, 1):  # zoomed in, one view voxel can hold two region voxels: keep one
         _, first = np.unique(np.ravel_multi_index((voxels1, voxels2)[which].T, patch), return_index=True)
         voxels1, voxels2 = voxels1[np.sort(first)], voxels2[np.sort(first)]
-    if len(voxels1) > max_voxels:
-        keep = rng.choice(len(voxels1), max_voxels, replace=False)
-        voxels1, voxels2 = voxels1[keep], voxels2[keep]
-    valid = np.zeros(max_voxels, dtype=bool)
-    valid[:len(voxels1)] = True
-    padded1, padded2 = np.zeros((max_voxels, 3), dtype=np.int64), np.zeros((max_voxels, 3), dtype=np.int64)
-    padded1[:len(voxels1)], padded2[:len(voxels2)] = voxels1, voxels2
-    return {"view1": views[0], "view2": views[1], "voxels1": padded1, "voxels2": padded2, "valid": valid}
+    return _view_pair(views[0], views[1], voxels1, voxels2, max_voxels, rng)
 
 
 def view_pair(config: VoxelContrastConfig, region: np.ndarray, mask: np.ndarray,
