@@ -24,7 +24,7 @@ import time
 import numpy as np
 import torch
 
-from ssl3d.engine import forward_autocast
+from ssl3d.engine import forward_autocast, to_device
 from ssl3d.finetune.losses import segmentation_loss
 from ssl3d.nets import build_network
 from ssl3d.pretrain.method import make_config
@@ -54,20 +54,23 @@ def timed_steps(views, step, device: torch.device, warmup: int, steps: int) -> t
 
 
 def pretraining_step(args, device: torch.device, precision: str = "auto"):
-    """(make a batch of views, run one step) for the method; its forward at ``precision`` as the training engine
-    runs it (``auto``: bf16 autocast on CUDA, float32 on CPU)."""
+    """(make a batch of views, run one step) for the method; its forward at ``precision`` and in the memory order
+    of its ``channels_last`` setting, as the training engine runs it (``auto``: bf16 autocast on CUDA, float32 on
+    CPU)."""
     cls = get_method(args.method)
     config = make_config(cls.Config, json.loads(args.settings))
     torch.manual_seed(0)
     method = cls(config, json.loads(args.backbone)).to(device)
+    if config.channels_last:
+        method.to(memory_format=torch.channels_last_3d)
     optimizer = build_optimizer(method, config.optimizer)
     rng = np.random.default_rng(0)
     region = method.prepare_volume(rng.random((1, *method.region_size()), dtype=np.float32))
 
     def views():
         samples = [method.make_views(region, rng) for _ in range(config.batch_size)]
-        return {key: torch.from_numpy(np.stack([np.asarray(s[key], dtype=np.float32) for s in samples])).to(device)
-                for key in samples[0]}
+        return to_device({key: torch.from_numpy(np.stack([np.asarray(s[key], dtype=np.float32) for s in samples]))
+                          for key in samples[0]}, device, config.channels_last)
 
     def step(batch, i):
         with forward_autocast(device, precision):

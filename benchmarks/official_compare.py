@@ -20,9 +20,12 @@ Usage (``--official`` is the repository root; a checkout at another commit is wa
     python benchmarks/official_compare.py hybridmim_unet --official /tmp/HybridMIM --scale 0.67 --repeats 3
     python benchmarks/official_compare.py models_genesis --official /tmp/ModelsGenesis --repeats 5 --warmup 1
     python benchmarks/official_compare.py models_genesis --official /tmp/ModelsGenesis --precision bfloat16
+    python benchmarks/official_compare.py models_genesis --official /tmp/ModelsGenesis --channels-last
 
 ``--precision bfloat16`` runs our forward pass under bf16 autocast (the training engine's ``precision:
 bfloat16``) against the official float32 step: faster on a CPU with AMX or AVX512-BF16, at bf16's numerics.
+``--channels-last`` runs ours in channels_last_3d memory order (the method setting ``channels_last``): float32,
+the same sums in another order.
 
 It prints the median seconds per step of each side with their interquartile range and the median seconds of its
 optimizer step alone, the median of the paired ratios ours / official (round i's ours over round i's official)
@@ -282,27 +285,31 @@ def official_swinunetr_ssl(source: Path, size: int, batch: int) -> Step:
     return training_step(loss, optimizer)
 
 
-def our_step(method: str, shape, batch: int, precision: str = "auto") -> Step:
+def our_step(method: str, shape, batch: int, precision: str = "auto", channels_last: bool = False) -> Step:
     """Our method as the training engine runs a step (``ssl3d.engine``): loss terms (under bf16 autocast at
-    ``precision: bfloat16``) -> weighted total, zero_grad, backward, the optimizer of the method's config; views
-    made before timing by the method's ``make_views``."""
-    from ssl3d.engine import forward_autocast
+    ``precision: bfloat16``; networks and views in channels_last_3d order with ``channels_last``) -> weighted
+    total, zero_grad, backward, the optimizer of the method's config; views made before timing by the method's
+    ``make_views``."""
+    from ssl3d.engine import forward_autocast, to_device
     from ssl3d.pretrain.method import make_config
     from ssl3d.pretrain.optim import build_optimizer
     from ssl3d.pretrain.registry import get_method
 
     name, backbone, settings = OURS[method]
     cls = get_method(name)
-    config = make_config(cls.Config, {**settings, "patch_size": list(shape), "batch_size": batch})
+    config = make_config(cls.Config, {**settings, "patch_size": list(shape), "batch_size": batch,
+                                      "channels_last": channels_last})
     torch.manual_seed(0)
     model = cls(config, backbone)
     model.train()
+    if channels_last:
+        model.to(memory_format=torch.channels_last_3d)
     optimizer = build_optimizer(model, config.optimizer)
     rng = np.random.default_rng(1)
     region = model.prepare_volume(rng.random((1, *model.region_size()), dtype=np.float32))
     samples = [model.make_views(region, rng) for _ in range(batch)]
-    views = {key: torch.from_numpy(np.stack([np.asarray(s[key], dtype=np.float32) for s in samples]))
-             for key in samples[0]}
+    views = to_device({key: torch.from_numpy(np.stack([np.asarray(s[key], dtype=np.float32) for s in samples]))
+                       for key in samples[0]}, torch.device("cpu"), channels_last)
     steps = itertools.count()
     def loss():
         with forward_autocast(torch.device("cpu"), precision):
@@ -413,7 +420,7 @@ def summarise(method: str, shape, batch: int, args, measured: dict) -> dict:
              for side in ("official", "ours")}
     q1, median, q3 = quartiles(ratios)
     return {"method": method, "shape": list(shape), "batch": batch, "scale": args.scale, "threads": args.threads,
-            "precision_ours": args.precision,
+            "precision_ours": args.precision, "channels_last_ours": args.channels_last,
             "repeats": args.repeats, "warmup": args.warmup, "anomaly_official": args.anomaly,
             "official_commit": git_commit(args.official), "torch": torch.__version__,
             "official": sides["official"], "ours": sides["ours"],
@@ -425,7 +432,8 @@ def report(result: dict) -> str:
     shape = "x".join(map(str, result["shape"]))
     lines = [f"{result['method']}: {shape} x {result['batch']}, {result['threads']} threads, {result['repeats']} "
              f"paired repeats after {result['warmup']} warm-up, torch {result['torch']}, ours at precision "
-             f"{result['precision_ours']} (official float32)",
+             f"{result['precision_ours']}{' in channels_last_3d order' if result['channels_last_ours'] else ''} "
+             "(official float32)",
              f"  {'':9} {'median s/step':>14} {'IQR':>20} {'of which optimizer':>19} {'peak step memory':>17}"]
     for side in ("official", "ours"):
         s = result[side]
@@ -450,6 +458,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="run the official step under autograd anomaly detection, as its main.py does")
     parser.add_argument("--precision", choices=["auto", "bfloat16"], default="auto",
                         help="ours: float32 (auto, on CPU: the equal-numerics comparison) or bf16 autocast")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="ours: networks and views in channels_last_3d order (the method setting channels_last)")
     parser.add_argument("--json", type=Path, help="also write the result here")
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0 or args.threads < 1 or args.scale <= 0:
@@ -459,7 +469,7 @@ def main(argv: list[str] | None = None) -> dict:
     shape, batch = shape_and_batch(args.method, args.scale)
     with redirect_stdout(sys.stderr):  # the official constructors print their settings
         official = official_step(args.method, source, shape, batch)
-    ours = our_step(args.method, shape, batch, args.precision)
+    ours = our_step(args.method, shape, batch, args.precision, args.channels_last)
     result = summarise(args.method, shape, batch, args, alternate(official, ours, args.warmup, args.repeats,
                                                                    args.anomaly))
     print(report(result))

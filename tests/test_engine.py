@@ -16,6 +16,8 @@ from ssl3d.data.sampling import SeededSamples
 from ssl3d.engine import Engine, NonFiniteLoss, core_left_for_batches, drawn_ahead, to_device
 from ssl3d.finetune.train import finetune
 from ssl3d.io import read_json
+from ssl3d.nets import build_network
+from ssl3d.pretrain.transfer import load_pretrained
 
 from conftest import pretrain_config, run_config
 
@@ -204,10 +206,9 @@ def test_a_non_finite_pretraining_loss_writes_nothing_final(tiny_index, tmp_path
     assert (out / "checkpoints" / "last.pt").exists()  # step 1's: a re-run resumes after it
 
 
-def test_channels_last_trains_the_same_network_in_another_memory_order(config, tmp_path, monkeypatch):
-    """``channels_last``: the network's convolution weights are in channels_last_3d order while it trains (its
-    batches: the next test); the losses equal the default order's to rounding, and model.pt loads into a plain
-    network."""
+def conv_weight_orders(monkeypatch) -> list[bool]:
+    """Filled, for each training forward of a Conv3d whose weight has two orders, with whether the weight is in
+    channels_last_3d order."""
     seen = []
     forward = torch.nn.Conv3d.forward
 
@@ -217,6 +218,14 @@ def test_channels_last_trains_the_same_network_in_another_memory_order(config, t
         return forward(self, x)
 
     monkeypatch.setattr(torch.nn.Conv3d, "forward", recording)
+    return seen
+
+
+def test_channels_last_trains_the_same_network_in_another_memory_order(config, tmp_path, monkeypatch):
+    """``channels_last``: the network's convolution weights are in channels_last_3d order while it trains (its
+    batches: the next test); the losses equal the default order's to rounding, and model.pt loads into a plain
+    network."""
+    seen = conv_weight_orders(monkeypatch)
     logs = {}
     for channels_last in (False, True):
         seen.clear()
@@ -229,6 +238,24 @@ def test_channels_last_trains_the_same_network_in_another_memory_order(config, t
     assert np.allclose(logs[True]["loss"], logs[False]["loss"], rtol=1e-4)
     network = train.build_downstream(saved["spec"], 1, len(saved["classes"]) + 1).model
     network.load_state_dict(saved["weights"])
+
+
+def test_channels_last_pretrains_the_same_method_in_another_memory_order(tiny_index, tmp_path, monkeypatch):
+    """A method's ``channels_last`` setting: its networks train in channels_last_3d order, the losses equal the
+    default order's to rounding, and the pre-trained weights load into a plain downstream network."""
+    seen = conv_weight_orders(monkeypatch)
+    logs = {}
+    for channels_last in (False, True):
+        seen.clear()
+        out = tmp_path / str(channels_last)
+        settings = {"patch_size": [32, 32, 32], "batch_size": 2, "channels_last": channels_last}
+        pretrained = loop.pretrain(pretrain_config(tmp_path / "pre.json", tiny_index, method_config=settings,
+                                                   steps=3, checkpoint_every=3), out)
+        assert seen and all(seen) == channels_last and any(seen) == channels_last
+        logs[channels_last] = pd.read_csv(out / "step_log.csv")["loss"]
+    assert np.allclose(logs[True], logs[False], rtol=1e-4)
+    downstream = build_network({"name": "basicunet", "features": [4, 4, 8, 8, 16, 4]}, 1, 2)
+    assert load_pretrained(downstream, pretrained, "basicunet").loaded > 0
 
 
 def test_precision_bfloat16_runs_the_convolutions_under_cpu_autocast(config, tmp_path, monkeypatch):

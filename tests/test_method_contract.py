@@ -168,6 +168,8 @@ def test_config_defaults_are_the_papers_and_unknown_overrides_are_named():
         make_config(get_method("byol").Config, {"lr": 0.1})
     with pytest.raises(ValueError, match="BYOLConfig.precision: 'fp16' is not one of auto, float32, bfloat16"):
         make_config(get_method("byol").Config, {"precision": "fp16"})
+    with pytest.raises(ValueError, match="BYOLConfig.channels_last: 'yes' is not true or false"):
+        make_config(get_method("byol").Config, {"channels_last": "yes"})
 
 
 def test_methods_from_installed_packages_are_discovered(monkeypatch, tmp_path):

@@ -103,6 +103,6 @@ def test_killed_pretraining_resumes_and_matches_uninterrupted(method, tiny_index
 def test_a_pool_takes_the_unlabelled_cases_or_all_of_them(tiny_index):
     from ssl3d.pretrain.loop import pretraining_pool
 
-    volumes, channels = pretraining_pool([str(tiny_index)], ["unlabelled"])
-    assert len(volumes) == 1 and channels == 1  # the tiny phantom: 5 labelled + 1
+    files, channels = pretraining_pool([str(tiny_index)], ["unlabelled"])
+    assert len(files) == 1 and channels == 1  # the tiny phantom: 5 labelled + 1
     assert len(pretraining_pool([str(tiny_index)] * 2, ["unlabelled", "all"])[0]) == 1 + 6

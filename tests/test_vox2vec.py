@@ -54,7 +54,7 @@ def test_rotation_and_rescale_are_a_switch_off_by_default_that_trains():
     assert not get_method("vox2vec").Config().rotate_rescale
     method = vox2vec(rotate_rescale=True, rotation_degrees=30, rescale=[0.8, 1.25])
     assert method.region_size() == (2 * 55 - 1, 2 * 55 - 1, 2 * 40 - 1)  # ceil(32 x 1.25 x (cos 30° + sin 30°))
-    samples = RegionViews([ct_volume(seed=s) for s in range(2)], method, seed=0, length=2)
+    samples = RegionViews([method.prepare_volume(ct_volume(seed=s)) for s in range(2)], method, seed=0, length=2)
     batch = next(iter(DataLoader(samples, batch_size=2)))
     assert batch["valid"].sum(dim=1).min() > 0
     loss = method.total_loss(method.loss_terms(batch))
@@ -171,7 +171,7 @@ def test_a_step_from_the_loader_reaches_the_whole_backbone():
     """Views from the suite's loader (every value collated as float32) give a finite loss whose gradient reaches
     every encoder and decoder parameter; the output head, unused, gets none."""
     method = vox2vec(pairs_per_region=2)
-    samples = RegionViews([ct_volume(seed=s) for s in range(3)], method, seed=0, length=2)
+    samples = RegionViews([method.prepare_volume(ct_volume(seed=s)) for s in range(3)], method, seed=0, length=2)
     batch = next(iter(DataLoader(samples, batch_size=2)))
     assert batch["voxels1"].dtype == torch.float32
     loss = method.total_loss(method.loss_terms(batch))

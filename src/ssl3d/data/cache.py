@@ -28,7 +28,9 @@ import hashlib
 import json
 import logging
 import os
+import struct
 import time
+import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -132,6 +134,37 @@ def load_cached_case(path: str | Path) -> dict[str, np.ndarray]:
     if "label" in case:
         case["label"] = case["label"][None]
     return case
+
+
+def mapped_image(path: str | Path) -> np.ndarray:
+    """The cached case's image as ``load_cached_case`` gives it, (C, X, Y, Z) float32, but memory-mapped from the
+    file instead of read: a pre-training pool of thousands of scans is then held by the operating system's page
+    cache, shared by every process that reads it (data-loader workers, the ranks of a multi-GPU run), and a sample
+    reads only the pages of its region. Copy-on-write: writing to the array changes a private copy of the pages
+    written, never the file.
+
+    Written by hand because ``np.load`` ignores ``mmap_mode`` for ``.npz`` archives: ``np.savez`` stores each array
+    as an uncompressed zip member holding a ``.npy`` file, so the array's bytes start at a fixed offset, after the
+    member's local zip header and the ``.npy`` header (both read here with the standard parsers' layout). A member
+    that is compressed, which ``write_case`` never makes, is read instead."""
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            member = archive.getinfo("image.npy")
+    except (OSError, zipfile.BadZipFile, KeyError) as err:
+        raise DataError(f"{path}: not a cached case with an image ({err}); re-run the preprocess rule") from err
+    if member.compress_type != zipfile.ZIP_STORED:
+        return load_cached_case(path)["image"]
+    with open(path, "rb") as file:
+        file.seek(member.header_offset + 26)  # the local header's name and extra-field lengths (PKWARE APPNOTE 4.3.7)
+        name_length, extra_length = struct.unpack("<HH", file.read(4))
+        file.seek(member.header_offset + 30 + name_length + extra_length)
+        version = np.lib.format.read_magic(file)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran_order, dtype = read_header(file)
+        offset = file.tell()
+    image = np.memmap(path, dtype=dtype, mode="c", offset=offset, shape=shape, order="F" if fortran_order else "C")
+    return image[None] if image.ndim == 3 else image
 
 
 def preprocess_dataset(dataset_root: str | Path, recipe: Recipe, out_dir: str | Path,

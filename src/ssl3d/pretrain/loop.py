@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +44,7 @@ from monai.transforms import Compose, RandSpatialCrop, SpatialPad
 from monai.utils import set_determinism
 
 from ssl3d.checkpoint import save_checkpoint
-from ssl3d.data.cache import load_cached_case, read_index
+from ssl3d.data.cache import mapped_image, read_index
 from ssl3d.data.sampling import SeededSamples
 from ssl3d.distributed import data_parallel, is_main
 from ssl3d.engine import Engine
@@ -59,13 +61,14 @@ log = logging.getLogger(__name__)
 
 
 class RegionViews(SeededSamples):
-    """A volume of the pool, a random region of the method's size, and the method's views of it."""
+    """A volume of the pool (as ``prepare_volume`` leaves it), a random region of the method's size, and the
+    method's views of it."""
 
-    def __init__(self, volumes: list[np.ndarray], method: Method, seed: int, length: int):
+    def __init__(self, volumes: Sequence[np.ndarray], method: Method, seed: int, length: int):
         size = method.region_size()
         self.crop = Compose([SpatialPad(size), RandSpatialCrop(size, random_size=False)])
         self.method = method
-        super().__init__([method.prepare_volume(volume) for volume in volumes], seed, length, transforms=[self.crop])
+        super().__init__(volumes, seed, length, transforms=[self.crop])
 
     def sample(self, volume, rng):
         region = np.asarray(self.crop(volume), dtype=np.float32)
@@ -73,24 +76,56 @@ class RegionViews(SeededSamples):
                 for key, view in self.method.make_views(region, rng).items()}
 
 
-def pretraining_pool(caches: list[str], cases: list[str]) -> tuple[list[np.ndarray], int]:
-    """The (C, X, Y, Z) volumes of every cached dataset of the pool, in the order given, and their channel count C:
-    each dataset's unlabelled cases, or all of them where its ``pretrain_cases`` is ``all`` (PGL pre-trains on
-    every image of the MSD tasks, labelled ones too). One pool has one channel count (BraTS's four modalities
-    pre-train HybridMIM's task-specific rows)."""
-    volumes, channels = [], {}
+class Pool(Sequence):
+    """The pool's volumes, each read when a sample draws it, as the method's ``prepare_volume`` leaves it.
+
+    Why not in memory: a paper pool is thousands of scans (HDSSL's 2,500 CTs are hundreds of GB as float32), and
+    every data-loader worker and every rank of a multi-GPU run would hold its own copy. A volume is memory-mapped
+    from its cached case (``ssl3d.data.cache.mapped_image``), so the page cache holds what is read, once for all
+    processes (copy-on-write: a method that changes its region in place changes a private copy of those pages).
+    A method whose ``prepare_volume`` adds channels computed on the whole scan (vox2vec's body mask) prepares each
+    volume the first time a sample draws it and keeps it in ``store`` as a ``.npy`` file, named by its case file's
+    size and modification time so that a changed cache is never served; the run deletes the store when it
+    finishes.
+    """
+
+    def __init__(self, files: list[Path], method: Method, store: Path):
+        self.files, self.method, self.store = files, method, store
+        self.prepares = type(method).prepare_volume is not Method.prepare_volume
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        file = self.files[i]
+        if not self.prepares:
+            return mapped_image(file)
+        stat = file.stat()
+        prepared = self.store / f"{i}-{file.stem}-{stat.st_size}-{stat.st_mtime_ns}.npy"
+        if not prepared.is_file():  # processes that race here write the same array, each renamed in whole
+            with atomic_path(prepared) as tmp:
+                np.save(tmp, self.method.prepare_volume(np.asarray(mapped_image(file))))
+        return np.load(prepared, mmap_mode="c")
+
+
+def pretraining_pool(caches: list[str], cases: list[str]) -> tuple[list[Path], int]:
+    """The cached case files of every dataset of the pool, in the order given, and their channel count C: each
+    dataset's unlabelled cases, or all of them where its ``pretrain_cases`` is ``all`` (PGL pre-trains on every
+    image of the MSD tasks, labelled ones too). One pool has one channel count (BraTS's four modalities pre-train
+    HybridMIM's task-specific rows)."""
+    files, channels = [], {}
     for path, which in zip(caches, cases, strict=True):
         index = read_index(path)
         channels[path] = index.get("channels", 1)
-        volumes += [load_cached_case(index["dir"] / case["file"])["image"] for case in index["cases"].values()
-                    if which == "all" or not case["labelled"]]
+        files += [index["dir"] / case["file"] for case in index["cases"].values()
+                  if which == "all" or not case["labelled"]]
     if len(set(channels.values())) > 1:
         raise ValueError(f"one pre-training pool mixes channel counts: {channels}; pre-train on datasets with the "
                          "same channels")
-    if not volumes:
+    if not files:
         raise ValueError(f"{', '.join(caches)}: no cases to pre-train on (only labelled ones, and "
                          "pretrain_cases is not 'all')")
-    return volumes, next(iter(channels.values()))
+    return files, next(iter(channels.values()))
 
 
 class MethodLoss(torch.nn.Module):
@@ -129,8 +164,8 @@ def pretrain(run_config: str | Path | dict, out_dir: str | Path, device: str = "
     device = torch.device(device)
     set_determinism(seed=spec["seed"])
 
-    volumes, channels = pretraining_pool(inputs["caches"], [member["data"].get("pretrain_cases", "unlabelled")
-                                                                   for member in spec["pool"]])
+    files, channels = pretraining_pool(inputs["caches"], [member["data"].get("pretrain_cases", "unlabelled")
+                                                         for member in spec["pool"]])
     method = build_method(spec, channels).to(device)
     transfer_report = check_transfer(method)
 
@@ -139,9 +174,11 @@ def pretrain(run_config: str | Path | dict, out_dir: str | Path, device: str = "
     optimizer = build_optimizer(method, settings.optimizer)
     engine = Engine(run_id, method, optimizer, build_scheduler(optimizer, settings.scheduler, steps), out_dir, steps,
                     spec["checkpoint_every"], device, model_key="method", grad_clip=settings.grad_clip,
-                    precision=settings.precision, workers=workers, log_every=log_every)
+                    precision=settings.precision, channels_last=settings.channels_last,
+                    workers=workers, log_every=log_every)
 
-    samples = RegionViews(volumes, method, spec["seed"], steps * settings.batch_size)
+    pool = Pool(files, method, out_dir / "prepared_volumes")
+    samples = RegionViews(pool, method, spec["seed"], steps * settings.batch_size)
     state = engine.run(samples, settings.batch_size, data_parallel(MethodLoss(method), device),
                        after_update=lambda step: method.after_step(step, steps))
 
@@ -161,7 +198,8 @@ def pretrain(run_config: str | Path | dict, out_dir: str | Path, device: str = "
         method_config=dataclasses.asdict(settings),
         **engine.measurements(),
         transfer=transfer_report,
-        pool_cases=len(volumes),
+        pool_cases=len(pool),
     ))
     engine.finish()
+    shutil.rmtree(pool.store, ignore_errors=True)
     return pretrained
