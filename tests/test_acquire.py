@@ -4,6 +4,7 @@ the errors of each stage."""
 
 import hashlib
 import io
+import shutil
 import tarfile
 
 import pytest
@@ -71,6 +72,10 @@ def test_fetch_verify_extract_convert_preprocess(registry, tmp_path, server):
     requests = len(server.ranges)
     acquire.fetch_dataset("tiny", {"source": "registry"}, root)  # verified archives are not downloaded again
     assert len(server.ranges) == requests
+    shutil.rmtree(root / "sources" / "tiny")  # what Snakemake does before a forced rerun of the fetch job
+    assert acquire.fetch_dataset("tiny", {"source": "registry"}, root) == verified
+    assert len(server.ranges) == requests  # the kept folder still had the verified archive and its extraction
+    assert read_dataset(acquire.prepare_dataset("tiny", {"source": "registry"}, root).parent).labelled
 
 
 def test_a_corrupt_download_stops_before_anything_is_marked_verified(registry, tmp_path, server):

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -87,7 +88,7 @@ def test_btcv_missing_label_is_named(tmp_path):
     nii(tmp_path / "RawData" / "Training" / "img" / "img0005.nii.gz")
     with pytest.raises(DataError, match=r"label/label0005\.nii\.gz: file not found"):
         convert("btcv", tmp_path, tmp_path / "out")
-    assert not (tmp_path / "out").exists() and not (tmp_path / ".out.partial").exists()
+    assert not (tmp_path / "out").exists() and not (tmp_path / ".out.kept").exists()
 
 
 def kits_affine(spacing_z=3.0, spacing_xy=0.8) -> np.ndarray:
@@ -247,18 +248,21 @@ def test_luna16_interrupted_leaves_no_dest_and_resumes(luna_source, tmp_path, mo
     with pytest.raises(KeyboardInterrupt):
         convert("luna16", luna_source, dest)
     assert not dest.exists()
-    partial = tmp_path / ".out.partial"
-    assert listed_files(partial) == {"imagesTs/1.3.6.1.4.1.14519.5.2.1.6279.6001.000.nii.gz"}  # kept for the re-run
+    kept = tmp_path / ".out.kept"
+    assert listed_files(kept) == {"imagesTs/1.3.6.1.4.1.14519.5.2.1.6279.6001.000.nii.gz"}  # kept for the re-run
 
     calls.clear()
     monkeypatch.setattr(convert_module, "_mhd_to_nifti", lambda mhd_path, out: (calls.append(mhd_path.name),
                                                                                    real(mhd_path, out)))
     convert("luna16", luna_source, dest)
     assert calls == ["1.3.6.1.4.1.14519.5.2.1.6279.6001.100.mhd", "1.3.6.1.4.1.14519.5.2.1.6279.6001.200.mhd"]
-    assert len(read_dataset(dest).unlabelled) == 3 and not partial.exists()
+    assert len(read_dataset(dest).unlabelled) == 3
 
     calls.clear()
     convert("luna16", luna_source, dest)  # re-run over a complete dest: nothing reconverted
+    assert calls == [] and len(read_dataset(dest).unlabelled) == 3
+    shutil.rmtree(dest)  # what Snakemake does before a forced rerun of the prepare job
+    convert("luna16", luna_source, dest)
     assert calls == [] and len(read_dataset(dest).unlabelled) == 3
 
 

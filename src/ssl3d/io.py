@@ -80,8 +80,7 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
 
 def staging_folder(dest: str | os.PathLike) -> Path:
     """Where a folder output is built before :func:`replace_folder` puts it at ``dest``: ``.<name>.partial`` beside
-    it, which a failed or killed job leaves for its rerun to resume from (Snakemake deletes a ``directory()``
-    output before re-running its job, not this)."""
+    it (what is worth keeping across runs goes in a kept folder instead: :func:`open_kept`)."""
     dest = Path(dest)
     return dest.parent / f".{dest.name}.partial"
 
@@ -101,18 +100,56 @@ def replace_folder(work: Path, dest: str | os.PathLike) -> Path:
 
 
 @contextmanager
-def built_folder(dest: str | os.PathLike, resume: bool = False) -> Iterator[Path]:
-    """Yield the staging folder of ``dest`` to build it in; once the block succeeds it replaces ``dest`` whole. It
-    starts empty, or with ``resume`` holds what a failed or killed run left in it (or, on a rerun by hand, the
-    previous ``dest``) for the block to reuse; a failure leaves it for the next run."""
+def built_folder(dest: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty staging folder of ``dest`` to build it in; once the block succeeds it replaces ``dest``
+    whole. A failure leaves it, and the next run starts it over."""
     dest, work = Path(dest), staging_folder(dest)
-    if resume and dest.exists() and not work.exists():
-        os.replace(dest, work)
-    elif not resume:
-        shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
     yield work
     replace_folder(work, dest)
+
+
+def kept_path(dest: str | os.PathLike, kind: str = "kept") -> Path:
+    """``.<name>.<kind>`` beside the folder output ``dest``: where :func:`open_kept` builds it and keeps its files."""
+    dest = Path(dest)
+    return dest.parent / f".{dest.name}.{kind}"
+
+
+def open_kept(dest: str | os.PathLike, kind: str = "kept") -> Path:
+    """The folder where ``dest`` is built and which stays after it (:func:`kept_path`), made if missing, from links
+    to the files of ``dest`` where that exists (made before the kept folder, or without one worth keeping), so they
+    are reused and ``dest`` stays whole until :func:`publish_kept` replaces it by links to the kept files.
+
+    Why: Snakemake deletes a folder output before it re-runs the job (a forced rerun, a changed parameter), and a
+    killed job leaves half its work; the job finds in the kept folder everything done before (verified downloads,
+    converted volumes, preprocessed cases) and redoes only the rest. Deleting both folders frees the space."""
+    dest, kept = Path(dest), kept_path(dest, kind)
+    if dest.exists() and not kept.exists():
+        _link_tree(dest, kept)
+    kept.mkdir(parents=True, exist_ok=True)
+    return kept
+
+
+def _link_tree(source: Path, target: Path) -> None:
+    shutil.copytree(source, target, symlinks=True, copy_function=link_or_copy, dirs_exist_ok=True)
+
+
+def publish_kept(kept: Path, dest: str | os.PathLike) -> Path:
+    """Replace ``dest`` whole by hard links to the files of ``kept`` (copies where the file system has none;
+    symbolic links as they are); returns ``dest``."""
+    with built_folder(dest) as work:
+        _link_tree(kept, work)
+    return Path(dest)
+
+
+@contextmanager
+def kept_folder(dest: str | os.PathLike) -> Iterator[Path]:
+    """Yield the kept folder of ``dest`` (:func:`open_kept`) to build in; once the block succeeds, ``dest`` is
+    published from it."""
+    kept = open_kept(dest)
+    yield kept
+    publish_kept(kept, dest)
 
 
 def link_or_copy(source: Path, target: Path) -> None:

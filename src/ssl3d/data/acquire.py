@@ -3,11 +3,12 @@
 The workflow's data stages, one function each (``ssl3d fetch`` and ``ssl3d prepare`` call them):
 
 * :func:`fetch_dataset` brings a registry dataset to ``<data_root>/sources/<name>/``, a folder that appears only
-  once verified (``verified.json`` in it; downloads resume in ``.<name>.partial`` beside it): automatic sources are
-  downloaded (resumable), checked against the registry's size and hashes, and safely extracted; manual sources
-  (BTCV, BraTS, FLARE, ...) are never downloaded: the user's copy at the config's ``path`` is counted and hashed
-  against a trust-on-first-use manifest (``<data_root>/manifests/<name>.json``, written on first verification;
-  commit it), and an absent copy stops with the registry's instructions.
+  once verified (``verified.json`` in it; built in ``.<name>.kept`` beside it, which keeps the downloads, so a
+  killed fetch resumes and a forced rerun fetches nothing verified again: ``ssl3d.io.kept_folder``): automatic
+  sources are downloaded (resumable), checked against the registry's size and hashes, and safely extracted; manual
+  sources (BTCV, BraTS, FLARE, ...) are never downloaded: the user's copy at the config's ``path`` is counted and
+  hashed against a trust-on-first-use manifest (``<data_root>/manifests/<name>.json``, written on first
+  verification; commit it), and an absent copy stops with the registry's instructions.
 * :func:`prepare_dataset` writes ``<data_root>/raw/<name>/`` (``dataset.json`` + ``imagesTr``/``labelsTr``/
   ``imagesTs``): phantoms are generated, registry datasets converted from their verified source by the entry's
   layout, and a folder of your own NIfTI images (``source: folder``) converted as it is.
@@ -23,7 +24,7 @@ from ssl3d.data.convert import convert
 from ssl3d.data.fetch import ManualDataMissing, download, safe_extract, verify_manual
 from ssl3d.data.files import manual_copy
 from ssl3d.data.registry import Archive, get_entry, source_dir
-from ssl3d.io import built_folder, read_json, write_json
+from ssl3d.io import built_folder, kept_folder, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ def fetch_dataset(name: str, settings: dict, data_root: Path = Path("data")) -> 
     sources = source_dir(name, data_root)
     if entry.access == "unavailable":
         raise ManualDataMissing(name, sources, f"{entry.title} cannot be obtained by the suite. {entry.substitute}")
-    with built_folder(sources, resume=True) as work:  # downloads resume; verified ones are not fetched again
+    with kept_folder(sources) as work:  # downloads resume; verified ones are never fetched again
         if entry.access == "manual":
             copy = manual_copy(name, settings, data_root)
             if not copy.exists():

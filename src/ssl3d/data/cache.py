@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import struct
 import time
 import zipfile
@@ -38,7 +37,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ssl3d.data.dataset import Case, DataError, check_same_grid, load_nifti, read_dataset
-from ssl3d.io import atomic_path, built_folder, link_or_copy, read_json, write_json
+from ssl3d.io import atomic_path, open_kept, publish_kept, read_json, write_json
 
 if TYPE_CHECKING:  # the recipes import MONAI (seconds): readers of the cache (`ssl3d splits`) skip it
     from ssl3d.data.recipes import Recipe
@@ -193,10 +192,7 @@ def preprocess_dataset(dataset_root: str | Path, recipe: Recipe, out_dir: str | 
                                                        ("undeclared_labels", undeclared_labels)]}
     declared = None if explicit_map else set(dataset.labels)
     out_dir = Path(out_dir)
-    store = case_store(out_dir)
-    if out_dir.exists() and not store.exists():
-        os.replace(out_dir, store)  # a cache made before stores existed: its cases are reused where keys match
-    store.mkdir(parents=True, exist_ok=True)
+    store = open_kept(out_dir, "cases")  # a cache made before stores existed moves in: cases reused where keys match
     cases = {}
     start = time.perf_counter()
     for case in tqdm(dataset.labelled + dataset.unlabelled, desc=f"preprocess {dataset.name} ({recipe.name})"):
@@ -218,26 +214,18 @@ def preprocess_dataset(dataset_root: str | Path, recipe: Recipe, out_dir: str | 
         raise ValueError(f"{dataset_root}: cases have different numbers of image channels ({sorted(counts)})")
     for stale in {path.name for path in store.glob("*.npz")} - {case["file"] for case in cases.values()}:
         (store / stale).unlink()  # a case the dataset no longer has
-    with built_folder(out_dir) as work:
-        for case in cases.values():
-            link_or_copy(store / case["file"], work / case["file"])
-        write_json(work / "index.json", {
-            "dataset": dataset.name,
-            "recipe": recipe.__dict__,
-            "recipe_hash": recipe.hash,
-            "options": {"nonfinite": nonfinite, "undeclared_labels": undeclared_labels},
-            "classes": {str(k): v for k, v in (classes or dataset.labels).items() if int(k) != 0},
-            "channels": counts.pop() if counts else 1,
-            **({"regions": regions} if regions else {}),
-            "seconds": round(time.perf_counter() - start, 3),
-            "cases": cases,
-        })
-    return out_dir / "index.json"
-
-
-def case_store(out_dir: Path) -> Path:
-    """Where the cases of the dataset folder ``out_dir`` are made and kept: ``.<name>.cases`` beside it."""
-    return out_dir.parent / f".{out_dir.name}.cases"
+    write_json(store / "index.json", {
+        "dataset": dataset.name,
+        "recipe": recipe.__dict__,
+        "recipe_hash": recipe.hash,
+        "options": {"nonfinite": nonfinite, "undeclared_labels": undeclared_labels},
+        "classes": {str(k): v for k, v in (classes or dataset.labels).items() if int(k) != 0},
+        "channels": counts.pop() if counts else 1,
+        **({"regions": regions} if regions else {}),
+        "seconds": round(time.perf_counter() - start, 3),
+        "cases": cases,
+    })
+    return publish_kept(store, out_dir) / "index.json"
 
 
 def read_index(cache: str | Path) -> dict:

@@ -10,12 +10,12 @@ How:
 * **Symlinks, not copies.** The sources are tens of GB, so a file that needs no change is linked (absolute link to
   the source file; the link name keeps the source's ``.nii``/``.nii.gz`` extension). New files are written only
   where the data must change: LUNA16's MetaImage -> NIfTI, BraTS's four modalities -> one 4D image.
-* **Temp then rename.** The output is built in a hidden sibling ``.<dest>.partial`` and renamed onto ``dest`` when
-  complete (a previous ``dest`` is replaced only then), so an interrupted conversion never leaves a ``dest``, and
-  ``dest`` holds exactly ``dataset.json`` and the files it lists.
-* **Resumable.** Converted files are written atomically; an interrupted run keeps only those in ``.partial``
-  (links and ``dataset.json`` are removed), and a re-run reuses them, as well as the converted files of a previous
-  complete ``dest``. Delete both folders to force a fresh conversion.
+* **Built aside, kept.** The output is built in a hidden sibling ``.<dest>.kept`` and, when complete, ``dest`` is
+  replaced whole by links to its files (``ssl3d.io.open_kept``), so an interrupted conversion never leaves a
+  ``dest``, and ``dest`` holds exactly ``dataset.json`` and the files it lists.
+* **Resumable.** Converted files are written atomically into the kept folder and stay there: an interrupted run
+  keeps only those (links and ``dataset.json`` are removed), and a re-run, even one Snakemake starts by deleting
+  ``dest``, reuses them. Delete both folders to force a fresh conversion.
 * **Lists, not blind globs.** Where the source lists its files (MSD's and AMOS's ``dataset.json``) the list is read;
   elsewhere file names are matched against the layout's naming scheme. macOS ``._*`` files and ``__MACOSX``
   folders are always dropped. The dataset root may sit up to three folders below ``source`` (an extracted archive
@@ -61,6 +61,7 @@ import inspect
 import logging
 import os
 import re
+import shutil
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -71,7 +72,7 @@ import SimpleITK as sitk
 
 from ssl3d.data.dataset import AFFINE_TOLERANCE_MM, DataError, case_id_of, check_same_grid, load_nifti
 from ssl3d.data.files import folder_cases, glob_files, is_junk
-from ssl3d.io import atomic_path, read_json, replace_folder, staging_folder, write_json
+from ssl3d.io import atomic_path, open_kept, publish_kept, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -110,12 +111,11 @@ def write_dataset_json(path: Path, header: dict, training: list[dict], test: lis
 
 
 class _Output:
-    """The MSD folder being built in ``.<dest>.partial``; :meth:`finish` renames it onto ``dest``."""
+    """The MSD folder being built in ``.<dest>.kept``; :meth:`finish` publishes it as ``dest``."""
 
     def __init__(self, dest: Path):
         self.dest = dest
-        self.work = staging_folder(dest)
-        self.work.mkdir(parents=True, exist_ok=True)
+        self.work = open_kept(dest)
         self.training: list[dict] = []
         self.test: list[str] = []
         self.resumed = 0
@@ -157,26 +157,25 @@ class _Output:
         return f"./{rel}"
 
     def _write(self, rel: str, make: Callable[[Path], None]) -> str:
-        path, previous = self.work / rel, self.dest / rel
+        path = self.work / rel
         self._files.add(rel)
         if _converted(path):
             self.resumed += 1
             return f"./{rel}"
         path.parent.mkdir(exist_ok=True)
         path.unlink(missing_ok=True)
-        if _converted(previous):
-            os.link(previous, path)
-            self.resumed += 1
-        else:
-            with atomic_path(path) as tmp:
-                make(tmp)
+        with atomic_path(path) as tmp:
+            make(tmp)
         return f"./{rel}"
 
     def finish(self, header: dict) -> Path:
-        """Write ``dataset.json``, drop what it does not list, and rename the folder onto ``dest``."""
+        """Write ``dataset.json``, drop what it does not list, and publish the folder as ``dest``."""
         write_dataset_json(self.work / "dataset.json", header, self.training, self.test)
         _prune(self.work, lambda rel, path: rel in self._files or rel == "dataset.json")
-        return replace_folder(self.work, self.dest) / "dataset.json"
+        publish_kept(self.work, self.dest)
+        if not any(_converted(self.work / rel) for rel in self._files):
+            shutil.rmtree(self.work)  # links only: nothing worth keeping
+        return self.dest / "dataset.json"
 
     def abandon(self) -> None:
         """After a failure: keep only the converted files (for a re-run to reuse), nothing if there are none."""
