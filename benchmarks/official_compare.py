@@ -31,8 +31,9 @@ It prints the median seconds per step of each side with their interquartile rang
 optimizer step alone, the median of the paired ratios ours / official (round i's ours over round i's official)
 with their interquartile range, and each side's peak memory during its steps (resident set sampled every few
 milliseconds, above the resident set before the step; on CPU this counts the allocator's cache too), then the same
-as JSON (``--json FILE`` also writes it). The machine's other load moves single steps by a factor of two on a
-shared CPU: the paired ratio cancels slow drifts, not bursts, so read its interquartile range.
+as JSON (``--json FILE`` also writes it; experiment reports show the files in ``benchmarks/results/official/``
+of the methods they pre-train). The machine's other load moves single steps by a factor of two on a shared CPU:
+the paired ratio cancels slow drifts, not bursts, so read its interquartile range.
 
 What each official step contains that ours does not, and why the comparison is still like for like:
 
@@ -419,7 +420,8 @@ def summarise(method: str, shape, batch: int, args, measured: dict) -> dict:
                         peak_step_memory_mib=round(measured["peak_mib"][side]), last_loss=measured["last_loss"][side])
              for side in ("official", "ours")}
     q1, median, q3 = quartiles(ratios)
-    return {"method": method, "shape": list(shape), "batch": batch, "scale": args.scale, "threads": args.threads,
+    return {"method": method, "ours_method": OURS[method][0], "shape": list(shape), "batch": batch,
+            "scale": args.scale, "threads": args.threads,
             "precision_ours": args.precision, "channels_last_ours": args.channels_last,
             "repeats": args.repeats, "warmup": args.warmup, "anomaly_official": args.anomaly,
             "official_commit": git_commit(args.official), "torch": torch.__version__,

@@ -114,6 +114,8 @@ def test_the_report_links_every_figure_and_table_and_regenerates_without_trainin
     cells = pd.read_csv(report / "tables" / "paper_tables.csv")
     assert set(cells.status) <= {"not run", "method not implemented", "metric not measured",  # no paper dataset here
                                  "components not recoverable"}
+    speed = pd.read_csv(report / "tables" / "official_speed.csv")  # the checkout's benchmarks/results/official/
+    assert set(speed.comparison) == {"models_genesis"} and 'id="official-speed"' in page  # of the methods run here
 
     (report / "index.html").unlink()
     result = snakemake(micro_run, MICRO, "--forcerun", "report", "--", "reports/micro")

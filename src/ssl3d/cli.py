@@ -206,7 +206,7 @@ def cmd_report(args):
     from ssl3d.report.build import ReportOptions, build_report
 
     build_report(args.results, args.out, ReportOptions.from_config(args.options, n_resamples=args.resamples),
-                 args.caches)
+                 args.caches, args.comparisons)
 
 
 def cmd_estimate(args):
@@ -329,6 +329,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples per interval")
     p.add_argument("--caches", type=_json, default={}, help="JSON {path a run config names: path}: where the "
                    "preprocessed datasets are, where not at the paths the runs name (the workflow's local copies)")
+    p.add_argument("--comparisons", nargs="*", default=[], metavar="JSON",
+                   help="results of benchmarks/official_compare.py (benchmarks/results/official/*.json): the report "
+                        "shows those of the methods the experiment pre-trains")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("estimate", help="what a config will cost before anything runs: per stage, its runs, steps, "

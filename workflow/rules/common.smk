@@ -137,6 +137,10 @@ REPORTED = {"pretrain": ("manifest.json", "step_log.csv"),
 
 # the preprocessed datasets whose test cases the report's qualitative figures show
 REPORT_CACHES = sorted({run_files(entry, "finetune", RESULTS, DATA)["cache"] for entry in RUNS.values()})
+# the checkout's step-time comparisons with the official code (benchmarks/official_compare.py): files of the
+# repository, not of the experiment, so local(): read from the checkout, never through a storage provider
+OFFICIAL_SPEED = sorted(os.path.relpath(path) for path in
+                        (Path(workflow.basedir) / "benchmarks" / "results" / "official").glob("*.json"))
 
 
 def report_inputs(wildcards):
@@ -148,6 +152,7 @@ def report_inputs(wildcards):
         "runs": [f"{RESULTS}/{stage}/{run}/{name}" for stage, runs in (("pretrain", pretrain_runs), ("finetune", RUNS))
                  for run in runs for name in REPORTED[stage]],
         "caches": REPORT_CACHES,
+        "comparisons": [local(path) for path in OFFICIAL_SPEED],
     }
 
 

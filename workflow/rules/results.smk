@@ -61,4 +61,4 @@ rule report:
         "../envs/ssl3d.yaml"
     shell:
         "python -m ssl3d report --results {params.results} --out {output} --options {params.options:q}"
-        " --caches {params.caches:q} > {log} 2>&1"
+        " --caches {params.caches:q} --comparisons {input.comparisons:q} > {log} 2>&1"

@@ -12,8 +12,9 @@ list of attachments. The page's folder is still a ``report()`` output of the wor
 * ``figures/<name>.png`` and ``.svg``: every figure of :mod:`ssl3d.report.figures`.
 * ``tables/``: ``summary``, ``leaderboard`` (one per protocol, in one table with a protocol column),
   ``paper_tables`` (every published cell with ours beside it), ``reproduction_status``,
-  ``significance_<dataset>_<fraction>``, ``friedman``, ``methods``, ``runs`` and the experiment's settings
-  (``experiment_finetune``, ``experiment_pretrain``: :func:`experiment_settings`) as CSV, and the Markdown renderings
+  ``significance_<dataset>_<fraction>``, ``friedman``, ``methods``, ``runs``, the experiment's settings
+  (``experiment_finetune``, ``experiment_pretrain``: :func:`experiment_settings`) and, where the repository holds
+  comparisons of its methods' steps with the official code's, ``official_speed``, as CSV, and the Markdown renderings
   of the summary, the leaderboard and each paper table. The files of a protocol other than ``finetune`` name it
   after their kind (``significance_probe_<dataset>_<fraction>``, ``label_efficiency_probe_<dataset>``).
 * ``manifests/<stage>/<run>.json``: the manifest of every run behind the numbers.
@@ -34,7 +35,7 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,7 +50,7 @@ from ssl3d.data.registry import load_registry
 from ssl3d.io import read_json, write_text
 from ssl3d.pretrain import registry
 from ssl3d.pretrain.released import released_checkpoints
-from ssl3d.report import figures, tables
+from ssl3d.report import figures, official_speed, tables
 from ssl3d.report.published import load_published, published_tables
 
 log = logging.getLogger(__name__)
@@ -527,9 +528,10 @@ def _environment(runs: pd.DataFrame) -> dict[str, str]:
 
 
 def build_report(results_dir: str | Path, out_dir: str | Path, options: ReportOptions | None = None,
-                 caches: Mapping[str, str] | None = None) -> Path:
+                 caches: Mapping[str, str] | None = None, comparisons: Sequence[str | Path] = ()) -> Path:
     """Build ``out_dir`` (``reports/<experiment>``) from ``results_dir`` (``results/<experiment>``); returns the
-    path of ``index.html``. Progress is logged per stage. ``caches``: as :class:`ExperimentResults`'."""
+    path of ``index.html``. Progress is logged per stage. ``caches``: as :class:`ExperimentResults`';
+    ``comparisons``: files of ``benchmarks/official_compare.py`` (``ssl3d.report.official_speed``)."""
     options = options or ReportOptions()
     out_dir = Path(out_dir)
     started = time.perf_counter()
@@ -562,12 +564,14 @@ def build_report(results_dir: str | Path, out_dir: str | Path, options: ReportOp
         shown = np.array([applies[pair] for pair in zip(status["paper"], status["table"])], dtype=bool)
         grid, pretraining = experiment_settings(results)
         runs = run_table(results)
+        speed = official_speed.comparison_table(comparisons, results.methods())
         made, friedman = _figures(results, board, build / "figures", options.n_resamples)
         progress(f"{len(made)} figures")
 
         _write_tables(table_dir, {"summary": summary, "leaderboard": board, "paper_tables": cells,
                                   "reproduction_status": status, "methods": method_list, "runs": runs,
-                                  "experiment_finetune": grid, "experiment_pretrain": pretraining})
+                                  "experiment_finetune": grid, "experiment_pretrain": pretraining,
+                                  **({"official_speed": speed} if len(speed) else {})})
         write_text(table_dir / "leaderboard.md", tables.leaderboard_markdown(board, titles))
         for (paper, table), lines in cells.groupby(["paper", "table"], sort=False):
             write_text(table_dir / f"{_slug('paper', paper, table)}.md", tables.paper_table_markdown(lines))
@@ -597,7 +601,8 @@ def build_report(results_dir: str | Path, out_dir: str | Path, options: ReportOp
             papers=_paper_sections(cells, applies), folded=_folded_summary(applies, datasets),
             status=_html(status[shown]) if shown.any() else "", folded_status=_html(status[~shown]),
             figures=made, sections=list(dict.fromkeys(f.section for f in made)),
-            run_legend=RUN_TIMES, run_columns=list(runs.columns), runs=_records(runs))
+            run_legend=RUN_TIMES, run_columns=list(runs.columns), runs=_records(runs),
+            speed_legend=official_speed.LEGEND, speed=_html(speed) if len(speed) else "")
         write_text(build / "index.html", page)
         if out_dir.exists():
             shutil.rmtree(out_dir)
