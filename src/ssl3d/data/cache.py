@@ -144,8 +144,8 @@ def mapped_image(path: str | Path) -> np.ndarray:
 
     Written by hand because ``np.load`` ignores ``mmap_mode`` for ``.npz`` archives: ``np.savez`` stores each array
     as an uncompressed zip member holding a ``.npy`` file, so the array's bytes start at a fixed offset, after the
-    member's local zip header and the ``.npy`` header (both read here with the standard parsers' layout). A member
-    that is compressed, which ``write_case`` never makes, is read instead."""
+    member's local zip header (read here: ``zipfile`` gives no data offset) and the ``.npy`` header (numpy's own
+    parser). A member that is compressed, which ``write_case`` never makes, is read instead."""
     path = Path(path)
     try:
         with zipfile.ZipFile(path) as archive:
@@ -192,7 +192,7 @@ def preprocess_dataset(dataset_root: str | Path, recipe: Recipe, out_dir: str | 
                                                        ("undeclared_labels", undeclared_labels)]}
     declared = None if explicit_map else set(dataset.labels)
     out_dir = Path(out_dir)
-    store = open_kept(out_dir, "cases")  # a cache made before stores existed moves in: cases reused where keys match
+    store = open_kept(out_dir, "cases")  # a cache made before stores existed is linked in: its cases are reused
     cases = {}
     start = time.perf_counter()
     for case in tqdm(dataset.labelled + dataset.unlabelled, desc=f"preprocess {dataset.name} ({recipe.name})"):
