@@ -188,3 +188,15 @@ def test_per_case_tables_written_before_folds_read_as_fold_0(tmp_path):
     old = pd.DataFrame([dict.fromkeys(PER_CASE_COLUMNS, 0)]).drop(columns="fold")
     old.to_csv(tmp_path / "per_case.csv", index=False)
     assert read_per_case(tmp_path / "per_case.csv")["fold"].tolist() == [0]
+
+
+def test_names_that_look_like_numbers_are_collected_as_written(tmp_path):
+    """One run's table holds one run hash: "30966813e3" (a hash the workflow made) was read as 3.0966813e10, and the
+    report then found no manifest for run 30966813000.0; case ids keep their leading zeros."""
+    from ssl3d.analysis.aggregate import collect
+
+    row = {**dict.fromkeys(PER_CASE_COLUMNS, 0), "run_id": "30966813e3", "case_id": "0012", "value": 0.5}
+    pd.DataFrame([row]).to_csv(tmp_path / "run.csv", index=False)
+    collect([tmp_path / "run.csv"], tmp_path / "per_case.csv")
+    table = pd.read_csv(tmp_path / "per_case.csv", dtype=str)
+    assert table.loc[0, "run_id"] == "30966813e3" and table.loc[0, "case_id"] == "0012"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ssl3d.evaluate.columns import METRICS, PER_CASE_COLUMNS
+from ssl3d.evaluate.columns import METRICS, PER_CASE_COLUMNS, TEXT_COLUMNS
 from ssl3d.io import atomic_path, write_text
 
 GROUP = ["dataset", "backbone", "protocol", "init", "label_fraction", "target", "metric"]
@@ -29,7 +29,7 @@ def hours_title(device_types) -> str:
 
 
 def read_per_case(path: str | Path) -> pd.DataFrame:
-    table = pd.read_csv(path)
+    table = pd.read_csv(path, dtype=dict.fromkeys(TEXT_COLUMNS, str))
     if "fold" not in table.columns:  # written before k-fold splits: every run had the one split
         table["fold"] = 0
     missing = [column for column in PER_CASE_COLUMNS if column not in table.columns]
