@@ -11,7 +11,7 @@ import pytest
 from ssl3d.data.cache import preprocess_dataset
 from ssl3d.data.dataset import DataError, read_dataset, validate_case
 from ssl3d.data.recipes import get_recipe
-from ssl3d.io import kept_path
+from ssl3d.io import beside
 
 from conftest import TINY_RECIPE
 
@@ -86,7 +86,7 @@ def test_preprocess_stops_on_a_bad_case_and_leaves_no_partial_output(dataset_cop
     with pytest.raises(DataError, match="phantom_003"):
         preprocess_dataset(dataset_copy, get_recipe(TINY_RECIPE), out)
     assert not out.exists()  # the folder appears only complete; the cases made so far wait for the rerun
-    assert sorted(p.name for p in kept_path(out, "cases").iterdir()) == [f"phantom_{i:03d}.npz" for i in range(3)]
+    assert sorted(p.name for p in beside(out, "cases").iterdir()) == [f"phantom_{i:03d}.npz" for i in range(3)]
 
 
 def test_preprocess_resumes_and_rebuilds_when_the_recipe_changes(dataset_copy, tmp_path):

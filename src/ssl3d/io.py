@@ -78,53 +78,41 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         tmp.unlink(missing_ok=True)
 
 
-def staging_folder(dest: str | os.PathLike) -> Path:
-    """Where a folder output is built before :func:`replace_folder` puts it at ``dest``: ``.<name>.partial`` beside
-    it (what is worth keeping across runs goes in a kept folder instead: :func:`open_kept`)."""
+def beside(dest: str | os.PathLike, kind: str) -> Path:
+    """``.<name>.<kind>`` beside ``dest``: the hidden folders a folder output is built, kept or replaced through
+    (``partial``, ``old``; ``kept`` by :func:`open_kept`, ``cases`` by the preprocessing cache)."""
     dest = Path(dest)
-    return dest.parent / f".{dest.name}.partial"
+    return dest.parent / f".{dest.name}.{kind}"
 
 
-def replace_folder(work: Path, dest: str | os.PathLike) -> Path:
-    """Rename the finished folder ``work`` onto ``dest``, replacing a previous ``dest`` whole; returns ``dest``."""
-    dest = Path(dest)
+@contextmanager
+def built_folder(dest: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty staging folder (``.<name>.partial`` beside ``dest``) to build ``dest`` in; once the block
+    succeeds it replaces ``dest`` whole. A failure leaves it, and the next run starts it over (what is worth
+    keeping across runs goes in a kept folder: :func:`open_kept`)."""
+    dest, work = Path(dest), beside(dest, "partial")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    yield work
     if dest.exists():
-        old = dest.parent / f".{dest.name}.old"
+        old = beside(dest, "old")
         shutil.rmtree(old, ignore_errors=True)
         os.replace(dest, old)
         os.replace(work, dest)
         shutil.rmtree(old)
     else:
         os.replace(work, dest)
-    return dest
-
-
-@contextmanager
-def built_folder(dest: str | os.PathLike) -> Iterator[Path]:
-    """Yield an empty staging folder of ``dest`` to build it in; once the block succeeds it replaces ``dest``
-    whole. A failure leaves it, and the next run starts it over."""
-    dest, work = Path(dest), staging_folder(dest)
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    yield work
-    replace_folder(work, dest)
-
-
-def kept_path(dest: str | os.PathLike, kind: str = "kept") -> Path:
-    """``.<name>.<kind>`` beside the folder output ``dest``: where :func:`open_kept` builds it and keeps its files."""
-    dest = Path(dest)
-    return dest.parent / f".{dest.name}.{kind}"
 
 
 def open_kept(dest: str | os.PathLike, kind: str = "kept") -> Path:
-    """The folder where ``dest`` is built and which stays after it (:func:`kept_path`), made if missing, from links
+    """The folder where ``dest`` is built and which stays after it (:func:`beside`), made if missing, from links
     to the files of ``dest`` where that exists (made before the kept folder, or without one worth keeping), so they
     are reused and ``dest`` stays whole until :func:`publish_kept` replaces it by links to the kept files.
 
     Why: Snakemake deletes a folder output before it re-runs the job (a forced rerun, a changed parameter), and a
     killed job leaves half its work; the job finds in the kept folder everything done before (verified downloads,
     converted volumes, preprocessed cases) and redoes only the rest. Deleting both folders frees the space."""
-    dest, kept = Path(dest), kept_path(dest, kind)
+    dest, kept = Path(dest), beside(dest, kind)
     if dest.exists() and not kept.exists():
         _link_tree(dest, kept)
     kept.mkdir(parents=True, exist_ok=True)
