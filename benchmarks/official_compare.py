@@ -30,7 +30,10 @@ the same sums in another order.
 It prints the median seconds per step of each side with their interquartile range and the median seconds of its
 optimizer step alone, the median of the paired ratios ours / official (round i's ours over round i's official)
 with their interquartile range, and each side's peak memory during its steps (resident set sampled every few
-milliseconds, above the resident set before the step; on CPU this counts the allocator's cache too), then the same
+milliseconds, above the resident set before the step; on CPU this counts the allocator's cache too) and each
+side's FLOPs per step with the rate it achieved (FLOPs / median seconds: ``torch.utils.flop_counter`` counts the
+convolutions, matrix products and attention of forward and backward on one untimed step before the warm-up, so two
+sides with equal FLOPs at the machine's highest rate can only differ by numerics), then the same
 as JSON (``--json FILE`` also writes it; experiment reports show the files in ``benchmarks/results/official/``
 of the methods they pre-train). The machine's other load moves single steps by a factor of two on a shared CPU:
 the paired ratio cancels slow drifts, not bursts, so read its interquartile range.
@@ -78,6 +81,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 
 @dataclass(frozen=True)
@@ -407,6 +411,13 @@ def alternate(official: Step, ours: Step, warmup: int, repeats: int, anomaly: bo
             "peak_mib": {k: v / 2 ** 20 for k, v in memory.items()}, "last_loss": loss}
 
 
+def counted_flops(step: Step) -> int:
+    """FLOPs of one (untimed) step as ``torch.utils.flop_counter`` counts them."""
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
 @contextmanager
 def _nothing():
     yield
@@ -417,7 +428,9 @@ def summarise(method: str, shape, batch: int, args, measured: dict) -> dict:
     ratios = [o / f for o, f in zip(seconds["ours"], seconds["official"])]
     sides = {side: dict(zip(("q1_s", "median_s", "q3_s"), quartiles(seconds[side])),
                         optimizer_median_s=statistics.median(measured["optimizer_seconds"][side]),
-                        peak_step_memory_mib=round(measured["peak_mib"][side]), last_loss=measured["last_loss"][side])
+                        peak_step_memory_mib=round(measured["peak_mib"][side]), last_loss=measured["last_loss"][side],
+                        gflop_per_step=measured["flops"][side] / 1e9,
+                        achieved_gflops=measured["flops"][side] / 1e9 / statistics.median(seconds[side]))
              for side in ("official", "ours")}
     q1, median, q3 = quartiles(ratios)
     return {"method": method, "ours_method": OURS[method][0], "shape": list(shape), "batch": batch,
@@ -436,12 +449,13 @@ def report(result: dict) -> str:
              f"paired repeats after {result['warmup']} warm-up, torch {result['torch']}, ours at precision "
              f"{result['precision_ours']}{' in channels_last_3d order' if result['channels_last_ours'] else ''} "
              "(official float32)",
-             f"  {'':9} {'median s/step':>14} {'IQR':>20} {'of which optimizer':>19} {'peak step memory':>17}"]
+             f"  {'':9} {'median s/step':>14} {'IQR':>20} {'of which optimizer':>19} {'peak step memory':>17} "
+             f"{'GFLOP/step':>11} {'GFLOP/s':>8}"]
     for side in ("official", "ours"):
         s = result[side]
         spread = f"[{s['q1_s']:.3f}, {s['q3_s']:.3f}]"
         lines.append(f"  {side:9} {s['median_s']:14.3f} {spread:>20} {s['optimizer_median_s']:17.3f} s "
-                     f"{s['peak_step_memory_mib']:>13} MiB")
+                     f"{s['peak_step_memory_mib']:>13} MiB {s['gflop_per_step']:11.1f} {s['achieved_gflops']:8.1f}")
     r = result["ratio_ours_over_official"]
     lines.append(f"  ours / official: {r['median']:.3f} (IQR {r['q1']:.3f} - {r['q3']:.3f} over "
                  f"{len(r['paired'])} paired rounds)")
@@ -472,8 +486,9 @@ def main(argv: list[str] | None = None) -> dict:
     with redirect_stdout(sys.stderr):  # the official constructors print their settings
         official = official_step(args.method, source, shape, batch)
     ours = our_step(args.method, shape, batch, args.precision, args.channels_last)
-    result = summarise(args.method, shape, batch, args, alternate(official, ours, args.warmup, args.repeats,
-                                                                   args.anomaly))
+    flops = {"official": counted_flops(official), "ours": counted_flops(ours)}
+    measured = alternate(official, ours, args.warmup, args.repeats, args.anomaly)
+    result = summarise(args.method, shape, batch, args, {**measured, "flops": flops})
     print(report(result))
     print(json.dumps(result))
     if args.json:

@@ -164,7 +164,8 @@ def official_comparison(folder, method: str, ratio: float):
     official = [1.0, 1.2, 0.8]
     measured = {"seconds": {"official": official, "ours": [ratio * s for s in official]},
                 "optimizer_seconds": {"official": [0.01] * 3, "ours": [0.01] * 3},
-                "peak_mib": {"official": 3600, "ours": 2900}, "last_loss": {"official": 0.1, "ours": 0.1}}
+                "peak_mib": {"official": 3600, "ours": 2900}, "last_loss": {"official": 0.1, "ours": 0.1},
+                "flops": {"official": 500e9, "ours": 500e9}}
     args = SimpleNamespace(scale=1.0, threads=2, precision="auto", channels_last=True, repeats=3, warmup=1,
                            anomaly=False, official=folder)
     path = folder / f"{method}.json"
@@ -354,3 +355,4 @@ def test_the_step_time_against_the_official_code_is_shown_for_the_methods_pretra
     assert "<td>0.800 [0.800, 0.800]</td>" in speed and "float32, channels_last_3d" in speed
     table = pd.read_csv(report / "tables" / "official_speed.csv")
     assert list(table.comparison) == ["hybridmim_unet"] and list(table["peak MiB official / ours"]) == ["3600 / 2900"]
+    assert list(table["GFLOP/s official / ours"]) == ["500 / 625"]  # 500 GFLOP in a median 1.0 s and 0.8 s

@@ -18,8 +18,9 @@ import pandas as pd
 LEGEND = ("One pre-training step (forward, loss, backward, optimizer step) of the official code and of ours, timed "
           "alternately in one process on the same inputs (benchmarks/official_compare.py; the JSON files in "
           "benchmarks/results/official/). ours / official: the median of the paired ratios, with their "
-          "interquartile range; peak memory: the resident set above the one before the step, on CPU; ours in: "
-          "what our step ran in (the official steps run in float32).")
+          "interquartile range; peak memory: the resident set above the one before the step, on CPU; GFLOP/s: the "
+          "convolution, matrix and attention FLOPs of a step over its median time; ours in: what our step ran in (the "
+          "official steps run in float32).")
 
 
 def _numerics(result: dict) -> str:
@@ -41,6 +42,7 @@ def comparison_table(paths: Iterable[str | Path], methods: Iterable[str]) -> pd.
             "ours s/step": round(ours["median_s"], 3),
             "ours / official": f"{ratio['median']:.3f} [{ratio['q1']:.3f}, {ratio['q3']:.3f}]",
             "peak MiB official / ours": f"{official['peak_step_memory_mib']} / {ours['peak_step_memory_mib']}",
+            "GFLOP/s official / ours": f"{official['achieved_gflops']:.0f} / {ours['achieved_gflops']:.0f}",
             "threads": result["threads"], "rounds": len(ratio["paired"]), "torch": result["torch"],
             "official commit": (result["official_commit"] or "unknown")[:12],
         })
