@@ -91,6 +91,19 @@ def test_label_values_the_dataset_does_not_declare_are_named_or_set_to_backgroun
     assert "undeclared_to_background" not in cases(index)["phantom_003"]
 
 
+@pytest.mark.parametrize("value", [np.nan, 0.6], ids=["nan", "fraction"])
+def test_label_values_that_are_not_whole_numbers_are_an_error_naming_the_file(dataset_copy, tmp_path, value):
+    """Not a NaN crash without a file name, nor a 0.6 silently cast to class 0."""
+    def smudge(label):
+        label = label.astype(np.float32)
+        label[0, 0, :2] = value
+        return label
+
+    rewrite(dataset_copy / "labelsTr" / "phantom_002.nii.gz", smudge)
+    with pytest.raises(DataError, match=r"phantom_002\.nii\.gz: 2 voxels hold label values that are not whole"):
+        preprocess_dataset(dataset_copy, RECIPE, tmp_path / "cache")
+
+
 def test_a_folder_in_nnunet_naming_pairs_case_0000_images_with_case_labels(tmp_path):
     for name in ("liver_001_0000.nii.gz", "liver_002_0000.nii.gz", "liver_003_0000.nii.gz"):
         (tmp_path / "imagesTr").mkdir(exist_ok=True)
@@ -102,7 +115,7 @@ def test_a_folder_in_nnunet_naming_pairs_case_0000_images_with_case_labels(tmp_p
              for case_id, image, label in folder_cases(tmp_path / "imagesTr", tmp_path / "labelsTr")]
     assert found == [("liver_001", "liver_001_0000.nii.gz", "liver_001.nii.gz"),
                      ("liver_002", "liver_002_0000.nii.gz", "liver_002.nii.gz"),
-                     ("liver_003_0000", "liver_003_0000.nii.gz", None)]
+                     ("liver_003", "liver_003_0000.nii.gz", None)]  # unlabelled, named as the others
     (tmp_path / "imagesTr" / "liver_001_0001.nii.gz").write_bytes(b"")
     with pytest.raises(ValueError, match="nnU-Net images of several channels"):
         folder_cases(tmp_path / "imagesTr", tmp_path / "labelsTr")

@@ -5,6 +5,7 @@ Disk-full and read-only folders are simulated by failing writers, so the tests a
 import copy
 import errno
 import gzip
+import json
 import logging
 import shutil
 import tempfile
@@ -57,6 +58,17 @@ def test_a_corrupt_labelled_nifti_is_one_line_naming_the_file(dataset_copy, tmp_
     code, errors = preprocess(dataset_copy, tmp_path / "out", caplog)
     assert code == 1 and len(errors) == 1 and "\n" not in errors[0], errors
     assert f"{label}: cannot be read as NIfTI" in errors[0] and "re-copy, re-download" in errors[0]
+
+
+def test_a_corrupt_label_in_your_own_folder_is_one_line_when_it_is_prepared(dataset_copy, tmp_path, caplog):
+    label = dataset_copy / "labelsTr" / "phantom_000.nii.gz"
+    label.write_bytes(bytes(range(256)) * 16)
+    settings = {"source": "folder", "images": str(dataset_copy / "imagesTr"), "labels": str(dataset_copy / "labelsTr")}
+    code = cli.main(["prepare", "--dataset", "mine", "--settings", json.dumps(settings), "--data-root",
+                     str(tmp_path / "data")])
+    errors = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
+    assert code == 1 and len(errors) == 1 and "\n" not in errors[0], errors
+    assert f"{label}: cannot be read as NIfTI (ImageFileError" in errors[0]
 
 
 @pytest.mark.parametrize("error", [TORCH_FULL_DISK, OSError(errno.ENOSPC, "No space left on device")],

@@ -174,6 +174,12 @@ def test_datasets_show_prints_the_manual_steps(capsys):
     assert "syn3193805" in out and "not redistributable" in out and "data/manual/btcv" in out
 
 
+def test_datasets_show_names_the_copys_place_under_the_data_root(capsys, tmp_path):
+    assert main(["datasets", "--show", "btcv", "--data-root", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"{tmp_path}/manual/btcv" in out and " data/manual/btcv" not in out
+
+
 def test_datasets_show_of_an_unknown_name_lists_the_known_ones(caplog):
     assert main(["datasets", "--show", "msd_heart"]) == 1
     assert "unknown dataset 'msd_heart'" in caplog.text and "msd_spleen" in caplog.text

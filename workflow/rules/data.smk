@@ -35,6 +35,7 @@ rule prepare:
         directory(f"{DATA}/raw/{{dataset}}"),
     params:
         settings=lambda wildcards: stage_settings(config, wildcards.dataset, "prepare"),
+        files=folder_files,
         data=data_root_of(2),
     log:
         "logs/prepare/{dataset}.log",

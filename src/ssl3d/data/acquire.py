@@ -63,7 +63,7 @@ def fetch_dataset(name: str, settings: dict, data_root: Path = Path("data")) -> 
         if entry.access == "manual":
             copy = manual_copy(name, settings, data_root)
             if not copy.exists():
-                raise ManualDataMissing(name, copy, entry.instructions)
+                raise ManualDataMissing(name, copy, entry.steps(data_root))
             record = {"access": "manual", "path": str(copy.resolve()),
                       **verify_manual(copy, entry.verify, Path(data_root) / "manifests" / f"{name}.json")}
         else:

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tqdm.auto import tqdm
 
-from ssl3d.data.dataset import Case, DataError, check_same_grid, load_nifti, read_dataset
+from ssl3d.data.dataset import Case, DataError, check_same_grid, load_label, load_nifti, read_dataset
 from ssl3d.io import atomic_path, open_kept, publish_kept, read_json, write_json
 
 if TYPE_CHECKING:  # the recipes import MONAI (seconds): readers of the cache (`ssl3d splits`) skip it
@@ -99,7 +99,7 @@ def preprocess_case(case: Case, recipe: Recipe, label_map: dict[int, int] | None
     report = {"nonfinite_replaced": replaced} if replaced else {}
     label = None
     if case.label is not None:
-        label, label_affine = load_nifti(case.label)
+        label, label_affine = load_label(case.label)
         check_same_grid(case.image, image.shape[:3], affine, case.label, label.shape, label_affine)
         if declared is not None:
             label, extra = _declared(label, case.label, declared, undeclared)

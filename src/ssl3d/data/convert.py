@@ -70,7 +70,8 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
-from ssl3d.data.dataset import AFFINE_TOLERANCE_MM, DataError, case_id_of, check_same_grid, load_nifti
+from ssl3d.data.dataset import (AFFINE_TOLERANCE_MM, DataError, case_id_of, check_same_grid, load_label,
+                                load_nifti, open_nifti)
 from ssl3d.data.files import folder_cases, glob_files, is_junk
 from ssl3d.io import atomic_path, open_kept, publish_kept, read_json, write_json
 
@@ -429,12 +430,12 @@ def _folder(source: Path, out: _Output, images: str | Path | None = None, labels
         raise DataError(str(err)) from None
     for case_id, image, label in cases:
         if label is not None:
-            image_header, label_header = nib.load(image), nib.load(label)
+            image_header, label_header = open_nifti(image), open_nifti(label)
             check_same_grid(image, image_header.shape, image_header.affine, label, label_header.shape,
                             label_header.affine)
         out.add(case_id, image, label)
     if labels_map is None:
-        values = set().union(*(np.unique(load_nifti(label)[0]).tolist() for _, _, label in cases if label))
+        values = set().union(*(np.unique(load_label(label)[0]).tolist() for _, _, label in cases if label))
         labels_map = {int(v): f"label_{int(v)}" for v in values - {0}}
     return {"name": out.dest.name, "modality": {"0": modality},
             "labels": {**BACKGROUND_ONLY, **{int(k): str(v) for k, v in labels_map.items()}}}

@@ -90,23 +90,48 @@ def read_dataset(root: str | Path) -> Dataset:
     )
 
 
-def load_nifti(path: str | Path, channels: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Return (voxels, affine); every voxel is read so that truncation is detected here. ``channels``: an image
-    may be 4D, its channels on the last axis (MSD's BrainTumour and the converted BraTS)."""
+def _unreadable(path: Path, err: Exception) -> DataError:
+    reason = " ".join(str(err).split())  # nibabel's "could the file be damaged?" is on a second line
+    return DataError(f"{path}: cannot be read as NIfTI ({type(err).__name__}: {reason}); the file is corrupt or "
+                     "truncated: re-copy, re-download or regenerate it")
+
+
+def open_nifti(path: str | Path) -> nib.spatialimages.SpatialImage:
+    """The image at ``path`` with its header read and its voxels not yet (shape and affine are cheap)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     try:
-        img = nib.load(path)
-        data = np.asanyarray(img.dataobj)
+        return nib.load(path)
     except Exception as err:  # nibabel raises many types (EOFError, zlib.error, ImageFileError, ...)
-        reason = " ".join(str(err).split())  # nibabel's "could the file be damaged?" is on a second line
-        raise DataError(f"{path}: cannot be read as NIfTI ({type(err).__name__}: {reason}); the file is corrupt "
-                        "or truncated: re-copy, re-download or regenerate it") from err
+        raise _unreadable(path, err) from err
+
+
+def load_nifti(path: str | Path, channels: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Return (voxels, affine); every voxel is read so that truncation is detected here. ``channels``: an image
+    may be 4D, its channels on the last axis (MSD's BrainTumour and the converted BraTS)."""
+    img = open_nifti(path)
+    try:
+        data = np.asanyarray(img.dataobj)
+    except Exception as err:
+        raise _unreadable(Path(path), err) from err
     if data.ndim != 3 and not (channels and data.ndim == 4):
         expected = "a 3D volume or a 4D one with channels last" if channels else "a 3D volume"
         raise DataError(f"{path}: expected {expected}, found shape {data.shape}")
     return data, img.affine
+
+
+def load_label(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`load_nifti` for a label map, whose values must be whole class numbers: cast to integers, a NaN or a
+    0.6 left by interpolation would silently become some class."""
+    label, affine = load_nifti(path)
+    if np.issubdtype(label.dtype, np.floating):
+        bad = label[np.mod(label, 1) != 0]  # NaN and infinity included (their remainder is NaN)
+        if bad.size:
+            raise DataError(f"{path}: {bad.size} voxels hold label values that are not whole numbers (e.g. "
+                            f"{np.unique(bad)[:4].tolist()}); a label map holds class numbers: re-export it with "
+                            "nearest-neighbour resampling, as integers")
+    return label, affine
 
 
 def check_same_grid(image_path: Path, image_shape, image_affine, label_path: Path, label_shape, label_affine) -> None:
@@ -123,5 +148,5 @@ def validate_case(case: Case) -> None:
     """Read the case's files fully and check them; raises DataError naming the file."""
     image, image_affine = load_nifti(case.image, channels=True)
     if case.label is not None:
-        label, label_affine = load_nifti(case.label)
+        label, label_affine = load_label(case.label)
         check_same_grid(case.image, image.shape[:3], image_affine, case.label, label.shape, label_affine)

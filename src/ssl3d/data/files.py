@@ -60,7 +60,8 @@ def stem(path: str | Path) -> str:
 def folder_cases(images: str | Path, labels: str | Path | None = None) -> list[tuple[str, Path, Path | None]]:
     """(case id, image, label or None) of a bring-your-own folder: ``images`` a folder or a glob of NIfTI images,
     ``labels`` a folder of label maps. A label belongs to the image of the same name, or, in nnU-Net's naming, to
-    ``<case>_0000.nii.gz`` when it is ``<case>.nii.gz`` (the case id is then ``<case>``). Only one channel is read:
+    ``<case>_0000.nii.gz`` when it is ``<case>.nii.gz`` (the case id is then ``<case>``, and in a folder of
+    ``_0000`` images only, an unlabelled image's too: a label added later keeps its case). Only one channel is read:
     an nnU-Net folder with ``_0001`` images is refused rather than split into unrelated cases."""
     images = str(images)
     paths = glob_files(None, images) if any(char in images for char in "*?[") else niftis_in(Path(images))
@@ -73,10 +74,11 @@ def folder_cases(images: str | Path, labels: str | Path | None = None) -> list[t
         raise ValueError(f"{images}: nnU-Net images of several channels ({', '.join(extra[:3])}, ...); a folder "
                          "dataset reads one channel: keep only the _0000 images, or convert the dataset to 4D NIfTI")
     label_files = {stem(path): path for path in niftis_in(Path(labels))} if labels else {}
+    nnunet = all(match and match["channel"] == "0000" for match in channels.values())
     cases = []
     for path in paths:
         match = channels[path]
-        case_id = match["case"] if match and match["case"] in label_files else stem(path)
+        case_id = match["case"] if match and (nnunet or match["case"] in label_files) else stem(path)
         cases.append((case_id, path, label_files.pop(case_id, None)))
     if label_files:
         orphan = sorted(label_files.values())

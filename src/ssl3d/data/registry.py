@@ -203,6 +203,11 @@ class DatasetEntry:
     unverified: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
 
+    def steps(self, data_root: str | Path) -> str:
+        """The instructions, with the copy's place under ``data_root`` (``$SSL3D_DATA``) where they say
+        ``data/manual/``."""
+        return (self.instructions or "").replace("data/manual/", f"{Path(data_root)}/manual/")
+
 
 def _breach(raw: dict, known: dict) -> tuple[str, str] | None:
     """(field, problem) of the first rule across fields that the JSON schema does not express; None if all hold."""
@@ -394,7 +399,7 @@ def describe_entry(entry: DatasetEntry, data_root: str | Path = Path("data")) ->
         lines.append("  verify (files a copy must hold):")
         lines += [f"    {pattern}: {count}" for pattern, count in entry.verify.items()]
     if entry.instructions:
-        lines += ["  instructions:", *(f"    {step}" for step in entry.instructions.rstrip().splitlines())]
+        lines += ["  instructions:", *(f"    {step}" for step in entry.steps(data_root).rstrip().splitlines())]
     if entry.substitute:
         lines.append(_field("substitute", f"{entry.substitute.entry}: {entry.substitute.why}"))
     if entry.notes:
