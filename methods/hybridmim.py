@@ -89,6 +89,9 @@ class HybridMIMConfig(MethodConfig):
         for name, allowed in (("grouping", ("spatial", "code_raster")), ("region_position", ("center", "corner"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"hybridmim.{name}: {getattr(self, name)!r} is not one of {allowed}")
+        if self.mask_patch < 1 or not 0 <= self.mask_ratio < 1:
+            raise ValueError(f"hybridmim: mask_patch {self.mask_patch} / mask_ratio {self.mask_ratio}: want a patch "
+                             "of at least 1 voxel and a ratio in [0, 1)")
 
 
 class HybridMIM(Method):

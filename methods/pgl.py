@@ -56,6 +56,10 @@ class PGLConfig(MethodConfig):
     align_crop_scale: bool = True
     min_overlap: float = 0.1
 
+    def __post_init__(self):
+        if not 0 < self.min_overlap <= 1:
+            raise ValueError(f"pgl.min_overlap: {self.min_overlap} is not a fraction in (0, 1]")
+
 
 class ProjectedMaps(torch.nn.Module):
     """Encoder + convolutional projector on one encoder level: the part of the online path the target mirrors."""
@@ -63,6 +67,10 @@ class ProjectedMaps(torch.nn.Module):
     def __init__(self, backbone: dict, in_channels: int, level: int, hidden: int, dim: int):
         super().__init__()
         self.backbone = build_network(backbone, in_channels=in_channels, out_channels=1)
+        levels = len(self.backbone.encoder_levels)
+        if not -levels <= level < levels:
+            raise ValueError(f"pgl.level: {level} is not an encoder level of {backbone['name']}, which has {levels} "
+                             f"(0 to {levels - 1}, or -1 for the last)")
         self.level = level
         self.projector = conv_head(self.backbone.encoder_levels[level].channels, hidden, dim)
 

@@ -53,3 +53,13 @@ def test_as_many_offered_devices_as_wanted_or_none_need_no_claim(tmp_path, monke
     assert claim_gpus(1, tmp_path) == ["2"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert claim_gpus(1, tmp_path) == []
+
+
+def test_fewer_offered_devices_than_wanted_is_an_error_not_an_oversubscribed_job(tmp_path, monkeypatch):
+    from ssl3d.gpus import claim_gpus, main
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    with pytest.raises(ValueError, match=r"asks for 4 GPUs and the machine offers 1 \(0: CUDA_VISIBLE_DEVICES"):
+        claim_gpus(4, tmp_path)
+    with pytest.raises(SystemExit, match=r"^ssl3d\.gpus: this job asks for 2 GPUs"):
+        main(["2", "true"])

@@ -12,7 +12,7 @@ from ssl3d.pretrain.bricks.ema import EMATarget
 from ssl3d.pretrain.bricks.losses import regression_loss
 from ssl3d.pretrain.bricks.views import augment_view, overlap_fraction, overlapping_boxes
 from ssl3d.pretrain.method import make_config
-from ssl3d.pretrain.pgl_align import align, common_region
+from ssl3d.pretrain.pgl_align import align, common_region, roi_align
 from ssl3d.pretrain.registry import get_method
 
 PATCH = (32, 32, 16)
@@ -67,6 +67,17 @@ def test_aligned_maps_agree(stride):
         assert difference.abs().max() <= 0.7 * stride + 1e-4
         assert regression_loss(*aligned).mean() < 0.03
     assert flipped_axes == {0, 1, 2} and checked >= 6  # flips on each axis, interiors in most pairs
+
+
+def test_roi_align_samples_at_float32_coordinates_on_bf16_maps():
+    """Under bf16 autocast (the CUDA default) the maps are bf16; the sampling points must not be: on a 64-cell
+    ramp (integers, exact in bf16) each bin reads its own position, not one rounded to bf16's 0.25-cell steps."""
+    ramp = torch.arange(64, dtype=torch.float32).view(1, 1, 64, 1, 1).expand(1, 1, 64, 2, 2)
+    roi = torch.tensor([[[40.3, 0.0, 0.0], [56.7, 2.0, 2.0]]])
+    expected = roi_align(ramp, roi, (8, 1, 1))[0, 0, :, 0, 0]
+    bins = 40.3 + (torch.arange(8) + 0.5) * 16.4 / 8  # bin centres in map cells; cell i holds i at i + 0.5
+    assert torch.allclose(expected, bins - 0.5, atol=1e-4)
+    assert (roi_align(ramp.bfloat16(), roi, (8, 1, 1))[0, 0, :, 0, 0] - expected).abs().max() < 1e-4
 
 
 @pytest.mark.parametrize("switches", [(False, False), (False, True), (True, False)])

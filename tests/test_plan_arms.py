@@ -76,8 +76,31 @@ def test_a_dataset_fine_tunes_on_its_own_label_fractions():
     assert len(runs) == sum(run["spec"]["label_fraction"] == 1.0 for run in finetune_runs(DEMO).values())
 
 
-def test_a_dataset_label_fraction_outside_the_grid_is_a_config_problem():
+def test_a_protocol_or_an_init_narrows_the_grid_without_changing_an_identity():
+    """As HDSSL's tables read it: the pre-trained inits probed at full labels, scratch only fine-tuned whole, and an
+    init fine-tuned at some fractions only; every run kept is the run the full grid has."""
+    full = finetune_runs(with_finetune(protocols={"finetune": None, "probe": {"features": "encoder"}}))
+    runs = finetune_runs(with_finetune(
+        protocols={"finetune": {"inits": ["scratch", "byol"]},
+                   "probe": {"features": "encoder", "inits": ["byol", "pgl"], "label_fractions": [1.0]}},
+        per_init={"byol": {"label_fractions": [1.0]}}))
+    assert all(full[name] == run for name, run in runs.items())
+    cells = {(run["spec"]["init"], run["spec"]["protocol"], run["spec"]["label_fraction"]) for run in runs.values()}
+    assert cells == {("scratch", "finetune", 0.2), ("scratch", "finetune", 1.0), ("byol", "finetune", 1.0),
+                     ("byol", "probe", 1.0), ("pgl", "probe", 1.0)}
+
+
+@pytest.mark.parametrize("where, edit", [
+    ("datasets.phantom", lambda c: c["datasets"]["phantom"].update(label_fractions=[0.5, 1.0])),
+    ("finetune.per_init.byol", lambda c: c["finetune"].update(per_init={"byol": {"label_fractions": [0.5]}})),
+    ("finetune.protocols.probe", lambda c: c["finetune"].update(protocols={"probe": {"label_fractions": [0.5]}}))])
+def test_a_label_fraction_outside_the_grid_is_a_config_problem(where, edit):
     config = copy.deepcopy(DEMO)
-    config["datasets"]["phantom"]["label_fractions"] = [0.5, 1.0]
-    assert config_problems(config) == ["datasets.phantom.label_fractions: [0.5] not in splits.label_fractions "
-                                       "[0.2, 1.0] (a dataset fine-tunes on some of them)"]
+    edit(config)
+    assert config_problems(config) == [f"{where}.label_fractions: [0.5] not in splits.label_fractions [0.2, 1.0]"]
+
+
+def test_a_protocol_init_outside_the_grid_is_a_config_problem():
+    config = with_finetune(protocols={"probe": {"inits": ["byol", "simclr"]}})
+    assert config_problems(config) == [f"finetune.protocols.probe.inits: ['simclr'] not in finetune.inits "
+                                       f"({', '.join(DEMO['finetune']['inits'])})"]

@@ -46,8 +46,11 @@ def raw_rows(paper: str) -> list[dict[str, str]]:
 def text_lines(paper: str) -> list[str]:
     path = SHARED_PAPERS / PAPER_TEXTS[paper]
     if not path.is_file():
-        pytest.skip(f"{path}: the paper's text extraction is not here; it lies in the project's shared folder "
-                    "(../shared/papers beside the checkout, as in CI), or set SSL3D_PAPERS to a folder holding it")
+        pytest.skip(f"{path}: the paper's text extraction is not here. The checks read the project's plain-text "
+                    "extractions of the papers (their line numbers are the CSVs' source_line), kept outside the "
+                    "repository for the papers' copyright: ask the maintainers for papers/, or extract the arXiv PDFs "
+                    "(HybridMIM 2303.10333, PGL 2011.12640, HDSSL 2401.06473) yourself (line numbers may then "
+                    "differ); put them in ../shared/papers beside the checkout, as in CI, or set SSL3D_PAPERS")
     return path.read_text(encoding="utf-8").splitlines()
 
 

@@ -30,7 +30,21 @@ PROBLEMS = [
                                                                      r"takes no field 'chanels'; known: channels"),
     (lambda c: c["finetune"].update(protocols={"frozen_then_finetune": {"frozen_steps": 6, "ramp_steps": 2}}),
      r"finetune\.protocols\.frozen_then_finetune\.frozen_steps: 6 leaves none of the 6 steps"),
+    (lambda c: c["finetune"].update(protocols={"frozen_then_finetune": {"frozen_steps": 4, "ramp_steps": 2}},
+                                    per_init={"byol": {"steps": 4}}),
+     r"finetune\.protocols\.frozen_then_finetune\.frozen_steps: 4 leaves none of the 4 steps .* \(arms: byol on unet "
+     r"\(frozen_then_finetune\)\)$"),
     (lambda c: c["finetune"].update(per_init={"simclr": {"steps": 2}}), r"finetune\.per_init\.simclr: not one of"),
+    (lambda c: c["pretrain"]["methods"]["byol"].update(tau_base="0.99"),
+     r"pretrain\.methods\.byol\.tau_base: '0\.99' is not a number$"),
+    (lambda c: c["pretrain"]["methods"].update(pgl={"align_flip": "false"}),
+     r"pretrain\.methods\.pgl\.align_flip: 'false' is not true or false$"),
+    (lambda c: c["pretrain"]["methods"].update(pgl={"level": 7}),
+     r"pretrain\.methods\.pgl: pgl\.level: 7 is not an encoder level of unet, which has 3"),
+    (lambda c: c["pretrain"]["methods"].update(vox2vec={"pairs_per_region": 0}),
+     r"pretrain\.methods\.vox2vec: pairs_per_region 0 .*want counts of at least 1"),
+    (lambda c: c["pretrain"]["methods"].update(hybridmim={"mask_patch": 0}),
+     r"pretrain\.methods\.hybridmim: hybridmim: mask_patch 0"),
 ]
 
 
@@ -130,18 +144,29 @@ def dry_run_commands(tmp_path, profile, *args) -> subprocess.CompletedProcess:
                           capture_output=True, text=True)
 
 
-@pytest.mark.parametrize("profile, device, threads, workers", [("default", "cpu", 1, 0), ("gpu", "cuda", 4, 3)])
-def test_each_profile_puts_every_training_job_on_its_device_with_loader_workers(profile, device, threads, workers,
-                                                                                tmp_path):
+@pytest.mark.parametrize("profile, device, per_stage", [
+    ("default", "cpu", {"pretrain": (1, 0), "finetune": (1, 0)}),  # (threads, loader workers)
+    ("gpu", "cuda", {"pretrain": (6, 5), "finetune": (4, 3)})])
+def test_each_profile_puts_every_training_job_on_its_device_with_loader_workers(profile, device, per_stage, tmp_path):
     result = dry_run_commands(tmp_path, profile)
     assert result.returncode == 0, result.stderr[-3000:]
-    jobs = re.findall(r"python -m ssl3d --threads (\d+) (pretrain|finetune) .*?--device (\w+)"
-                      r"(?: --workers (\d+))?", result.stdout)
-    assert {stage for _, stage, _, _ in jobs} == {"pretrain", "finetune"}
-    assert {found for _, _, found, _ in jobs} == {device}
-    assert {int(n) for _, stage, _, n in jobs if stage == "finetune"} == {workers}
-    assert {int(n) for n, stage, _, _ in jobs if stage == "finetune"} == {threads}
+    assert training_jobs(result.stdout) == {(stage, device, *found) for stage, found in per_stage.items()}
     assert "mem_mb=" not in result.stdout  # estimated only when asked for (SSL3D_DEVICE_CLASS), for a scheduler
+
+
+def training_jobs(commands: str) -> set[tuple[str, str, int, int]]:
+    """(stage, device, threads, loader workers) of the training commands of a dry run."""
+    jobs = re.findall(r"python -m ssl3d --threads (\d+) (pretrain|finetune) .*?--device (\w+)(?: --workers (\d+))?",
+                      commands)
+    return {(stage, device, int(threads), int(workers or 0)) for threads, stage, device, workers in jobs}
+
+
+def test_a_gpu_requested_through_gres_is_used_like_one_requested_through_gpu(tmp_path):
+    """A cluster that wants --gres: ``gres: gpu:<type>:N`` gives the job its device and loader workers as gpu does."""
+    result = dry_run_commands(tmp_path, "default", "--set-resources", 'pretrain:gres="gpu:a100:1"',
+                              "--set-threads", "pretrain=4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert {job for job in training_jobs(result.stdout) if job[0] == "pretrain"} == {("pretrain", "cuda", 4, 3)}
 
 
 def test_the_kubernetes_profile_puts_every_training_job_on_a_gpu_with_a_storage_provider(tmp_path):
@@ -155,6 +180,18 @@ def test_the_kubernetes_profile_puts_every_training_job_on_a_gpu_with_a_storage_
     jobs = re.findall(r"python -m ssl3d --threads (\d+) (pretrain|finetune) .*?--device (\w+)", result.stdout)
     assert {stage for _, stage, _ in jobs} == {"pretrain", "finetune"} and {d for _, _, d in jobs} == {"cuda"}
     assert "gpu=1, gpu_manufacturer=nvidia" in result.stdout and "(retrieve from storage)" in result.stdout
+
+
+def test_the_slurm_profile_puts_every_training_job_on_a_gpu_with_its_threads(tmp_path):
+    """Its plan (running it needs a cluster: tests/cluster/test_slurm.py): each training job asks SLURM for one GPU
+    and its threads as CPUs, and trains on cuda with loader workers."""
+    pytest.importorskip("snakemake_executor_plugin_slurm",
+                        reason='the slurm executor plugin: pip install -c requirements.lock -e ".[slurm]"')
+    result = dry_run_commands(tmp_path, "slurm")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert training_jobs(result.stdout) == {("pretrain", "cuda", 8, 7), ("finetune", "cuda", 8, 7)}
+    assert re.search(r"^rule pretrain:\n(?:    .*\n)*?    resources: .*mem_mb=4000, .*runtime=60, .*gpu=1",
+                     result.stdout, re.M)
 
 
 def test_a_scheduler_gets_each_training_jobs_memory_and_time_from_the_plan(tmp_path):
@@ -175,3 +212,7 @@ def test_a_pretraining_job_on_several_gpus_claims_them_and_runs_one_process_per_
     assert result.returncode == 0, result.stderr[-3000:]
     assert re.search(r"python -m ssl3d\.gpus 2 python -m torch\.distributed\.run --standalone --nproc_per_node 2 "
                      r"-m ssl3d --threads 3 pretrain .* --device cuda --workers 2", result.stdout)
+    result = dry_run_commands(tmp_path, "gpu", "--set-resources", "pretrain:gpu=3", "--resources", "gpu=3")
+    assert result.returncode != 0  # the plan, not the job, says that 4 samples do not divide among 3 GPUs
+    assert re.search(r"pretrain \S+: its batch_size 4 does not divide among its 3 GPUs; set "
+                     r"pretrain\.methods\.\w+\.batch_size to a multiple of 3", result.stdout + result.stderr)

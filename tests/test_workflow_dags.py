@@ -2,6 +2,7 @@
 vox2vec and hierarchical dense SSL probed and fine-tuned on an FPN."""
 
 import json
+import os
 import re
 import shutil
 
@@ -16,8 +17,8 @@ from conftest import MICRO, rewrite, snakemake
 
 @pytest.mark.slow
 def test_a_folder_dataset_edited_or_grown_after_a_run_is_prepared_again(tmp_path):
-    """Your own folder: a label edited in place re-runs prepare and preprocess and rebuilds that case only; an added
-    image re-runs prepare. (Before, both were "Nothing to be done" and the cache kept the old case.)"""
+    """Your own folder: a label edited in place re-runs prepare and preprocess and rebuilds that case only, and so does
+    one replaced by an older file; an added image re-runs prepare. (Before, both were "Nothing to be done" and the cache kept the old case.)"""
     from ssl3d.data.phantom import write_phantom_dataset
 
     write_phantom_dataset(tmp_path / "mine", n_labelled=4, n_unlabelled=1, seed=2, shape=[64, 64, 32],
@@ -37,6 +38,12 @@ def test_a_folder_dataset_edited_or_grown_after_a_run_is_prepared_again(tmp_path
     assert snakemake(tmp_path, config, target).returncode == 0
     after = {path.name: path.stat().st_mtime_ns for path in cache.glob("*.npz")}
     assert [name for name in before if after[name] != before[name]] == ["phantom_001.npz"]
+
+    replaced = tmp_path / "mine" / "labelsTr" / "phantom_002.nii.gz"  # by an older file (mv, cp -p, rsync -a)
+    rewrite(replaced, lambda label: np.where(label == 2, 0, label))
+    os.utime(replaced, ns=(before["phantom_002.npz"] - 10 ** 12,) * 2)
+    planned = snakemake(tmp_path, config, "-n", target).stdout
+    assert re.search(r"^prepare\s+1$", planned, re.M) and re.search(r"^preprocess\s+1$", planned, re.M)
 
     (tmp_path / "mine" / "imagesTr" / "extra.nii.gz").write_bytes(
         (tmp_path / "mine" / "imagesTs" / "phantom_004.nii.gz").read_bytes())
@@ -64,9 +71,10 @@ def test_a_micro_dag_pretrains_pgl_and_fine_tunes_its_segmentation_network(tmp_p
 
 
 @pytest.mark.slow
-def test_a_micro_dag_probes_and_fine_tunes_vox2vec_and_hdssl(tmp_path):
-    """vox2vec and hierarchical dense SSL pre-train an FPN, which is probed and fine-tuned with the backbone frozen
-    first (the HDSSL paper's protocols), end to end: each protocol its own runs, per-case rows and leaderboard.
+def test_a_micro_dag_runs_all_three_protocols_on_vox2vec_and_hdssl(tmp_path):
+    """vox2vec and hierarchical dense SSL pre-train an FPN, which is fine-tuned whole, probed, and fine-tuned with the
+    backbone frozen first (the HDSSL paper's protocols), end to end: each protocol its own runs, per-case rows and
+    leaderboard.
     (The released vox2vec weights take the same path: tests/test_released.py plans and loads them.)"""
     from ssl3d.pretrain.registry import get_method
 
@@ -80,19 +88,21 @@ def test_a_micro_dag_probes_and_fine_tunes_vox2vec_and_hdssl(tmp_path):
     config["splits"]["label_fractions"] = [1.0]
     config["finetune"].update(
         inits=["vox2vec", "hdssl"], seeds=[0], backbones=[fpn], patch_size=[32, 32, 32], loss="sigmoid_bce_dice",
-        protocols={"probe": {"optimizer": {"lr": 0.01}}, "frozen_then_finetune": {"frozen_steps": 2, "ramp_steps": 2}})
+        protocols={"finetune": {}, "probe": {"optimizer": {"lr": 0.01}},
+                   "frozen_then_finetune": {"frozen_steps": 2, "ramp_steps": 2}})
     config["inference"]["roi_size"] = [32, 32, 32]
     result = snakemake(tmp_path, config)
     assert result.returncode == 0, result.stderr[-5000:]
     table = pd.read_csv(tmp_path / "results" / "micro" / "per_case.csv")
     assert table.groupby("protocol")["init"].unique().map(sorted).to_dict() == {
-        protocol: ["hdssl", "vox2vec"] for protocol in ("frozen_then_finetune", "probe")}
+        protocol: ["hdssl", "vox2vec"] for protocol in ("finetune", "frozen_then_finetune", "probe")}
     (probe,) = (tmp_path / "results" / "micro" / "finetune").glob("phantom_vox2vec_probe_fpn3d_*")
     manifest = json.loads((probe / "manifest.json").read_text())
     assert manifest["transfer"]["method"] == "vox2vec" and manifest["transfer"]["fractions"]["encoder"] == 1.0
     assert manifest["probe_features"] == get_method("vox2vec").probe_features
     board = pd.read_csv(tmp_path / "reports" / "micro" / "tables" / "leaderboard.csv")
-    assert sorted(board.groupby("protocol").size().items()) == [("frozen_then_finetune", 2), ("probe", 2)]
+    assert sorted(board.groupby("protocol").size().items()) == [("finetune", 2), ("frozen_then_finetune", 2),
+                                                                ("probe", 2)]
 
 
 @pytest.mark.slow

@@ -336,7 +336,8 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("estimate", help="what a config will cost before anything runs: per stage, its runs, steps, "
                                         "seconds per step, device-hours and peak memory on a measured device class")
-    p.add_argument("--configfile", type=Path, required=True, help="an experiment config, e.g. config/config.yaml")
+    p.add_argument("--configfile", type=Path, default=Path("config/config.yaml"),
+                   help="an experiment config (default: the demo's, config/config.yaml)")
     p.add_argument("--device-class", default="cpu-2core",
                    help="a device class measured by benchmarks/gpu_step.py (benchmarks/results/<class>.json)")
     p.set_defaults(func=cmd_estimate)

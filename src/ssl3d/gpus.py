@@ -43,9 +43,14 @@ def offered_devices() -> list[str]:
 
 def claim_gpus(count: int = 1, lock_dir: str | Path | None = None, poll_s: float = 1.0) -> list[str]:
     """Claim ``count`` of :func:`offered_devices` for this process (waiting while too few are free) and make them
-    the only visible ones; returns their ids ([] when the machine offers no GPU list to choose from)."""
+    the only visible ones; returns their ids ([] when the machine offers no GPU list to choose from). Fewer
+    offered than ``count`` is an error: the job's processes would ask for devices that do not exist."""
     devices = offered_devices()
-    if len(devices) <= count:
+    if devices and len(devices) < count:
+        raise ValueError(f"this job asks for {count} GPUs and the machine offers {len(devices)} "
+                         f"({','.join(devices)}: CUDA_VISIBLE_DEVICES, else nvidia-smi -L); give its rule fewer "
+                         "(set-resources: pretrain: gpu: N in the profile)")
+    if not devices or len(devices) == count:
         return devices
     folder = Path(lock_dir or os.environ.get("SSL3D_GPU_LOCKS") or Path(tempfile.gettempdir()) / "ssl3d-gpus")
     folder.mkdir(parents=True, exist_ok=True)
@@ -81,7 +86,10 @@ def main(argv: list[str] | None = None) -> None:
     job), which holds the claim until it and its children end."""
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    claim_gpus(int(argv[0]))
+    try:
+        claim_gpus(int(argv[0]))
+    except ValueError as err:
+        sys.exit(f"ssl3d.gpus: {err}")
     os.execvp(argv[1], argv[1:])
 
 

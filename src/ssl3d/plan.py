@@ -212,6 +212,9 @@ GRID_KEYS = ("datasets", "inits", "seeds", "backbones", "protocols", "per_backbo
 # each protocol's own settings (the rest of a protocol's entry overrides training settings for it)
 PROTOCOL_SETTINGS = {"finetune": (), "probe": ("features",),
                      "frozen_then_finetune": ("frozen_steps", "ramp_steps", "start_fraction")}
+# keys of a protocol's or a per_init entry that narrow the grid (which inits and label fractions run under it);
+# neither settings nor part of a run's identity
+GRID_FILTERS = ("inits", "label_fractions")
 
 
 def merged(settings: dict, overrides: dict) -> dict:
@@ -232,8 +235,19 @@ def arm_training(config: dict, init: str, backbone: dict, protocol: str) -> tupl
     own = {key: entry.pop(key) for key in PROTOCOL_SETTINGS[protocol] if key in entry}
     for overrides in (finetune.get("per_backbone", {}).get(backbone["name"], {}),
                       finetune.get("per_init", {}).get(init, {}), entry):
-        training = merged(training, overrides)
+        training = merged(training, {key: value for key, value in overrides.items() if key not in GRID_FILTERS})
     return training, own
+
+
+def in_grid(config: dict, dataset: str, init: str, protocol: str, fraction: float) -> bool:
+    """Whether a cell of the fine-tuning grid runs: each of the dataset's, the init's (``per_init``) and the
+    protocol's ``label_fractions``, and the protocol's ``inits``, keeps only those (absent: all). A paper's tables
+    read few of the grid's cells (HDSSL: probes of the pre-trained inits at full labels, scratch only as a baseline of
+    whole-network fine-tuning)."""
+    narrowing = (config["datasets"][dataset], config["finetune"].get("per_init", {}).get(init) or {},
+                 protocols(config)[protocol] or {})
+    return (all(fraction in entry.get("label_fractions", [fraction]) for entry in narrowing)
+            and init in narrowing[2].get("inits", [init]))
 
 
 def protocols(config: dict) -> dict[str, dict]:
@@ -255,8 +269,8 @@ def finetune_runs(config: dict) -> dict[str, dict]:
     (fine-tuning seed i uses pre-training seed i mod the number of pre-training seeds), so a new checkpoint makes
     new fine-tuning runs; or a released checkpoint (``ssl3d.pretrain.released``), whose identity it holds.
     Fraction 1 has a single subset (every draw of all training cases is the same set), so it is trained once per
-    seed rather than once per draw. A dataset's own ``label_fractions`` keeps only those of
-    ``splits.label_fractions`` for it.
+    seed rather than once per draw. A dataset's, an init's or a protocol's ``label_fractions`` and a protocol's
+    ``inits`` narrow the grid (:func:`in_grid`).
     """
     finetune = config["finetune"]
     pretrained = {(run["spec"]["variant"], run["spec"]["seed"]): (name, run["run_id"])
@@ -272,7 +286,7 @@ def finetune_runs(config: dict) -> dict[str, dict]:
             range(config["splits"]["subsets"]), enumerate(finetune["seeds"])):
         if fraction == 1 and subset > 0 or init in entries and not pretrained:  # no pool: skipped
             continue
-        if fraction not in config["datasets"][dataset].get("label_fractions", [fraction]):
+        if not in_grid(config, dataset, init, protocol, fraction):
             continue
         training, protocol_settings = arm_training(config, init, backbone, protocol)
         spec = {

@@ -74,10 +74,12 @@ def method_problems(entry: str, settings: dict, pool_channels: int, steps: int) 
     try:
         with torch.device("meta"):  # the constructor's own checks, without allocating any weight
             cls(config, settings["backbone"], pool_channels)
-    except (ValueError, TypeError) as err:
-        return [f"{where}: {err}"]
     except RuntimeError:  # a network that reads values while it is built (MONAI's Swin): checked when it runs
         pass
+    except (ValueError, TypeError) as err:
+        return [f"{where}: {err}"]
+    except Exception as err:  # a setting the method does not check itself still gets its line, not a traceback
+        return [f"{where}: its settings fail to build it: {type(err).__name__}: {err}"]
     return []
 
 
@@ -114,17 +116,35 @@ def dataset_problems(config: dict, root: Path | None = None) -> list[str]:
 
 
 def finetuning_problems(config: dict) -> list[str]:
-    """The optimizer and schedule of each fine-tuning arm (``finetune`` with its per-backbone, per-init and protocol
-    overrides), each problem once, naming the arms it is in."""
+    """The optimizer, schedule and frozen steps of each fine-tuning arm (``finetune`` with its per-backbone,
+    per-init and protocol overrides: an arm's own ``steps`` can leave its backbone frozen throughout), each problem
+    once, naming the arms it is in."""
     arms = list(itertools.product(init_backbones(config), protocols(config)))
     found: dict[str, list[str]] = {}
     for (init, backbone), protocol in arms:
-        training, _ = arm_training(config, init, backbone, protocol)
-        for problem in optimization_problems(training["optimizer"], training.get("scheduler", DEFAULT_SCHEDULER),
-                                             training["steps"]):
+        training, own = arm_training(config, init, backbone, protocol)
+        problems = optimization_problems(training["optimizer"], training.get("scheduler", DEFAULT_SCHEDULER),
+                                         training["steps"])
+        if protocol == "frozen_then_finetune" and own["frozen_steps"] >= training["steps"]:
+            problems.append(f"protocols.frozen_then_finetune.frozen_steps: {own['frozen_steps']} leaves none of the "
+                            f"{training['steps']} steps to fine-tune the backbone")
+        for problem in problems:
             found.setdefault(problem, []).append(f"{init} on {backbone['name']} ({protocol})")
     return [f"finetune.{problem}" + ("" if len(where) == len(arms) else f" (arms: {', '.join(where)})")
             for problem, where in found.items()]
+
+
+def grid_filter_problems(config: dict) -> list[str]:
+    """``label_fractions`` of a dataset, an init or a protocol, and a protocol's ``inits``, that name what the grid
+    has not (``ssl3d.plan.in_grid``): they would select nothing."""
+    finetune, fractions = config["finetune"], config["splits"]["label_fractions"]
+    filters = [*((f"datasets.{name}", entry) for name, entry in config["datasets"].items()),
+               *((f"finetune.per_init.{init}", entry or {}) for init, entry in finetune.get("per_init", {}).items()),
+               *((f"finetune.protocols.{name}", entry or {}) for name, entry in protocols(config).items())]
+    return ([f"{where}.label_fractions: {sorted(extra)} not in splits.label_fractions {fractions}"
+             for where, entry in filters if (extra := set(entry.get("label_fractions", ())) - set(fractions))]
+            + [f"{where}.inits: {sorted(extra)} not in finetune.inits ({', '.join(finetune['inits'])})"
+               for where, entry in filters if (extra := set(entry.get("inits", ())) - set(finetune["inits"]))])
 
 
 def config_problems(config: dict) -> list[str]:
@@ -168,12 +188,5 @@ def config_problems(config: dict) -> list[str]:
                  for name in finetune.get("per_backbone", {}) if name not in BACKBONES]
     problems += [f"finetune.per_init.{init}: not one of finetune.inits ({', '.join(finetune['inits'])})"
                  for init in finetune.get("per_init", {}) if init not in finetune["inits"]]
-    problems += [f"datasets.{name}.label_fractions: {sorted(extra)} not in splits.label_fractions "
-                 f"{config['splits']['label_fractions']} (a dataset fine-tunes on some of them)"
-                 for name, data in datasets.items()
-                 if (extra := set(data.get("label_fractions", ())) - set(config["splits"]["label_fractions"]))]
-    frozen = protocols(config).get("frozen_then_finetune")
-    if frozen and frozen["frozen_steps"] >= frozen.get("steps", finetune["steps"]):
-        problems.append(f"finetune.protocols.frozen_then_finetune.frozen_steps: {frozen['frozen_steps']} leaves "
-                        f"none of the {frozen.get('steps', finetune['steps'])} steps to fine-tune the backbone")
+    problems += grid_filter_problems(config)
     return problems or finetuning_problems(config)  # arms exist once inits and backbones are known

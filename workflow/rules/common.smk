@@ -20,7 +20,7 @@ if not workflow.overwrite_configfiles:
 # The plan (run names and identities) comes from the package, read from this checkout.
 SRC = Path(workflow.basedir) / "src"
 sys.path.insert(0, str(SRC))
-from ssl3d.data.files import data_root, folder_cases
+from ssl3d.data.files import data_root, folder_cases, folder_fingerprint
 from ssl3d.plan import (dataset_recipe, finetune_runs, pretrain_runs, run_config, run_files, schema_problems,
                         skipped_datasets, stage_keys, stage_settings)
 from ssl3d.pretrain.released import released_checkpoints
@@ -66,11 +66,10 @@ DATA = data_root()  # $SSL3D_DATA, else data/: sources, converted and preprocess
 RUNS = finetune_runs(config)
 PRETRAIN_RUNS = pretrain_runs(config)
 SKIPPED = skipped_datasets(config)
-# A summary of the plan, first in the console (a paper config's job list is thousands of lines: add
-# `--quiet rules` to a dry run to see only this and the job counts)
+# A summary of the plan, first in the console (a paper config's job list is thousands of lines)
 print(f"experiment {config['experiment']}: {len(PRETRAIN_RUNS)} pre-training and {len(RUNS)} fine-tuning runs; "
-      f"follow one with `tail -f {RESULTS}/<stage>/<run>/<stage>.log`, all with `ssl3d status {RESULTS}`",
-      file=sys.stderr)
+      f"follow one with `tail -f {RESULTS}/<stage>/<run>/<stage>.log`, all with `ssl3d status {RESULTS}`; a dry "
+      "run with `--quiet rules` prints only this and the job counts", file=sys.stderr)
 for name, reason in SKIPPED.items():
     print(f"skipping dataset {name}: {reason}", file=sys.stderr)
 
@@ -92,6 +91,13 @@ def prepare_inputs(wildcards):
         cases = folder_cases(settings["images"], settings.get("labels"))
         return [str(path) for _, image, label in cases for path in (image, label) if path is not None]
     return []
+
+
+def folder_files(wildcards):
+    """Your own folder's fingerprint (the size and modification time of each file), a parameter of prepare: a file
+    replaced by an older one (mv, cp -p, rsync -a) is not newer than the outputs, which the mtime trigger misses."""
+    settings = config["datasets"][wildcards.dataset]
+    return folder_fingerprint(settings["images"], settings.get("labels")) if settings["source"] == "folder" else ""
 
 
 def released_copy(wildcards):
@@ -180,14 +186,20 @@ def output_dir(wildcards, output):
 WRITE_RECORD = "printf '%s' {params.record:q} | python -m json.tool > {output} 2> {log}"
 
 
+def gpus(resources):
+    """The GPUs a job was given: ``gpu``, or a cluster's ``gres`` (``gpu:N`` or ``gpu:<type>:N``)."""
+    given = [entry.split(":") for entry in str(resources.get("gres", "") or "").split(",")]
+    from_gres = sum(int(parts[-1]) if parts[-1].isdigit() else 1 for parts in given if parts[0].strip() == "gpu")
+    return max(resources.gpu, from_gres)
+
+
 def device(wildcards, resources):
-    """cuda where the job was given a GPU (``gpu``, or a cluster's ``gres: gpu:N``)."""
-    return "cuda" if resources.gpu > 0 or "gpu" in str(resources.get("gres", "")) else "cpu"
+    return "cuda" if gpus(resources) > 0 else "cpu"
 
 
 def threads_per_process(wildcards, threads, resources):
     """A multi-GPU job runs one process per GPU (``launcher``): they share the job's threads."""
-    return max(threads // max(resources.gpu, 1), 1)
+    return max(threads // max(gpus(resources), 1), 1)
 
 
 def loader_workers(wildcards, threads, resources):
@@ -197,7 +209,7 @@ def loader_workers(wildcards, threads, resources):
     its pre-training jobs two at a time: a loader process per job made them 7% slower (96.7 and 97.0 s of six jobs,
     103.5 and 104.9 s with it; interleaved runs), and the drawing thread neither gains nor loses there (seven jobs
     107.8 and 101.6 s without it, 100.6 and 107.2 s with it): the cores are busy either way."""
-    return max(threads_per_process(wildcards, threads, resources) - 1, 0) if resources.gpu > 0 else 0
+    return max(threads_per_process(wildcards, threads, resources) - 1, 0) if gpus(resources) > 0 else 0
 
 
 def estimated_resources(stage):
@@ -217,9 +229,17 @@ def estimated_resources(stage):
 
 
 def launcher(wildcards, resources):
-    """How a pre-training job starts: one process, or with ``resources.gpu`` > 1 one process per GPU under
+    """How a pre-training job starts: one process, or with more than one GPU (:func:`gpus`) one process per GPU under
     torchrun (data-parallel, ssl3d.distributed), after claiming that many GPUs no other job holds (ssl3d.gpus)."""
-    gpus = resources.gpu
-    if gpus <= 1:
+    count = gpus(resources)
+    if count <= 1:
         return "python"
-    return f"python -m ssl3d.gpus {gpus} python -m torch.distributed.run --standalone --nproc_per_node {gpus}"
+    from ssl3d.pretrain.method import make_config
+    from ssl3d.pretrain.registry import get_method
+
+    spec = PRETRAIN_RUNS[wildcards.run]["spec"]
+    batch = make_config(get_method(spec["method"]).Config, spec["method_config"]).batch_size
+    if batch % count:  # the processes share each step's batch equally (ssl3d.data.sampling.StepShards)
+        raise WorkflowError(f"pretrain {wildcards.run}: its batch_size {batch} does not divide among its {count} "
+                            f"GPUs; set pretrain.methods.{spec['variant']}.batch_size to a multiple of {count}")
+    return f"python -m ssl3d.gpus {count} python -m torch.distributed.run --standalone --nproc_per_node {count}"

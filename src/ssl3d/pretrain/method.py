@@ -15,6 +15,8 @@ from __future__ import annotations
 import abc
 import dataclasses
 import sys
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -84,10 +86,29 @@ _RANGES = {
 }
 
 
+_PLAIN_TYPES = {bool: ("true or false", lambda v: isinstance(v, bool)),
+                int: ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+                float: ("a number", _number), str: ("a string", lambda v: isinstance(v, str)),
+                type(None): ("null", lambda v: v is None)}
+
+
+def _type_problem(value, annotation) -> str | None:
+    """What ``value`` is not, for a field annotated with a plain type (``bool``, ``int``, ``float``, ``str``, or
+    one of them ``| None``): a string ``"false"`` for a switch would otherwise read as on. None where the value
+    fits or the annotation is a container (those fields have their own checks)."""
+    options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    if not all(option in _PLAIN_TYPES for option in options):
+        return None
+    if any(_PLAIN_TYPES[option][1](value) for option in options):
+        return None
+    return "is not " + " or ".join(_PLAIN_TYPES[option][0] for option in options)
+
+
 def make_config(config_class: type[MethodConfig], overrides: dict[str, Any] | None = None,
                 where: str | None = None) -> MethodConfig:
-    """The method's defaults with ``overrides`` from the experiment config; an unknown key, or a common field out of
-    its range, is named as ``<where>.<field>`` (``where``: the config entry; default: the config class)."""
+    """The method's defaults with ``overrides`` from the experiment config; an unknown key, a common field out of
+    its range or a value of the wrong plain type is named as ``<where>.<field>`` (``where``: the config entry;
+    default: the config class)."""
     where = where or config_class.__qualname__
     overrides = dict(overrides or {})
     known = {f.name for f in dataclasses.fields(config_class)}
@@ -96,6 +117,9 @@ def make_config(config_class: type[MethodConfig], overrides: dict[str, Any] | No
         raise ValueError(f"{where}: unknown setting(s) {unknown}; known: {sorted(known)}")
     wrong = [f"{where}.{name}: {overrides[name]!r} {rule}" for name, (valid, rule) in _RANGES.items()
              if name in overrides and not valid(overrides[name])]
+    annotations = typing.get_type_hints(config_class)
+    wrong += [f"{where}.{name}: {value!r} {problem}" for name, value in overrides.items()
+              if name not in _RANGES and (problem := _type_problem(value, annotations[name]))]
     terms, given = config_class().loss_weights, overrides.get("loss_weights")  # the defaults name every term
     if terms and isinstance(given, dict):
         wrong += [f"{where}.loss_weights.{name}: not a loss term of this method; its terms: {', '.join(terms)}"
@@ -104,7 +128,10 @@ def make_config(config_class: type[MethodConfig], overrides: dict[str, Any] | No
         raise ValueError("; ".join(wrong))
     if "patch_size" in overrides:
         overrides["patch_size"] = tuple(overrides["patch_size"])
-    return config_class(**overrides)
+    try:
+        return config_class(**overrides)
+    except ValueError as err:  # the method's own checks (its config's __post_init__)
+        raise ValueError(f"{where}: {err}") from None
 
 
 Requirement = str | tuple[str, ...]  # a backbone capability, or a tuple of alternatives (any one of them)

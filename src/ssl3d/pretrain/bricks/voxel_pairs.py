@@ -46,6 +46,10 @@ class VoxelContrastConfig(MethodConfig):
         if not (0 <= self.rotation_degrees <= 180 and 0 < self.rescale[0] <= self.rescale[1]):
             raise ValueError(f"rotation_degrees {self.rotation_degrees} / rescale {self.rescale}: want degrees in "
                              "[0, 180] and 0 < low <= high")
+        if min(self.pairs_per_region, self.max_voxels, self.projection_dim) < 1 or self.temperature <= 0:
+            raise ValueError(f"pairs_per_region {self.pairs_per_region} / max_voxels {self.max_voxels} / "
+                             f"projection_dim {self.projection_dim} / temperature {self.temperature}: want counts of "
+                             "at least 1 and a temperature > 0")
 
 
 
