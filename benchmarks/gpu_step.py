@@ -10,6 +10,10 @@ CUDA and in float32 on the CPU, as the training engine runs it. Recorded per met
 ``torch.cuda.max_memory_allocated`` (CUDA only: the CPU has no per-method peak), the FLOPs of the step as
 ``ssl3d.estimate`` counts them, the achieved TFLOP/s and, for a GPU of the table below, its share of the bf16 peak.
 
+Each method is timed at its demo arm too (``config/config.yaml``: a small network and patch, where a step's fixed
+costs, Python, kernel launches and small tensors, weigh most), as ``small``: with the paper arm, the two points of
+the estimate's step-time model (``ssl3d.estimate.step_time_model``).
+
 ``--scale s`` (for a CPU, where paper sizes take minutes a step) multiplies the batch by s and the patch's sides
 by s (rounded up to multiples of 16), or, for a method that refuses that patch (HybridMIM's reconstruction region,
 SwinUNETR's 32-voxel tokens), by s x 1.5^k per side: the patch of fewest voxels it runs at. Each method's entry
@@ -62,6 +66,13 @@ def paper_arms() -> tuple[dict[str, tuple[dict, str]], list[str]]:
     return arms, [name for name in methods() if name not in arms]
 
 
+def demo_arms() -> dict[str, dict]:
+    """Method -> its arm in the demo (``config/config.yaml``): the small point of the estimate's step-time model."""
+    config = yaml.safe_load((CHECKOUT / "config" / "config.yaml").read_text())
+    return {settings["method"]: method_arm(settings["method"], settings["overrides"], settings["backbone"])
+            for settings in pretrain_entries(config).values()}
+
+
 def scaled(arm: dict, scale: float) -> dict:
     """The arm at ``scale`` (module docstring): the batch times ``scale`` and the patch of fewest voxels, its sides
     times ``scale`` or more, that the method runs at (counted by ``ssl3d.estimate``); at 1, the arm itself."""
@@ -89,8 +100,8 @@ def step_args(arm: dict) -> SimpleNamespace:
     return SimpleNamespace(method=arm["method"], settings=json.dumps(settings), backbone=json.dumps(arm["backbone"]))
 
 
-def time_method(arm: dict, device: torch.device, warmup: int, steps: int) -> dict:
-    """One method's entry (module docstring)."""
+def time_method(arm: dict, device: torch.device, warmup: int, steps: int, small: dict | None = None) -> dict:
+    """One method's entry (module docstring), with ``small`` (its demo arm) timed too where given."""
     patch, batch = arm_size(arm)
     args = step_args(arm)
     cost = step_cost(arm)
@@ -103,6 +114,10 @@ def time_method(arm: dict, device: torch.device, warmup: int, steps: int) -> dic
     _, compute = timed_steps(views, step, device, warmup, steps)
     seconds = statistics.median(compute)
     entry.update(seconds_per_step=seconds, steps_timed=steps, achieved_tflops=cost.flops / seconds / 1e12)
+    if small:
+        # a small step is cheap and noisier (a few milliseconds): timed over more steps
+        entry["small"] = {key: value for key, value in time_method(small, device, warmup, max(20, 3 * steps)).items()
+                          if key in ("backbone", "patch_size", "batch_size", "flops_per_step", "seconds_per_step")}
     if device.type == "cuda":
         entry["peak_memory_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20)
         peak = bf16_peak(torch.cuda.get_device_name(device))
@@ -131,6 +146,7 @@ def main() -> None:
     device_class = args.device_class or (re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
                                          if device.type == "cuda" else f"cpu-{torch.get_num_threads()}core")
     arms, skipped = paper_arms()
+    small = demo_arms()
     result = {"device_class": device_class, "device": name, "device_type": device.type, "torch": torch.__version__,
               "date": datetime.date.today().isoformat(),
               "dtype": "bf16 autocast" if bf16_autocast(device, "auto") else "float32", "scale": args.scale,
@@ -141,7 +157,8 @@ def main() -> None:
             continue
         try:
             result["methods"][method] = {"source": source,
-                                         **time_method(scaled(arm, args.scale), device, args.warmup, args.steps)}
+                                         **time_method(scaled(arm, args.scale), device, args.warmup, args.steps,
+                                                       small.get(method))}
         except torch.cuda.OutOfMemoryError as err:
             result["skipped"][method] = f"out of memory: {str(err).splitlines()[0]}"
         print(method, json.dumps(result["methods"].get(method) or result["skipped"][method]), file=sys.stderr)

@@ -191,3 +191,22 @@ def test_a_misspelt_recipe_is_a_plan_time_problem(where):
     problems = config_problems(demo(edit))
     assert len(problems) == 1 and problems[0].startswith(f"{where}: unknown recipe 'demo_cx'; known: ")
     assert "demo_ct" in problems[0] and "hdssl_ct" in problems[0]
+
+
+def test_your_own_multi_channel_folder_is_refused_by_a_one_channel_method_when_planned(tmp_path):
+    """Its first image's header says how many channels (4D, channels last), so Models Genesis refuses them before
+    the data stages run rather than in its pre-training job."""
+    import nibabel as nib
+
+    (tmp_path / "imagesTr").mkdir()
+    for case in ("a", "b"):
+        image = nib.Nifti1Image(np.zeros((8, 8, 8, 2), np.float32), np.eye(4))
+        nib.save(image, tmp_path / "imagesTr" / f"{case}.nii.gz")
+
+    def edit(config):
+        config["datasets"]["phantom"] = {"source": "folder", "images": str(tmp_path / "imagesTr")}
+        config["pretrain"]["methods"] = {"models_genesis": config["pretrain"]["methods"]["models_genesis"]}
+        config["finetune"]["inits"] = ["scratch", "models_genesis"]
+
+    assert config_problems(demo(edit)) == ["pretrain.methods.models_genesis: models_genesis pre-trains on one-channel "
+                                           "volumes only; the data has 2 channels"]

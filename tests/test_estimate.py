@@ -66,12 +66,34 @@ def test_an_unknown_device_class_names_the_measured_ones(micro):
         estimate.estimate(micro, "tpu-v9")
 
 
+def test_a_step_is_a_fixed_part_plus_flops_at_a_rate_through_the_two_measured_points():
+    """A method timed at its paper arm (10 GFLOP in 1.1 s) and its demo arm (1 GFLOP in 0.2 s): 0.1 s + 10 GFLOP/s,
+    which meets both; one timed at one size takes the others' fixed part, and fine-tuning the medians."""
+    benchmark = {"device_class": "test", "methods": {
+        "two": {"flops_per_step": 10e9, "seconds_per_step": 1.1, "small": {"flops_per_step": 1e9,
+                                                                         "seconds_per_step": 0.2}},
+        "one": {"flops_per_step": 30e9, "seconds_per_step": 1.1}}}
+    fixed, rate = estimate.step_time_model(benchmark, "two")
+    assert fixed == pytest.approx(0.1) and rate == pytest.approx(10e9)
+    assert estimate.step_time_model(benchmark, "one") == pytest.approx((0.1, 30e9))
+    assert estimate.step_time_model(benchmark, None) == pytest.approx((0.1, 20e9))
+    faster_small = {"methods": {"m": {"flops_per_step": 10e9, "seconds_per_step": 1.0,
+                                      "small": {"flops_per_step": 1e9, "seconds_per_step": 0.05}}}}
+    assert estimate.step_time_model(faster_small, "m") == pytest.approx((0.0, 10e9))  # never a negative fixed part
+
+
 def test_cli_prints_both_stages_of_the_demo(capsys):
     assert main(["estimate", "--configfile", str(CHECKOUT / "config" / "config.yaml")]) == 0
     out = capsys.readouterr().out
     assert f"device class {DEVICE}" in out
     for line in ("pretrain:", "  pretrain total", "finetune:", "  finetune total", "total"):
         assert any(row.startswith(line) for row in out.splitlines()), line
+
+
+def test_cli_estimates_the_demo_when_no_config_is_named(capsys, monkeypatch):
+    monkeypatch.chdir(CHECKOUT)
+    assert main(["estimate"]) == 0
+    assert "pretrain total" in capsys.readouterr().out
 
 
 def test_job_resources_are_ints_at_or_above_their_floors(micro):

@@ -17,10 +17,12 @@ runs at whose sides are 1/4, 1/2 or all of its own (rounded up to multiples of 3
 scaled linearly in batch x voxels; the estimate names such arms. Each arm is counted once per process (memoised
 on its canonical JSON), so a config with thousands of runs costs its few arms.
 
-Seconds per step = FLOPs per step / the FLOP/s achieved on a device class, read from the benchmark file
-``benchmarks/results/<class>.json`` (written by ``benchmarks/gpu_step.py``, FLOPs counted by this module): the
-method's own where the file has it, else the median over the file's methods (every fine-tuning arm). Because the
-benchmark divides the same counted FLOPs by a measured step time, what the counter leaves out is in the rate. A
+Seconds per step = a fixed part + FLOPs per step / a FLOP rate, both from the benchmark file of a device class
+``benchmarks/results/<class>.json`` (written by ``benchmarks/gpu_step.py``, FLOPs counted by this module), which
+times each method at two sizes: its paper arm and its demo arm. The line through the two gives the method's fixed
+part (where it meets zero FLOPs: Python, kernel launches, small tensors, which dominate a demo-size step) and its
+rate; a method timed at one size, or a fine-tuning arm, takes the medians (:func:`step_time_model`). Because the
+benchmark times the same counted FLOPs, what the counter leaves out is in the rate. A
 run's time is its steps times that (fine-tuning: its ``steps``, an upper bound where early stopping ends it
 sooner). Left out: validation and test inference (their sliding windows depend on case sizes the plan does not
 know before preprocessing), data loading (loader workers overlap it on a GPU), checkpoints and process start-up.
@@ -277,17 +279,43 @@ def device_class(name: str) -> dict:
     return json.loads(classes[name].read_text())
 
 
-def achieved_flops(benchmark: dict, method: str | None) -> float:
-    """FLOP/s the benchmark measured for the method, else the median over its methods (fine-tuning: method None)."""
-    rates = {name: entry["flops_per_step"] / entry["seconds_per_step"]
-             for name, entry in benchmark["methods"].items() if entry.get("seconds_per_step")}
-    if not rates:
+def _fixed_seconds(entry: dict) -> float | None:
+    """Where the line through a method's two measured steps (its demo arm, ``small``, and its paper arm) meets
+    zero FLOPs, at least 0; None for a method measured at one size."""
+    small = entry.get("small")
+    if not small or entry["flops_per_step"] <= small["flops_per_step"]:
+        return None
+    per_flop = ((entry["seconds_per_step"] - small["seconds_per_step"])
+                / (entry["flops_per_step"] - small["flops_per_step"]))
+    return max(small["seconds_per_step"] - small["flops_per_step"] * per_flop, 0.0)
+
+
+def step_time_model(benchmark: dict, method: str | None) -> tuple[float, float]:
+    """(fixed seconds per step, FLOP/s) of the method's steps on a device class: a step takes fixed + FLOPs / rate,
+    the line through its two measured points (module docstring), so that a small network's step, where Python,
+    kernel launches and small tensors weigh most, is not timed as a paper-size one's. A method measured at one size
+    takes the median fixed part of those measured at two (0 where none is) and the rate through its one point;
+    fine-tuning (method None), the medians of both over the methods."""
+    timed = {name: entry for name, entry in benchmark["methods"].items() if entry.get("seconds_per_step")}
+    if not timed:
         raise ValueError(f"device class {benchmark['device_class']}: its benchmark file has no timed method")
-    return rates.get(method) or statistics.median(rates.values())
+    measured = [fixed for entry in timed.values() if (fixed := _fixed_seconds(entry)) is not None]
+    typical = statistics.median(measured) if measured else 0.0
+
+    def line(entry: dict) -> tuple[float, float]:
+        fixed = _fixed_seconds(entry)
+        fixed = typical if fixed is None else fixed
+        fixed = fixed if entry["seconds_per_step"] > fixed else 0.0
+        return fixed, entry["flops_per_step"] / (entry["seconds_per_step"] - fixed)
+
+    if method in timed:
+        return line(timed[method])
+    return typical, statistics.median(line(entry)[1] for entry in timed.values())
 
 
 def seconds_per_step(arm: dict, device: str) -> float:
-    return step_cost(arm).flops / achieved_flops(device_class(device), arm.get("method"))
+    fixed, rate = step_time_model(device_class(device), arm.get("method"))
+    return fixed + step_cost(arm).flops / rate
 
 
 @dataclass
@@ -335,7 +363,7 @@ def estimate_table(config: dict, device: str) -> str:
     benchmark = device_class(device)
     lines = [f"device class {device}: {benchmark['device']} (torch {benchmark['torch']}, {benchmark['date']}; "
              f"{device_classes()[device]})",
-             f"{'':46}{'runs':>6}{'steps':>12}{'s/step':>10}{'device-h':>12}{'peak MB':>10}"]
+             f"{'':46}{'runs':>6}{'steps':>12}{'s/step':>10}{'device-h':>12}{'step MB':>10}"]
 
     def line(label: str, part: list[Row]) -> str:
         runs, steps = sum(r.runs for r in part), sum(r.steps for r in part)
@@ -354,7 +382,8 @@ def estimate_table(config: dict, device: str) -> str:
     lines.append(line("total", rows))
     lines += [f"skipped dataset {name} (in none of the runs above): {why}"
               for name, why in skipped_datasets(config).items()]
-    lines.append("Left out: validation and test inference, data loading, checkpoints, start-up (ssl3d.estimate).")
+    lines.append("step MB: a step's peak above the process's own (Python, torch, MONAI: about 0.6 GB on a CPU). Left "
+                 "out: validation and test inference, data loading, checkpoints, start-up (ssl3d.estimate).")
     return "\n".join(lines)
 
 

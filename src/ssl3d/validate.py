@@ -19,8 +19,9 @@ from pathlib import Path
 
 import torch
 
+from ssl3d.data.dataset import open_nifti
+from ssl3d.data.files import data_root, folder_cases, manual_copy
 from ssl3d.data.recipes import builtin_recipes
-from ssl3d.data.files import data_root, manual_copy
 from ssl3d.data.registry import get_entry, source_dir
 from ssl3d.finetune.protocols import DEFAULT_SCHEDULER
 from ssl3d.nets import BACKBONES
@@ -33,8 +34,12 @@ from ssl3d.pretrain.registry import get_method
 
 
 def dataset_channels(name: str, settings: dict) -> int:
-    """Image channels of a config's dataset as far as the plan can tell: a registry entry's channel list (BraTS),
-    else 1 (phantoms are CT; a folder's count is checked when it is preprocessed)."""
+    """Image channels of a config's dataset: a registry entry's channel list (BraTS), your own folder's first image
+    (a 4D NIfTI holds its channels last; its header alone is read), else 1 (phantoms are CT)."""
+    if settings.get("source") == "folder":
+        (_, image, _), *_ = folder_cases(settings["images"], settings.get("labels"))
+        shape = open_nifti(image).shape
+        return shape[3] if len(shape) == 4 else 1
     if settings.get("source") != "registry":
         return 1
     modality = get_entry(settings.get("entry", name)).modality
