@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import itertools
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -33,13 +34,20 @@ from ssl3d.pretrain.released import released_checkpoints
 from ssl3d.pretrain.registry import get_method
 
 
+@cache
+def folder_channels(images: str, labels: str | None) -> int:
+    """Image channels of your own folder: its first image's (a 4D NIfTI holds its channels last; its header alone
+    is read), once per process, not once per run of the plan that asks (``ssl3d.estimate`` asks for each)."""
+    (_, image, _), *_ = folder_cases(images, labels)
+    shape = open_nifti(image).shape
+    return shape[3] if len(shape) == 4 else 1
+
+
 def dataset_channels(name: str, settings: dict) -> int:
-    """Image channels of a config's dataset: a registry entry's channel list (BraTS), your own folder's first image
-    (a 4D NIfTI holds its channels last; its header alone is read), else 1 (phantoms are CT)."""
+    """Image channels of a config's dataset: a registry entry's channel list (BraTS), your own folder's
+    (:func:`folder_channels`), else 1 (phantoms are CT)."""
     if settings.get("source") == "folder":
-        (_, image, _), *_ = folder_cases(settings["images"], settings.get("labels"))
-        shape = open_nifti(image).shape
-        return shape[3] if len(shape) == 4 else 1
+        return folder_channels(str(settings["images"]), settings.get("labels") and str(settings["labels"]))
     if settings.get("source") != "registry":
         return 1
     modality = get_entry(settings.get("entry", name)).modality
