@@ -1,17 +1,19 @@
 """Speed of one training step of every registered method and backbone (pytest-benchmark), found automatically.
 
 * ``test_pretraining_step[<method>-<backbone>]``: one pre-training step (loss terms, backward, the optimizer of
-  the method's config, ``after_step``) of every method in ``ssl3d.pretrain.registry.methods()`` on its smallest
-  supported backbone: of the backbones it supports, the one whose smallest instance (``Backbone.smallest``, as the
-  contract tests build it) has the smallest input, then the fewest parameters. Batch 2, views made before timing.
-* ``test_make_views[<method>]``: the method's ``make_views`` for one sample of that size (the data loader's share).
+  the method's config, ``after_step``) of every method in ``ssl3d.pretrain.registry.methods()`` on every backbone
+  it supports, each at its smallest instance (``Backbone.smallest``, as the contract tests build it). Batch 2,
+  views made before timing.
+* ``test_make_views[<method>]``: the method's ``make_views`` for one sample (the data loader's share), at the input
+  of its smallest supported backbone: the one whose smallest instance has the smallest input, then the fewest
+  parameters.
 * ``test_finetuning_step[<backbone>]``: one fine-tuning step (Dice + CE, AdamW) of every registered backbone at its
   smallest instance, batch 2, 4 classes.
 
 A method or backbone added later gets its benchmarks without editing this file. One intra-op thread (as
 ``test_spine_speed.py``), so the numbers vary less with the machine's load. Not part of the normal test run (the
 repository's pytest ``testpaths`` is ``tests/`` and ``addopts`` has ``--benchmark-disable``); the whole file takes
-about a minute on 2 cores:
+about five minutes on 2 cores (Swin backbones take the most: 2-6 s per step):
 
     pytest benchmarks/test_method_steps.py --benchmark-enable
 
@@ -68,7 +70,7 @@ def smallest_supported(name: str) -> str:
     return min(get_method(name).supported_backbones(), key=lambda backbone: (smallest_size(backbone), backbone))
 
 
-PRETRAINING = [(name, smallest_supported(name)) for name in methods()]
+PRETRAINING = [(name, backbone) for name in sorted(methods()) for backbone in get_method(name).supported_backbones()]
 
 
 @pytest.fixture(autouse=True)
