@@ -13,6 +13,9 @@ step, as each training loop runs it:
   ``unet3d.UNet3D``; 64 x 64 x 32 x 6.
 * ``swinunetr_ssl``: ``Project-MONAI/research-contributions`` @ 21ed8e57c725, ``SwinUNETR/Pretrain/main.py`` with
   ``models/ssl_head.py::SSLHead``; 96³ x 2 (the README's batch 1 x 2 crops).
+* ``vox2vec``: ``mishgon/vox2vec`` @ 734e757b9129, ``vox2vec/pretrain/model.py::Vox2Vec.training_step`` on
+  ``FPN3d(1, 16, 6)`` (``pretrain.py``); 128 x 128 x 32 x 10 pairs of one scan, 1024 matched voxels each (ours:
+  one region, ``pairs_per_region`` 10, as ``config/experiments/hdssl.yaml``).
 
 Usage (``--official`` is the repository root; a checkout at another commit is warned about, not refused)::
 
@@ -21,6 +24,7 @@ Usage (``--official`` is the repository root; a checkout at another commit is wa
     python benchmarks/official_compare.py models_genesis --official /tmp/ModelsGenesis --repeats 5 --warmup 1
     python benchmarks/official_compare.py models_genesis --official /tmp/ModelsGenesis --precision bfloat16
     python benchmarks/official_compare.py models_genesis --official /tmp/ModelsGenesis --channels-last
+    python benchmarks/official_compare.py vox2vec --official /tmp/vox2vec --scale 0.5  # needs pytorch_lightning
 
 ``--precision bfloat16`` runs our forward pass under bf16 autocast (the training engine's ``precision:
 bfloat16``) against the official float32 step: faster on a CPU with AMX or AVX512-BF16, at bf16's numerics.
@@ -49,13 +53,16 @@ What each official step contains that ours does not, and why the comparison is s
   official loss (``losses/loss.py::Loss``) puts its constants on ``cuda:{local_rank}`` in ``__init__``: here the
   same attributes are set on CPU and the official ``__call__``/``forward`` run unchanged.
 * ``--scale S`` shrinks the crop for quick runs: HybridMIM and SwinUNETR SSL to the multiple of 32 nearest 96·S
-  (at least 64: the 32-voxel sub-volumes and the Swin's two bottleneck tokens), Models Genesis to multiples of 8.
+  (at least 64: the 32-voxel sub-volumes and the Swin's two bottleneck tokens), Models Genesis to multiples of 8,
+  vox2vec to multiples of 32 (its coarsest level is 1/32).
   The official HybridMIM forward hard-codes the 6³ patch grid and 27 regions of a 96³ crop: below 96 the script
   passes the crop's own grid and region count to the official ``mask_func``/``get_mask_labels*`` (wrapped, not
   rewritten), and both sides reconstruct the same box (the last 64 voxels per axis, the whole crop at 64³).
 
-Dependencies: the official model files need torch, MONAI and (HybridMIM) ``einops``, all project dependencies; a
-missing one is named with its install command. Their training scripts' other imports (tensorboard, nibabel, ...)
+Dependencies: the official model files need torch, MONAI and (HybridMIM) ``einops``, all project dependencies, and
+(vox2vec, whose model is a LightningModule) ``pytorch_lightning``, which is not; a missing one is named with its
+install command. vox2vec's step is its ``training_step`` called directly, without Lightning's trainer around it
+(its ``self.log`` then only warns). Their training scripts' other imports (tensorboard, nibabel, ...)
 are not needed: only the model and loss files are imported.
 """
 
@@ -99,9 +106,11 @@ OFFICIAL = {
     "models_genesis": Official("MrGiovanni/ModelsGenesis", "12f7feb67e50", "pytorch", "unet3d.py"),
     "swinunetr_ssl": Official("Project-MONAI/research-contributions", "21ed8e57c725", "SwinUNETR/Pretrain",
                               "models/ssl_head.py"),
+    "vox2vec": Official("mishgon/vox2vec", "734e757b9129", ".", "vox2vec/pretrain/model.py"),
 }
 # packages the official files import that the project does not need itself: import name -> install command
-INSTALL = {"einops": ".venv/bin/pip install einops"}
+INSTALL = {"einops": ".venv/bin/pip install einops",
+           "pytorch_lightning": ".venv/bin/pip install -c requirements.lock pytorch_lightning"}
 
 # ours: the experiment config's entry (config/experiments/hybridmim.yaml)
 OURS = {
@@ -112,13 +121,18 @@ OURS = {
                         "optimizer": {"name": "adamw", "lr": 6e-6, "weight_decay": 0.1}}),
     "models_genesis": ("models_genesis", {"name": "genesis_unet3d"}, {}),
     "swinunetr_ssl": ("swinunetr_ssl", {"name": "swinunetr", "feature_size": 48}, {}),
+    # config/experiments/hdssl.yaml; the official batch of pairs of one scan is one region's pairs here
+    "vox2vec": ("vox2vec", {"name": "fpn3d", "base_channels": 16, "num_scales": 6}, {"pairs_per_region": 10}),
 }
+VOX2VEC_VOXELS = 1024  # matched voxels per pair (vox2vec's MAX_NUM_VOXELS_PER_PATCH; ours: max_voxels)
 
 
 def shape_and_batch(method: str, scale: float) -> tuple[tuple[int, int, int], int]:
     """The crop and batch of ``method`` at ``scale`` (1: the official shapes)."""
     if method == "models_genesis":
         return tuple(max(8, 8 * round(n * scale / 8)) for n in (64, 64, 32)), 6
+    if method == "vox2vec":
+        return tuple(max(32, 32 * round(n * scale / 32)) for n in (128, 128, 32)), 10
     return (max(64, 32 * round(96 * scale / 32)),) * 3, 2
 
 
@@ -290,6 +304,23 @@ def official_swinunetr_ssl(source: Path, size: int, batch: int) -> Step:
     return training_step(loss, optimizer)
 
 
+def official_vox2vec(source: Path, shape, batch: int) -> Step:
+    """``Vox2Vec.training_step`` (``vox2vec/pretrain/model.py``): both views' pyramids from ``FPN3d(1, 16, 6)``, the
+    matched voxels' features through the projection head, InfoNCE at τ 0.1; backward; its ``configure_optimizers``
+    (Adam 3e-4). ``batch`` pairs, each with 1024 voxels at random positions of the patch."""
+    nets = import_official(source, "vox2vec.nn")
+    vox2vec = import_official(source, "vox2vec.pretrain.model")
+    torch.manual_seed(0)
+    model = vox2vec.Vox2Vec(nets.FPN3d(1, 16, 6), base_channels=16, num_scales=6)
+    model.train()
+    optimizer = model.configure_optimizers()
+    generator = torch.Generator().manual_seed(1)
+    patches = [torch.rand(batch, 1, *shape, generator=generator) for _ in range(2)]
+    voxels = [[torch.stack([torch.randint(0, n, (VOX2VEC_VOXELS,), generator=generator) for n in shape], dim=1)
+               for _ in range(batch)] for _ in range(2)]
+    return training_step(lambda: model.training_step({"pretrain": (*patches, *voxels)}, 0), optimizer)
+
+
 def our_step(method: str, shape, batch: int, precision: str = "auto", channels_last: bool = False) -> Step:
     """Our method as the training engine runs a step (``ssl3d.engine``): loss terms (under bf16 autocast at
     ``precision: bfloat16``; networks and views in channels_last_3d order with ``channels_last``) -> weighted
@@ -302,7 +333,8 @@ def our_step(method: str, shape, batch: int, precision: str = "auto", channels_l
 
     name, backbone, settings = OURS[method]
     cls = get_method(name)
-    config = make_config(cls.Config, {**settings, "patch_size": list(shape), "batch_size": batch,
+    samples = batch // settings.get("pairs_per_region", 1)  # vox2vec: the batch is one region's pairs
+    config = make_config(cls.Config, {**settings, "patch_size": list(shape), "batch_size": samples,
                                       "channels_last": channels_last})
     torch.manual_seed(0)
     model = cls(config, backbone)
@@ -312,9 +344,9 @@ def our_step(method: str, shape, batch: int, precision: str = "auto", channels_l
     optimizer = build_optimizer(model, config.optimizer)
     rng = np.random.default_rng(1)
     region = model.prepare_volume(rng.random((1, *model.region_size()), dtype=np.float32))
-    samples = [model.make_views(region, rng) for _ in range(batch)]
-    views = to_device({key: torch.from_numpy(np.stack([np.asarray(s[key], dtype=np.float32) for s in samples]))
-                       for key in samples[0]}, torch.device("cpu"), channels_last)
+    views = [model.make_views(region, rng) for _ in range(samples)]
+    views = to_device({key: torch.from_numpy(np.stack([np.asarray(v[key], dtype=np.float32) for v in views]))
+                       for key in views[0]}, torch.device("cpu"), channels_last)
     steps = itertools.count()
     def loss():
         with forward_autocast(torch.device("cpu"), precision):
@@ -328,6 +360,8 @@ def official_step(method: str, source: Path, shape, batch: int) -> Step:
         return official_hybridmim(source, method.split("_")[1], shape[0], batch)
     if method == "models_genesis":
         return official_models_genesis(source, shape, batch)
+    if method == "vox2vec":
+        return official_vox2vec(source, shape, batch)
     return official_swinunetr_ssl(source, shape[0], batch)
 
 

@@ -46,6 +46,18 @@ def test_voxel_info_nce_is_the_two_sided_logsumexp_of_the_spec():
         voxel_info_nce(e1, e2[:10])
 
 
+def test_voxel_info_nce_gradients_are_those_of_the_cross_entropy_over_the_whole_similarity_matrix():
+    """The blockwise computation (no 2N x 2N matrix) back-propagates as the plain formulation does."""
+    e1, e2 = (e.clone().requires_grad_() for e in _f7_embeddings())
+    voxel_info_nce(e1, e2).backward()
+    z1, z2 = (e.detach().clone().requires_grad_() for e in (e1, e2))
+    z = torch.cat([z1, z2])
+    logits = (z @ z.T / 0.1).masked_fill(torch.eye(128, dtype=torch.bool), float("-inf"))
+    F.cross_entropy(logits, torch.cat([torch.arange(64, 128), torch.arange(64)])).backward()
+    torch.testing.assert_close(e1.grad, z1.grad, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(e2.grad, z2.grad, atol=1e-6, rtol=1e-5)
+
+
 def test_regression_loss_is_two_minus_two_cos():
     torch.manual_seed(0)
     p, z = torch.randn(8, 32), torch.randn(8, 32)
