@@ -16,6 +16,9 @@ step, as each training loop runs it:
 * ``vox2vec``: ``mishgon/vox2vec`` @ 734e757b9129, ``vox2vec/pretrain/model.py::Vox2Vec.training_step`` on
   ``FPN3d(1, 16, 6)`` (``pretrain.py``); 128 x 128 x 32 x 10 pairs of one scan, 1024 matched voxels each (ours:
   one region, ``pairs_per_region`` 10, as ``config/experiments/hdssl.yaml``).
+* ``hdssl``: ``multimodallearning/hierarchical-dense-ssl`` @ 30f7f69d1e96, ``hb_ssl/pretrain/model.py::
+  Vox2Vec.training_step`` on ``FPN3d(1, 32, 5)`` (``run_pretraining.py``): the same batch, the augmented views
+  through the network, InfoNCE + 10 x restoration MSE to the un-augmented views.
 
 Usage (``--official`` is the repository root; a checkout at another commit is warned about, not refused)::
 
@@ -25,6 +28,7 @@ Usage (``--official`` is the repository root; a checkout at another commit is wa
     python benchmarks/official_compare.py models_genesis --official /tmp/ModelsGenesis --precision bfloat16
     python benchmarks/official_compare.py models_genesis --official /tmp/ModelsGenesis --channels-last
     python benchmarks/official_compare.py vox2vec --official /tmp/vox2vec --scale 0.5  # needs pytorch_lightning
+    python benchmarks/official_compare.py hdssl --official /tmp/hierarchical-dense-ssl --scale 0.5
 
 ``--precision bfloat16`` runs our forward pass under bf16 autocast (the training engine's ``precision:
 bfloat16``) against the official float32 step: faster on a CPU with AMX or AVX512-BF16, at bf16's numerics.
@@ -54,16 +58,19 @@ What each official step contains that ours does not, and why the comparison is s
   same attributes are set on CPU and the official ``__call__``/``forward`` run unchanged.
 * ``--scale S`` shrinks the crop for quick runs: HybridMIM and SwinUNETR SSL to the multiple of 32 nearest 96·S
   (at least 64: the 32-voxel sub-volumes and the Swin's two bottleneck tokens), Models Genesis to multiples of 8,
-  vox2vec to multiples of 32 (its coarsest level is 1/32).
+  vox2vec and hdssl to multiples of 32 (vox2vec's coarsest level is 1/32).
   The official HybridMIM forward hard-codes the 6³ patch grid and 27 regions of a 96³ crop: below 96 the script
   passes the crop's own grid and region count to the official ``mask_func``/``get_mask_labels*`` (wrapped, not
   rewritten), and both sides reconstruct the same box (the last 64 voxels per axis, the whole crop at 64³).
 
 Dependencies: the official model files need torch, MONAI and (HybridMIM) ``einops``, all project dependencies, and
-(vox2vec, whose model is a LightningModule) ``pytorch_lightning``, which is not; a missing one is named with its
-install command. vox2vec's step is its ``training_step`` called directly, without Lightning's trainer around it
-(its ``self.log`` then only warns). Their training scripts' other imports (tensorboard, nibabel, ...)
-are not needed: only the model and loss files are imported.
+(vox2vec and hdssl, whose models are LightningModules) ``pytorch_lightning``, ``huggingface_hub``,
+``more_itertools``, ``scikit-learn`` (vox2vec) and ``matplotlib`` (hdssl), which are not all; a missing one is
+named with its install command. Their step is the ``training_step`` called directly, without Lightning's trainer
+around it (its ``self.log`` then only warns). hdssl's ``__init__`` puts its level projections on CUDA
+(``.cuda()``): on a machine without one they are built with ``Module.cuda`` as the identity. The training
+scripts' other imports (tensorboard, nibabel, clearml, ...) are not needed: only the model and loss files are
+imported.
 """
 
 from __future__ import annotations
@@ -85,6 +92,7 @@ from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+from unittest import mock
 
 import numpy as np
 import torch
@@ -107,6 +115,7 @@ OFFICIAL = {
     "swinunetr_ssl": Official("Project-MONAI/research-contributions", "21ed8e57c725", "SwinUNETR/Pretrain",
                               "models/ssl_head.py"),
     "vox2vec": Official("mishgon/vox2vec", "734e757b9129", ".", "vox2vec/pretrain/model.py"),
+    "hdssl": Official("multimodallearning/hierarchical-dense-ssl", "30f7f69d1e96", ".", "hb_ssl/pretrain/model.py"),
 }
 # packages the official files import that the project does not need itself: import name -> install command
 INSTALL = {"einops": ".venv/bin/pip install einops",
@@ -123,15 +132,16 @@ OURS = {
     "swinunetr_ssl": ("swinunetr_ssl", {"name": "swinunetr", "feature_size": 48}, {}),
     # config/experiments/hdssl.yaml; the official batch of pairs of one scan is one region's pairs here
     "vox2vec": ("vox2vec", {"name": "fpn3d", "base_channels": 16, "num_scales": 6}, {"pairs_per_region": 10}),
+    "hdssl": ("hdssl", {"name": "fpn3d", "base_channels": 32, "num_scales": 5}, {"pairs_per_region": 10}),
 }
-VOX2VEC_VOXELS = 1024  # matched voxels per pair (vox2vec's MAX_NUM_VOXELS_PER_PATCH; ours: max_voxels)
+MATCHED_VOXELS = 1024  # per pair: vox2vec's and hdssl's MAX_NUM_VOXELS_PER_PATCH (ours: max_voxels)
 
 
 def shape_and_batch(method: str, scale: float) -> tuple[tuple[int, int, int], int]:
     """The crop and batch of ``method`` at ``scale`` (1: the official shapes)."""
     if method == "models_genesis":
         return tuple(max(8, 8 * round(n * scale / 8)) for n in (64, 64, 32)), 6
-    if method == "vox2vec":
+    if method in ("vox2vec", "hdssl"):
         return tuple(max(32, 32 * round(n * scale / 32)) for n in (128, 128, 32)), 10
     return (max(64, 32 * round(96 * scale / 32)),) * 3, 2
 
@@ -304,19 +314,23 @@ def official_swinunetr_ssl(source: Path, size: int, batch: int) -> Step:
     return training_step(loss, optimizer)
 
 
-def official_vox2vec(source: Path, shape, batch: int) -> Step:
-    """``Vox2Vec.training_step`` (``vox2vec/pretrain/model.py``): both views' pyramids from ``FPN3d(1, 16, 6)``, the
-    matched voxels' features through the projection head, InfoNCE at τ 0.1; backward; its ``configure_optimizers``
-    (Adam 3e-4). ``batch`` pairs, each with 1024 voxels at random positions of the patch."""
-    nets = import_official(source, "vox2vec.nn")
-    vox2vec = import_official(source, "vox2vec.pretrain.model")
+def official_voxel_contrast(method: str, source: Path, shape, batch: int) -> Step:
+    """``Vox2Vec.training_step`` of vox2vec (``vox2vec/pretrain/model.py``, on ``FPN3d(1, 16, 6)``) or of hdssl
+    (``hb_ssl/pretrain/model.py``, ``FPN3d(1, 32, 5)``, with un-augmented views for its restoration loss): both
+    views' pyramids, the matched voxels' features through the projection head, InfoNCE at τ 0.1 (hdssl: + 10 x
+    MSE); backward; its ``configure_optimizers`` (Adam 3e-4). ``batch`` pairs, each with 1024 voxels at random
+    positions of the patch."""
+    package, base, scales = ("vox2vec", 16, 6) if method == "vox2vec" else ("hb_ssl", 32, 5)
+    nets = import_official(source, f"{package}.nn")
+    official = import_official(source, f"{package}.pretrain.model")
     torch.manual_seed(0)
-    model = vox2vec.Vox2Vec(nets.FPN3d(1, 16, 6), base_channels=16, num_scales=6)
+    with mock.patch.object(torch.nn.Module, "cuda", lambda module, *args, **kwargs: module):  # hdssl's __init__
+        model = official.Vox2Vec(nets.FPN3d(1, base, scales), base_channels=base, num_scales=scales)
     model.train()
     optimizer = model.configure_optimizers()
     generator = torch.Generator().manual_seed(1)
-    patches = [torch.rand(batch, 1, *shape, generator=generator) for _ in range(2)]
-    voxels = [[torch.stack([torch.randint(0, n, (VOX2VEC_VOXELS,), generator=generator) for n in shape], dim=1)
+    patches = [torch.rand(batch, 1, *shape, generator=generator) for _ in range(2 if method == "vox2vec" else 4)]
+    voxels = [[torch.stack([torch.randint(0, n, (MATCHED_VOXELS,), generator=generator) for n in shape], dim=1)
                for _ in range(batch)] for _ in range(2)]
     return training_step(lambda: model.training_step({"pretrain": (*patches, *voxels)}, 0), optimizer)
 
@@ -360,8 +374,8 @@ def official_step(method: str, source: Path, shape, batch: int) -> Step:
         return official_hybridmim(source, method.split("_")[1], shape[0], batch)
     if method == "models_genesis":
         return official_models_genesis(source, shape, batch)
-    if method == "vox2vec":
-        return official_vox2vec(source, shape, batch)
+    if method in ("vox2vec", "hdssl"):
+        return official_voxel_contrast(method, source, shape, batch)
     return official_swinunetr_ssl(source, shape[0], batch)
 
 
