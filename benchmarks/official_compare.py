@@ -65,8 +65,8 @@ What each official step contains that ours does not, and why the comparison is s
 
 Dependencies: the official model files need torch, MONAI and (HybridMIM) ``einops``, all project dependencies, and
 (vox2vec and hdssl, whose models are LightningModules) ``pytorch_lightning``, ``huggingface_hub``,
-``more_itertools``, ``scikit-learn`` (vox2vec) and ``matplotlib`` (hdssl), which are not all; a missing one is
-named with its install command. Their step is the ``training_step`` called directly, without Lightning's trainer
+``more_itertools``, ``scikit-learn`` (vox2vec) and ``matplotlib`` (hdssl), not all of them project dependencies;
+a missing one is named with its install command. Their step is the ``training_step`` called directly, without Lightning's trainer
 around it (its ``self.log`` then only warns). hdssl's ``__init__`` puts its level projections on CUDA
 (``.cuda()``): on a machine without one they are built with ``Module.cuda`` as the identity. The training
 scripts' other imports (tensorboard, nibabel, clearml, ...) are not needed: only the model and loss files are
@@ -347,7 +347,7 @@ def our_step(method: str, shape, batch: int, precision: str = "auto", channels_l
 
     name, backbone, settings = OURS[method]
     cls = get_method(name)
-    samples = batch // settings.get("pairs_per_region", 1)  # vox2vec: the batch is one region's pairs
+    samples = batch // settings.get("pairs_per_region", 1)  # vox2vec, hdssl: the batch is one region's pairs
     config = make_config(cls.Config, {**settings, "patch_size": list(shape), "batch_size": samples,
                                       "channels_last": channels_last})
     torch.manual_seed(0)
