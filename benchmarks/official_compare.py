@@ -66,9 +66,9 @@ What each official step contains that ours does not, and why the comparison is s
 Dependencies: the official model files need torch, MONAI and (HybridMIM) ``einops``, all project dependencies, and
 (vox2vec and hdssl, whose models are LightningModules) ``pytorch_lightning``, ``huggingface_hub``,
 ``more_itertools``, ``scikit-learn`` (vox2vec) and ``matplotlib`` (hdssl), not all of them project dependencies;
-a missing one is named with its install command. Their step is the ``training_step`` called directly, without Lightning's trainer
-around it (its ``self.log`` then only warns). hdssl's ``__init__`` puts its level projections on CUDA
-(``.cuda()``): on a machine without one they are built with ``Module.cuda`` as the identity. The training
+a missing one is named with its install command. Their step is the ``training_step`` called directly, without
+Lightning's trainer around it (its ``self.log`` then only warns). hdssl's ``__init__`` puts its level projections
+on CUDA (``.cuda()``): on a machine without one they are built with ``Module.cuda`` as the identity. The training
 scripts' other imports (tensorboard, nibabel, clearml, ...) are not needed: only the model and loss files are
 imported.
 """
