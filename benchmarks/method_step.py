@@ -54,9 +54,9 @@ def timed_steps(views, step, device: torch.device, warmup: int, steps: int) -> t
 
 
 def pretraining_step(args, device: torch.device, precision: str = "auto"):
-    """(make a batch of views, run one step) for the method; its forward at ``precision`` and in the memory order
-    of its ``channels_last`` setting, as the training engine runs it (``auto``: bf16 autocast on CUDA, float32 on
-    CPU)."""
+    """(make a batch of views, run one step) for the method; its forward at ``precision``, in the memory order of
+    its ``channels_last`` setting and through ``torch.compile`` with its ``compile`` setting, as the training engine
+    runs it (``auto``: bf16 autocast on CUDA, float32 on CPU)."""
     cls = get_method(args.method)
     config = make_config(cls.Config, json.loads(args.settings))
     torch.manual_seed(0)
@@ -72,9 +72,14 @@ def pretraining_step(args, device: torch.device, precision: str = "auto"):
         return to_device({key: torch.from_numpy(np.stack([np.asarray(s[key], dtype=np.float32) for s in samples]))
                           for key in samples[0]}, device, config.channels_last)
 
+    def loss_of(batch):
+        return method.total_loss(method.loss_terms(batch))
+
+    compiled = torch.compile(loss_of) if config.compile else loss_of
+
     def step(batch, i):
         with forward_autocast(device, precision):
-            loss = method.total_loss(method.loss_terms(batch))
+            loss = compiled(batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

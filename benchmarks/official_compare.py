@@ -33,7 +33,9 @@ Usage (``--official`` is the repository root; a checkout at another commit is wa
 ``--precision bfloat16`` runs our forward pass under bf16 autocast (the training engine's ``precision:
 bfloat16``) against the official float32 step: faster on a CPU with AMX or AVX512-BF16, at bf16's numerics.
 ``--channels-last`` runs ours in channels_last_3d memory order (the method setting ``channels_last``): float32,
-the same sums in another order.
+the same sums in another order. ``--compile`` runs our loss terms through ``torch.compile`` (the method setting
+``compile``): float32, fused kernels that round differently; the first round compiles (minutes on 2 cores), so it
+must be a warm-up round; the FLOPs are counted on the same step uncompiled (the same operations).
 
 It prints the median seconds per step of each side with their interquartile range and the median seconds of its
 optimizer step alone, the median of the paired ratios ours / official (round i's ours over round i's official)
@@ -335,11 +337,12 @@ def official_voxel_contrast(method: str, source: Path, shape, batch: int) -> Ste
     return training_step(lambda: model.training_step({"pretrain": (*patches, *voxels)}, 0), optimizer)
 
 
-def our_step(method: str, shape, batch: int, precision: str = "auto", channels_last: bool = False) -> Step:
+def our_step(method: str, shape, batch: int, precision: str = "auto", channels_last: bool = False,
+             compile: bool = False) -> Step:
     """Our method as the training engine runs a step (``ssl3d.engine``): loss terms (under bf16 autocast at
-    ``precision: bfloat16``; networks and views in channels_last_3d order with ``channels_last``) -> weighted
-    total, zero_grad, backward, the optimizer of the method's config; views made before timing by the method's
-    ``make_views``."""
+    ``precision: bfloat16``; networks and views in channels_last_3d order with ``channels_last``; through
+    ``torch.compile`` with ``compile``) -> weighted total, zero_grad, backward, the optimizer of the method's config;
+    views made before timing by the method's ``make_views``."""
     from ssl3d.engine import forward_autocast, to_device
     from ssl3d.pretrain.method import make_config
     from ssl3d.pretrain.optim import build_optimizer
@@ -349,7 +352,7 @@ def our_step(method: str, shape, batch: int, precision: str = "auto", channels_l
     cls = get_method(name)
     samples = batch // settings.get("pairs_per_region", 1)  # vox2vec, hdssl: the batch is one region's pairs
     config = make_config(cls.Config, {**settings, "patch_size": list(shape), "batch_size": samples,
-                                      "channels_last": channels_last})
+                                      "channels_last": channels_last, "compile": compile})
     torch.manual_seed(0)
     model = cls(config, backbone)
     model.train()
@@ -366,7 +369,12 @@ def our_step(method: str, shape, batch: int, precision: str = "auto", channels_l
         with forward_autocast(torch.device("cpu"), precision):
             return model.total_loss(model.loss_terms(views))
 
-    return training_step(loss, optimizer, lambda: model.after_step(next(steps), 1000))
+    after = lambda: model.after_step(next(steps), 1000)  # noqa: E731
+    step = training_step(torch.compile(loss) if compile else loss, optimizer, after)
+    # FLOPs are counted on the same step uncompiled: under FlopCounterMode a compiled function runs eagerly and is
+    # then left uncompiled
+    step.eager = training_step(loss, optimizer, after)
+    return step
 
 
 def official_step(method: str, source: Path, shape, batch: int) -> Step:
@@ -483,7 +491,7 @@ def summarise(method: str, shape, batch: int, args, measured: dict) -> dict:
     q1, median, q3 = quartiles(ratios)
     return {"method": method, "ours_method": OURS[method][0], "shape": list(shape), "batch": batch,
             "scale": args.scale, "threads": args.threads,
-            "precision_ours": args.precision, "channels_last_ours": args.channels_last,
+            "precision_ours": args.precision, "channels_last_ours": args.channels_last, "compile_ours": args.compile,
             "repeats": args.repeats, "warmup": args.warmup, "anomaly_official": args.anomaly,
             "official_commit": git_commit(args.official), "torch": torch.__version__,
             "official": sides["official"], "ours": sides["ours"],
@@ -495,8 +503,8 @@ def report(result: dict) -> str:
     shape = "x".join(map(str, result["shape"]))
     lines = [f"{result['method']}: {shape} x {result['batch']}, {result['threads']} threads, {result['repeats']} "
              f"paired repeats after {result['warmup']} warm-up, torch {result['torch']}, ours at precision "
-             f"{result['precision_ours']}{' in channels_last_3d order' if result['channels_last_ours'] else ''} "
-             "(official float32)",
+             f"{result['precision_ours']}{' in channels_last_3d order' if result['channels_last_ours'] else ''}"
+             f"{' through torch.compile' if result.get('compile_ours') else ''} (official float32)",
              f"  {'':9} {'median s/step':>14} {'IQR':>20} {'of which optimizer':>19} {'peak step memory':>17} "
              f"{'GFLOP/step':>11} {'GFLOP/s':>8}"]
     for side in ("official", "ours"):
@@ -524,6 +532,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="ours: float32 (auto, on CPU: the equal-numerics comparison) or bf16 autocast")
     parser.add_argument("--channels-last", action="store_true",
                         help="ours: networks and views in channels_last_3d order (the method setting channels_last)")
+    parser.add_argument("--compile", action="store_true",
+                        help="ours: the loss terms through torch.compile (the method setting compile); the first "
+                             "warm-up round compiles, so keep --warmup >= 1")
     parser.add_argument("--json", type=Path, help="also write the result here")
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0 or args.threads < 1 or args.scale <= 0:
@@ -533,8 +544,8 @@ def main(argv: list[str] | None = None) -> dict:
     shape, batch = shape_and_batch(args.method, args.scale)
     with redirect_stdout(sys.stderr):  # the official constructors print their settings
         official = official_step(args.method, source, shape, batch)
-    ours = our_step(args.method, shape, batch, args.precision, args.channels_last)
-    flops = {"official": counted_flops(official), "ours": counted_flops(ours)}
+    ours = our_step(args.method, shape, batch, args.precision, args.channels_last, args.compile)
+    flops = {"official": counted_flops(official), "ours": counted_flops(ours.eager)}
     measured = alternate(official, ours, args.warmup, args.repeats, args.anomaly)
     result = summarise(args.method, shape, batch, args, {**measured, "flops": flops})
     print(report(result))

@@ -104,3 +104,6 @@ def test_job_resources_are_ints_at_or_above_their_floors(micro):
     assert resources["mem_mb"] >= estimate.MEM_FLOOR_MB and resources["runtime"] >= estimate.RUNTIME_FLOOR_MIN
     long = {**entry, "spec": {**entry["spec"], "steps": 10**7}}
     assert estimate.job_resources("pretrain", long, DEVICE)["runtime"] > estimate.RUNTIME_FLOOR_MIN
+    compiled = {**long, "spec": {**long["spec"], "method_config": {**long["spec"]["method_config"], "compile": True}}}
+    assert (estimate.job_resources("pretrain", compiled, DEVICE)["runtime"]
+            - estimate.job_resources("pretrain", long, DEVICE)["runtime"]) == estimate.COMPILE_MIN

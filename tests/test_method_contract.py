@@ -92,6 +92,24 @@ def test_loss_terms_are_float32_under_bf16_autocast(name):
     assert all(torch.isfinite(t) for t in terms.values())
 
 
+@pytest.mark.parametrize("name, backbone", CHEAPEST)
+def test_loss_terms_trace_through_torch_compile_to_the_same_terms(name, backbone):
+    """The ``compile`` setting runs the loss terms through torch.compile (``ssl3d.engine``): Dynamo traces every
+    method (graph breaks allowed) to the terms of the uncompiled call. Dynamo's ``eager`` backend: the tracing,
+    without Inductor's minutes of code generation, and the same numbers."""
+    method = small_method(name, backbone)
+    method.train()
+    batch = batch_of_views(method)
+    terms = {}
+    torch._dynamo.reset()
+    for compiled in (False, True):
+        torch.manual_seed(1)
+        loss_terms = torch.compile(method.loss_terms, backend="eager") if compiled else method.loss_terms
+        terms[compiled] = {key: value.item() for key, value in loss_terms(batch).items()}
+    torch._dynamo.reset()
+    assert terms[True] == pytest.approx(terms[False], rel=1e-5)
+
+
 @pytest.mark.parametrize("name", sorted(methods()))
 def test_multichannel_volumes_are_taken_or_refused_when_the_method_is_built(name):
     cls = get_method(name)

@@ -67,6 +67,9 @@ MARGIN = 1.5
 PROCESS_MB = 1500
 MEM_FLOOR_MB = 4000
 RUNTIME_FLOOR_MIN = 10
+# a run with ``compile``: torch.compile's first step, up to 7 minutes on 2 CPU cores at the papers' sizes
+# (benchmarks/official_compare.py --compile); its later steps are faster than the uncompiled ones the model times
+COMPILE_MIN = 10
 
 
 def output_channels(name: str, settings: dict) -> int:
@@ -389,16 +392,19 @@ def estimate_table(config: dict, device: str) -> str:
 
 def job_resources(stage: str, entry: dict, device: str) -> dict[str, int]:
     """Snakemake resources of one run (an entry of ``pretrain_runs`` / ``finetune_runs``) on a device class:
-    ``runtime`` in minutes, MARGIN (1.5) times the estimate, at least RUNTIME_FLOOR_MIN (covering start-up and the
-    validations the estimate leaves out on small runs); ``mem_mb``, the host memory: MARGIN times (PROCESS_MB plus
-    the step's peak on a CPU class, where the step runs in host memory, or its weights, gradients and optimizer
-    state on a GPU class, the host's copies for checkpoints), at least MEM_FLOOR_MB. A pre-training pool is
+    ``runtime`` in minutes, MARGIN (1.5) times the estimate, plus COMPILE_MIN for a run with ``compile``, at least
+    RUNTIME_FLOOR_MIN (covering start-up and the validations the estimate leaves out on small runs); ``mem_mb``, the
+    host memory: MARGIN times (PROCESS_MB plus the step's peak on a CPU class, where the step runs in host memory,
+    or its weights, gradients and optimizer state on a GPU class, the host's copies for checkpoints), at least
+    MEM_FLOOR_MB. A pre-training pool is
     memory-mapped (``ssl3d.pretrain.loop.Pool``: page cache, not the job's own memory); the cases a fine-tuning run
     holds in memory are not in it: the plan cannot size them.
     Fast for every job of a config: arms are counted once per process (:func:`step_cost`)."""
     arm = run_arm(stage, entry["spec"])
     cost = step_cost(arm)
-    minutes = MARGIN * entry["spec"]["steps"] * seconds_per_step(arm, device) / 60
+    spec = entry["spec"]
+    compiled = (spec["method_config"] if stage == "pretrain" else spec).get("compile", False)
+    minutes = MARGIN * spec["steps"] * seconds_per_step(arm, device) / 60 + COMPILE_MIN * compiled
     on_host = cost.peak_bytes if device_class(device)["device_type"] == "cpu" else cost.state_bytes
     return {"mem_mb": max(MEM_FLOOR_MB, math.ceil(MARGIN * (PROCESS_MB + on_host / MB))),
             "runtime": max(RUNTIME_FLOOR_MIN, math.ceil(minutes))}

@@ -5,7 +5,7 @@ which network trains and at which rates; its ``augmentation`` preset (``ssl3d.fi
 go through; ``early_stopping: {patience: k}`` stops it after k validations without a better validation Dice;
 ``loss`` (``ssl3d.finetune.losses``) is softmax Dice + cross-entropy (``dice_ce``, the default) or vox2vec's and
 HDSSL's per-class sigmoid BCE + soft Dice (``sigmoid_bce_dice``); ``channels_last`` trains in channels_last_3d
-memory order (``ssl3d.engine``). The step loop (AMP, clipping, workers, timing, checkpoint/resume) is the shared
+memory order and ``compile`` through ``torch.compile`` (``ssl3d.engine``). The step loop (AMP, clipping, workers, timing, checkpoint/resume) is the shared
 ``ssl3d.engine.Engine``: a run killed after its checkpoint at step k and re-run replays steps k+1... exactly as an
 uninterrupted run would (on CPU, same thread count), which ``tests/test_resume.py`` checks. A spec without these
 keys trains as before them.
@@ -116,6 +116,7 @@ def finetune(run_config: str | Path | dict, out_dir: str | Path, device: str = "
     optimizer, scheduler = build_optimization(model, spec, steps)
     engine = Engine(run_id, model, optimizer, scheduler, out_dir, steps, spec["checkpoint_every"], device,
                     grad_clip=spec.get("grad_clip"), channels_last=spec.get("channels_last", False),
+                    compile=spec.get("compile", False),
                     precision=spec.get("precision", "auto"), workers=workers, log_every=log_every,
                     fresh={"best": {"score": -1.0, "step": 0, "weights": None}, "validations_since_best": 0})
     loss_fn = segmentation_loss(spec.get("loss", "dice_ce"))

@@ -174,7 +174,7 @@ def pretrain(run_config: str | Path | dict, out_dir: str | Path, device: str = "
     optimizer = build_optimizer(method, settings.optimizer)
     engine = Engine(run_id, method, optimizer, build_scheduler(optimizer, settings.scheduler, steps), out_dir, steps,
                     spec["checkpoint_every"], device, model_key="method", grad_clip=settings.grad_clip,
-                    precision=settings.precision, channels_last=settings.channels_last,
+                    precision=settings.precision, channels_last=settings.channels_last, compile=settings.compile,
                     workers=workers, log_every=log_every)
 
     pool = Pool(files, method, out_dir / "prepared_volumes")

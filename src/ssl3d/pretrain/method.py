@@ -49,8 +49,9 @@ class MethodConfig:
     """Fields every method config has; a method's own config subclasses this with its paper's defaults.
 
     ``optimizer`` and ``scheduler`` are read by ``ssl3d.pretrain.optim``; ``patch_size`` is the network input;
-    ``precision`` and ``channels_last`` are the training engine's (``ssl3d.engine``: ``auto``, ``float32`` or
-    ``bfloat16``; the networks and views in channels_last_3d memory order, faster for some networks on a CPU).
+    ``precision``, ``channels_last`` and ``compile`` are the training engine's (``ssl3d.engine``: ``auto``,
+    ``float32`` or ``bfloat16``; the networks and views in channels_last_3d memory order, faster for some networks on
+    a CPU; the loss terms through ``torch.compile``, faster for attention networks).
     """
 
     loss_weights: dict[str, float] = field(default_factory=dict)
@@ -61,6 +62,7 @@ class MethodConfig:
     grad_clip: float | None = None
     precision: str = "auto"
     channels_last: bool = False
+    compile: bool = False
 
 
 def _positive_int(value) -> bool:
@@ -81,6 +83,7 @@ _RANGES = {
     "grad_clip": (lambda v: v is None or (_number(v) and v > 0), "is neither null (no clipping) nor a number > 0"),
     "precision": (lambda v: v in PRECISIONS, f"is not one of {', '.join(PRECISIONS)}"),
     "channels_last": (lambda v: isinstance(v, bool), "is not true or false"),
+    "compile": (lambda v: isinstance(v, bool), "is not true or false"),
     "loss_weights": (lambda v: isinstance(v, dict) and all(_number(w) and w >= 0 for w in v.values()),
                      "is not a mapping of loss terms to weights >= 0 (0 switches a term off)"),
 }

@@ -25,7 +25,8 @@ LEGEND = ("One pre-training step (forward, loss, backward, optimizer step) of th
 
 def _numerics(result: dict) -> str:
     numerics = "bf16 autocast" if result["precision_ours"] == "bfloat16" else "float32"
-    return numerics + (", channels_last_3d" if result.get("channels_last_ours") else "")
+    return (numerics + (", channels_last_3d" if result.get("channels_last_ours") else "")
+            + (", torch.compile" if result.get("compile_ours") else ""))
 
 
 def comparison_table(paths: Iterable[str | Path], methods: Iterable[str]) -> pd.DataFrame:
