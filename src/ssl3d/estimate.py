@@ -396,13 +396,12 @@ def job_resources(stage: str, entry: dict, device: str) -> dict[str, int]:
     RUNTIME_FLOOR_MIN (covering start-up and the validations the estimate leaves out on small runs); ``mem_mb``, the
     host memory: MARGIN times (PROCESS_MB plus the step's peak on a CPU class, where the step runs in host memory,
     or its weights, gradients and optimizer state on a GPU class, the host's copies for checkpoints), at least
-    MEM_FLOOR_MB. A pre-training pool is
-    memory-mapped (``ssl3d.pretrain.loop.Pool``: page cache, not the job's own memory); the cases a fine-tuning run
-    holds in memory are not in it: the plan cannot size them.
+    MEM_FLOOR_MB. A pre-training pool is memory-mapped (``ssl3d.pretrain.loop.Pool``: page cache, not the job's own
+    memory); the cases a fine-tuning run holds in memory are not in it: the plan cannot size them.
     Fast for every job of a config: arms are counted once per process (:func:`step_cost`)."""
-    arm = run_arm(stage, entry["spec"])
-    cost = step_cost(arm)
     spec = entry["spec"]
+    arm = run_arm(stage, spec)
+    cost = step_cost(arm)
     compiled = (spec["method_config"] if stage == "pretrain" else spec).get("compile", False)
     minutes = MARGIN * spec["steps"] * seconds_per_step(arm, device) / 60 + COMPILE_MIN * compiled
     on_host = cost.peak_bytes if device_class(device)["device_type"] == "cpu" else cost.state_bytes

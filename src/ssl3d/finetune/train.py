@@ -5,10 +5,10 @@ which network trains and at which rates; its ``augmentation`` preset (``ssl3d.fi
 go through; ``early_stopping: {patience: k}`` stops it after k validations without a better validation Dice;
 ``loss`` (``ssl3d.finetune.losses``) is softmax Dice + cross-entropy (``dice_ce``, the default) or vox2vec's and
 HDSSL's per-class sigmoid BCE + soft Dice (``sigmoid_bce_dice``); ``channels_last`` trains in channels_last_3d
-memory order and ``compile`` through ``torch.compile`` (``ssl3d.engine``). The step loop (AMP, clipping, workers, timing, checkpoint/resume) is the shared
-``ssl3d.engine.Engine``: a run killed after its checkpoint at step k and re-run replays steps k+1... exactly as an
-uninterrupted run would (on CPU, same thread count), which ``tests/test_resume.py`` checks. A spec without these
-keys trains as before them.
+memory order and ``compile`` through ``torch.compile`` (``ssl3d.engine``). The step loop (AMP, clipping, workers,
+timing, checkpoint/resume) is the shared ``ssl3d.engine.Engine``: a run killed after its checkpoint at step k and
+re-run replays steps k+1... exactly as an uninterrupted run would (on CPU, same thread count), which
+``tests/test_resume.py`` checks. A spec without these keys trains as before them.
 """
 
 from __future__ import annotations
