@@ -131,18 +131,17 @@ def paste_from_partners(corrupted: torch.Tensor, clean: torch.Tensor, mask: torc
 
     Crop i takes the voxels under its ``mask`` from crop ``j = ⌊partner_i · B⌋`` unless j = i. The official loop
     augments the batch in place in order, so a partner j < i lends its finished view (noise and cut-mix) and a
-    partner j > i its clean rotated crop; this replays that order.
+    partner j > i its clean rotated crop; this replays that order, with the partners as tensors (no host sync, so
+    torch.compile traces it whole).
     """
     size = corrupted.shape[0]
-    partners = (partner * size).long().clamp(0, size - 1).tolist()
-    mixed = []
-    for i, j in enumerate(partners):
-        if j == i:
-            mixed.append(corrupted[i])
-        else:
-            source = mixed[j] if j < i else clean[j]
-            mixed.append(torch.where(mask[i].bool(), source, corrupted[i]))
-    return torch.stack(mixed)
+    partners = (partner * size).long().clamp(0, size - 1)
+    mixed = corrupted.clone()
+    for i in range(size):
+        j = partners[i:i + 1]
+        source = torch.where(j < i, mixed.index_select(0, j), clean.index_select(0, j))[0]
+        mixed[i] = torch.where(mask[i].bool() & (j != i), source, corrupted[i])
+    return mixed
 
 
 def reconstruction_decoder(channels: int, out_channels: int = 1) -> torch.nn.Sequential:

@@ -480,6 +480,8 @@ def _nothing():
 
 
 def summarise(method: str, shape, batch: int, args, measured: dict) -> dict:
+    from ssl3d.manifest import device_description
+
     seconds = measured["seconds"]
     ratios = [o / f for o, f in zip(seconds["ours"], seconds["official"])]
     sides = {side: dict(zip(("q1_s", "median_s", "q3_s"), quartiles(seconds[side])),
@@ -494,6 +496,7 @@ def summarise(method: str, shape, batch: int, args, measured: dict) -> dict:
             "precision_ours": args.precision, "channels_last_ours": args.channels_last, "compile_ours": args.compile,
             "repeats": args.repeats, "warmup": args.warmup, "anomaly_official": args.anomaly,
             "official_commit": git_commit(args.official), "torch": torch.__version__,
+            "device": device_description(torch.device("cpu")),
             "official": sides["official"], "ours": sides["ours"],
             "ratio_ours_over_official": {"median": median, "q1": q1, "q3": q3, "paired": ratios},
             "process_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
@@ -501,7 +504,7 @@ def summarise(method: str, shape, batch: int, args, measured: dict) -> dict:
 
 def report(result: dict) -> str:
     shape = "x".join(map(str, result["shape"]))
-    lines = [f"{result['method']}: {shape} x {result['batch']}, {result['threads']} threads, {result['repeats']} "
+    lines = [f"{result['method']}: {shape} x {result['batch']}, {result['device']}, {result['repeats']} "
              f"paired repeats after {result['warmup']} warm-up, torch {result['torch']}, ours at precision "
              f"{result['precision_ours']}{' in channels_last_3d order' if result['channels_last_ours'] else ''}"
              f"{' through torch.compile' if result.get('compile_ours') else ''} (official float32)",

@@ -66,6 +66,10 @@ def test_swinunetr_rejects_img_size_and_unetr_requires_it():
         build_network({key: value for key, value in SPECS["unetr"].items() if key != "img_size"}, 1, 2)
 
 
+def test_swinunetr_names_an_input_size_not_divisible_by_32():
+    with pytest.raises(ValueError, match=r"divisible by 32, got \(64, 48, 64\)"):
+        built("swinunetr").hidden_states(torch.rand(1, 1, 64, 48, 64))
+
 # --- HybridMIM's UNet -----------------------------------------------------------------------------------------
 
 

@@ -11,7 +11,9 @@ import markupsafe
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
+from ssl3d.manifest import device_description
 from ssl3d.pretrain import registry
 from ssl3d.report import build, figures
 
@@ -356,3 +358,6 @@ def test_the_step_time_against_the_official_code_is_shown_for_the_methods_pretra
     table = pd.read_csv(report / "tables" / "official_speed.csv")
     assert list(table.comparison) == ["hybridmim_unet"] and list(table["peak MiB official / ours"]) == ["3600 / 2900"]
     assert list(table["GFLOP/s official / ours"]) == ["500 / 625"]  # 500 GFLOP in a median 1.0 s and 0.8 s
+    # the machine it ran on, with the vector instructions of PyTorch's CPU kernels (AVX2, AVX512, ...)
+    assert table.machine[0] == device_description(torch.device("cpu"))
+    assert torch.backends.cpu.get_cpu_capability() in table.machine[0]

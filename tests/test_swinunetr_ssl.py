@@ -78,10 +78,14 @@ def test_cutmix_pastes_from_the_partner_in_the_official_order():
     clean = corrupted + 10
     mask = torch.zeros(3, 1, 2, 2, 2)
     mask[:, :, 0] = 1
-    mixed = module().paste_from_partners(corrupted, clean, mask, torch.tensor([0.9, 0.5, 0.1]))
+    partner = torch.tensor([0.9, 0.5, 0.1])
+    mixed = module().paste_from_partners(corrupted, clean, mask, partner)
     assert mixed[0, :, 0].eq(12).all() and mixed[0, :, 1].eq(0).all()
     assert torch.equal(mixed[1], corrupted[1])
     assert mixed[2, :, 0].eq(12).all() and mixed[2, :, 1].eq(2).all()
+    # no host sync: torch.compile traces it as one graph (the eager backend: tracing only)
+    traced = torch.compile(module().paste_from_partners, backend="eager", fullgraph=True)
+    assert torch.equal(traced(corrupted, clean, mask, partner), mixed)
 
 
 def test_head_shapes_for_a_64_cube():

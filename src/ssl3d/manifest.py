@@ -43,7 +43,9 @@ def git_commit() -> str:
 def device_description(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda: {torch.cuda.get_device_name(device)}"
-    return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    # the vector instructions PyTorch's CPU kernels use (AVX2, AVX512): they set a CPU step's speed
+    return (f"cpu: {platform.processor() or platform.machine()} ({torch.backends.cpu.get_cpu_capability()}), "
+            f"{torch.get_num_threads()} threads")
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -276,8 +276,10 @@ class SplitSwinUNETR(Backbone, SwinUNETR):
     def hidden_states(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The five Swin stage outputs (1/2 .. 1/32 of the input; 1, 2, 4, 8, 16 × feature_size channels), normed
         as MONAI's forward does."""
-        if not torch.jit.is_scripting() and not torch.jit.is_tracing():
-            self._check_input_size(x.shape[2:])
+        # MONAI's forward checks this with numpy (``_check_input_size``), which torch.compile cannot trace
+        if any(size % self.patch_size ** 5 for size in x.shape[2:]):
+            raise ValueError(f"swinunetr needs spatial sizes divisible by {self.patch_size ** 5}, got "
+                             f"{tuple(x.shape[2:])}")
         return self.swinViT(x, self.normalize)
 
     def encode(self, x: torch.Tensor, hidden: list[torch.Tensor] | None = None, region: tuple | None = None

@@ -2,7 +2,7 @@
 
 ``benchmarks/official_compare.py --json benchmarks/results/official/<name>.json`` times an official step and ours
 alternately on one machine and writes the medians, the paired ratios ours / official and the conditions (shape,
-batch, threads, our numerics, torch, the official commit). The report shows the comparisons of the methods its
+batch, the machine, our numerics, torch, the official commit). The report shows the comparisons of the methods its
 experiment pre-trains, each with its spread and conditions, so that a speed claim is read with what it was measured
 under. The comparisons are the repository's files (measured on the machine that wrote them), not the experiment's.
 """
@@ -44,7 +44,8 @@ def comparison_table(paths: Iterable[str | Path], methods: Iterable[str]) -> pd.
             "ours / official": f"{ratio['median']:.3f} [{ratio['q1']:.3f}, {ratio['q3']:.3f}]",
             "peak MiB official / ours": f"{official['peak_step_memory_mib']} / {ours['peak_step_memory_mib']}",
             "GFLOP/s official / ours": f"{official['achieved_gflops']:.0f} / {ours['achieved_gflops']:.0f}",
-            "threads": result["threads"], "rounds": len(ratio["paired"]), "torch": result["torch"],
+            "machine": result.get("device", f"cpu, {result['threads']} threads"),  # older files: threads only
+            "rounds": len(ratio["paired"]), "torch": result["torch"],
             "official commit": (result["official_commit"] or "unknown")[:12],
         })
     return pd.DataFrame(rows)
