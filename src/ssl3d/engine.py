@@ -27,7 +27,7 @@ setting of the run (fine-tuning's ``channels_last``), off by default.
 (normalisations, activations, window shifts, masks): at the papers' sizes on 2 CPU cores a HybridMIM Swin step
 takes 0.67x the official code's time instead of 0.95x, a vox2vec step 0.73x instead of 0.84x, a convolution-bound
 Models Genesis step barely changes (``benchmarks/official_compare.py --compile``; the README lists all six). The
-first step pays the compilation (up to 7 minutes on 2 cores; Inductor caches it on disk for the next run of the same
+first step pays the compilation (up to 14 minutes on 2 cores; Inductor caches it on disk for the next run of the same
 shapes), which the step log's medians leave out; fused kernels round differently, so it is a setting of the run, off
 by default.
 
