@@ -14,6 +14,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from ssl3d.data.cache import preprocess_dataset
@@ -31,6 +32,42 @@ SHARED_PAPERS = Path(os.environ.get("SSL3D_PAPERS", REPO.parent / "shared" / "pa
 MICRO = yaml.safe_load((REPO / "config" / "experiments" / "micro.yaml").read_text())
 TINY_SHAPE = (64, 64, 32)
 TINY_RECIPE = {"name": "tiny_ct", "spacing": [4.0, 4.0, 4.0], "crop_foreground_above": -500, "window": [-175, 250]}
+
+
+# Modules whose tests are independent and long, with no module-scoped fixture: spread test by test (below).
+SPREAD = {"test_backbone_contract.py", "test_cli.py", "test_engine.py", "test_method_contract.py", "test_released.py",
+          "test_resume.py", "test_workflow_config.py", "test_workflow_dags.py"}
+
+
+def pytest_configure(config):
+    """Each of pytest-xdist's workers computes with its share of the cores: two workers of two threads each on two
+    cores spend their time waiting for each other's threads."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1))
+    torch.set_num_threads(max((os.cpu_count() or 1) // workers, 1))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadscope`` (the README's command), with the modules in ``SPREAD`` handed out test by test: a module
+    is one work unit so that its module-scoped fixtures (the micro workflow run, the distributed runs) are built once,
+    but whole long modules scheduled last kept one worker busy alone for minutes. xdist hands out the units with most
+    tests first, then the single tests in collection order (:func:`pytest_collection_modifyitems`)."""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModulesAndSpreadTests(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return nodeid if Path(module).name in SPREAD else module
+
+    return ModulesAndSpreadTests(config, log)
+
+
+def pytest_collection_modifyitems(items):
+    """The spread ``slow`` tests first: the longest single tests start early and the short ones fill in at the end,
+    so the two workers finish together. Every other module's tests keep their order, next to each other."""
+    items.sort(key=lambda item: item.path.name not in SPREAD or item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(scope="session")

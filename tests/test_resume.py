@@ -35,6 +35,7 @@ def kill_after_checkpoint(command, out, timeout=120):
     process.wait()
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_and_matches_uninterrupted(tiny_index, tiny_splits, tmp_path):
     config = run_config(tmp_path / "config.json", tiny_index, tiny_splits, **STEPS)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
@@ -62,6 +63,7 @@ def test_killed_run_resumes_and_matches_uninterrupted(tiny_index, tiny_splits, t
     pd.testing.assert_frame_equal(tables[0], tables[1])
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_run_is_refused(tiny_index, tiny_splits, tmp_path):
     out = tmp_path / "run"
     kill_after_checkpoint(finetune_cli(run_config(tmp_path / "a.json", tiny_index, tiny_splits, run_id="a", **STEPS),
@@ -79,6 +81,7 @@ def pretrain_cli(config, out):
 
 # BYOL only: its resumable state (online and EMA target networks, the momentum schedule, LARS) holds everything a
 # restoration method such as Models Genesis has; another method would time the same engine path again (~50 s).
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["byol"])
 def test_killed_pretraining_resumes_and_matches_uninterrupted(method, tiny_index, tmp_path):
     config = pretrain_config(tmp_path / "config.json", tiny_index, method, f"pre-{method}", steps=12,
