@@ -23,7 +23,8 @@ def finetune_cli(config, out):
             "--log-every", "1"]
 
 
-def kill_after_checkpoint(command, out, timeout=120):
+def kill_after_checkpoint(command, out, stop=signal.SIGKILL, timeout=120) -> int:
+    """Send ``stop`` to the job once its first checkpoint is written; its exit status."""
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     checkpoint = out / "checkpoints" / "last.pt"
     deadline = time.monotonic() + timeout
@@ -31,8 +32,8 @@ def kill_after_checkpoint(command, out, timeout=120):
         assert process.poll() is None, f"finished before it could be killed: {process.stderr.read()[-2000:]}"
         assert time.monotonic() < deadline, "no checkpoint appeared"
         time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    process.send_signal(stop)
+    return process.wait()
 
 
 @pytest.mark.slow

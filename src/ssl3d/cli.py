@@ -349,9 +349,15 @@ def run() -> None:
     torch and MONAI makes millions of long-lived objects, which Python's default (a collection every 700 new
     objects) walks again and again, and once more at exit: here a collection waits for 50,000, and the exit skips
     the last one (the memory goes back to the system either way). Each job starts about 0.5 s sooner (3.9 -> 3.3 s
-    to import fine-tuning) and ends about 1 s sooner. Tests call ``main``, keeping Python's defaults."""
+    to import fine-tuning) and ends about 1 s sooner. Tests call ``main``, keeping Python's defaults. Under a local
+    Snakemake run the command runs in a worker forked by the run's job server, which has imported all that already
+    (ssl3d.jobserver)."""
+    from ssl3d.jobserver import run_in_server
+
     gc.set_threshold(50_000)
-    code = main()
+    code = run_in_server(sys.argv[1:])
+    if code is None:
+        code = main()
     gc.freeze()
     sys.exit(code)
 

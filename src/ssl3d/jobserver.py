@@ -1,0 +1,222 @@
+"""Local jobs start as forks of one process that has already imported torch and MONAI.
+
+Why: every Snakemake job is ``python -m ssl3d ...``, and importing torch, MONAI and torch._dynamo (which every torch
+optimizer imports when it is built) takes about 6 s on 2 cores, half of a demo fine-tuning job; the demo runs 40
+jobs. A local run of the workflow therefore starts one server (the Snakefile's ``onstart``) that imports them once;
+``python -m ssl3d`` finds it through ``SSL3D_JOB_SERVER`` and hands it the command line, working directory,
+environment and standard streams, and the server forks a worker that runs the command as the process would have
+(its own random seeds, signals and exit status). The client exits as the worker did; a signal it receives (Snakemake
+stopping a job, Ctrl-C) goes on to the worker, and a client that dies, even by SIGKILL, takes its worker with it.
+
+Where no server serves the process (a command typed by hand, a cluster node, a ``--use-conda`` environment, another
+Python or checkout, a GPU job, torchrun's processes) the command runs in its own process as before: CUDA must not be
+initialised before a fork, and a GPU job's start-up is small beside its training. Snakemake's ``benchmark:`` files
+then measure the client: their wall time is the job's, their memory and CPU columns are not (the step logs and
+manifests record the worker's own peak memory). ``SSL3D_JOB_SERVER=off`` turns the server off.
+
+Hand-written: multiprocessing's forkserver serves the pools of one parent program, not independent command lines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import importlib
+import json
+import os
+import random
+import select
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+VARIABLE = "SSL3D_JOB_SERVER"
+# what the commands of the workflow's jobs import (torch._dynamo: when their optimizer is built)
+PRELOAD = ("torch", "torch._dynamo", "monai", "ssl3d.data.acquire", "ssl3d.data.cache", "ssl3d.finetune.train",
+           "ssl3d.pretrain.loop", "ssl3d.evaluate.run", "ssl3d.analysis.aggregate", "ssl3d.report.build")
+STATUS = struct.Struct("!i")
+_server: subprocess.Popen | None = None  # the server this process started
+
+
+def identity() -> str:
+    """Which Python and which checkout a process runs: a client uses only a server that runs the same."""
+    import ssl3d
+
+    return json.dumps([sys.prefix, sys.version, str(Path(ssl3d.__file__).parent), os.environ.get("PYTHONPATH")])
+
+
+def start(log: Path) -> None:
+    """Start a server for this process's jobs (they inherit ``SSL3D_JOB_SERVER``); it preloads in the background
+    (jobs that connect meanwhile wait for it, no longer than they would import) and ends with this process. Linux
+    only (the monitors wait on pidfds)."""
+    global _server
+    if os.environ.get(VARIABLE) == "off" or sys.platform != "linux":
+        return
+    path = os.path.join(tempfile.mkdtemp(prefix="ssl3d-jobs-"), "socket")  # short: at most 107 characters
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as stream:
+        _server = subprocess.Popen([sys.executable, "-m", "ssl3d.jobserver", path, str(os.getpid())],
+                                   stdin=subprocess.DEVNULL, stdout=stream, stderr=stream, start_new_session=True)
+    os.environ[VARIABLE] = json.dumps({"socket": path, "identity": identity()})
+
+
+def stop() -> None:
+    """Stop the server that :func:`start` started, if any (jobs still running finish: their workers outlive it),
+    and remove its socket."""
+    global _server
+    if _server is None:
+        return
+    _server.terminate()
+    _server.wait()
+    _server = None
+    shutil.rmtree(Path(json.loads(os.environ.pop(VARIABLE))["socket"]).parent, ignore_errors=True)
+
+
+def serve(path: str, parent: int) -> None:
+    """Listen first, so that jobs can queue while the imports run; serve while the starting process lives."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(128)
+    gc.set_threshold(50_000)  # as ssl3d.cli.run: imports make millions of long-lived objects
+    for name in PRELOAD:
+        importlib.import_module(name)
+    gc.freeze()  # out of the collector's sight, so that no worker's collection copies their pages
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the monitors
+    listener.settimeout(1.0)
+    while os.getppid() == parent:
+        try:
+            connection, _ = listener.accept()
+        except TimeoutError:
+            continue
+        sys.stdout.flush()
+        sys.stderr.flush()
+        _fork(listener, _monitor, connection)
+        connection.close()
+
+
+def _fork(close: socket.socket, child, *args) -> int:
+    """Fork; the child closes its copy of ``close``, runs ``child(*args)`` and exits, whatever it raises (it must
+    never return into its parent's code)."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            close.close()
+            child(*args)
+        finally:
+            os._exit(1)
+    return pid
+
+
+def _receive(connection: socket.socket) -> tuple[dict, list[int]]:
+    data, fds, _, _ = socket.recv_fds(connection, 1 << 20, 3)
+    size = STATUS.unpack(data[:STATUS.size])[0]
+    while len(data) < STATUS.size + size:
+        data += connection.recv(STATUS.size + size - len(data))
+    return json.loads(data[STATUS.size:]), fds
+
+
+def _monitor(connection: socket.socket) -> None:
+    """One job: fork its worker, tell the client the worker's pid, kill the worker if the client goes away (the
+    client sends nothing more, so its end of the connection turns readable only when it closes), and send the
+    client the worker's wait status."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    request, fds = _receive(connection)
+    worker = _fork(connection, _work, request, fds)
+    for fd in fds:
+        os.close(fd)
+    connection.sendall(STATUS.pack(worker))
+    ended = os.pidfd_open(worker)
+    if ended not in select.select([connection, ended], [], [])[0]:
+        os.kill(worker, signal.SIGKILL)
+    _, status = os.waitpid(worker, 0)
+    with contextlib.suppress(OSError):
+        connection.sendall(STATUS.pack(status))
+    os._exit(0)
+
+
+def _work(request: dict, fds: list[int]) -> None:
+    """Become the process that ``python -m ssl3d`` would have started, run the command and exit."""
+    for target, fd in enumerate(fds):
+        os.dup2(fd, target)
+        os.close(fd)
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    tempfile.tempdir = None  # the job's TMPDIR, not the server's
+    sys.argv = request["argv"]
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    import numpy
+    import torch
+
+    random.seed()  # a new process's generators: Python's and numpy's from the system's entropy, torch's at its
+    numpy.random.seed()  # fixed default
+    torch.manual_seed(torch.initial_seed())
+    from ssl3d.cli import main
+
+    code = 1
+    try:
+        code = main(sys.argv[1:])
+    except SystemExit as err:  # argparse: --help, a bad argument
+        code = err.code if isinstance(err.code, int) else int(err.code is not None)
+    except BaseException:  # the traceback a process would print, into the job's log
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def run_in_server(argv: list[str]) -> int | None:
+    """Run ``ssl3d <argv>`` in a worker of the server and return its exit code, or end this process as a signal
+    ended the worker; None where no server serves this process (the caller then runs the command itself)."""
+    served = os.environ.get(VARIABLE, "off")
+    if served == "off" or any(arg.startswith("cuda") for arg in argv) or "LOCAL_RANK" in os.environ:
+        return None
+    server = json.loads(served)
+    if server["identity"] != identity():
+        return None
+    connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        connection.connect(server["socket"])
+        request = json.dumps({"argv": sys.argv[:1] + argv, "cwd": os.getcwd(), "env": dict(os.environ)}).encode()
+        socket.send_fds(connection, [STATUS.pack(len(request)) + request], [0, 1, 2])
+        worker = _read_int(connection)
+    except OSError:
+        return None  # the server is gone or could not start (its log says why): this process runs the command
+
+    def forward(number, _frame):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker, number)
+
+    for forwarded in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(forwarded, forward)
+    try:
+        code = os.waitstatus_to_exitcode(_read_int(connection))
+    except OSError:
+        print(f"ssl3d: the job server ended before job {worker} did", file=sys.stderr)
+        return 1
+    if code < 0:  # end as the worker did, so that the caller sees the signal
+        signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
+    return code
+
+
+def _read_int(connection: socket.socket) -> int:
+    data = b""
+    while len(data) < STATUS.size:
+        chunk = connection.recv(STATUS.size - len(data))
+        if not chunk:
+            raise ConnectionResetError("closed")
+        data += chunk
+    return STATUS.unpack(data)[0]
+
+
+if __name__ == "__main__":
+    serve(sys.argv[1], int(sys.argv[2]))
