@@ -7,6 +7,7 @@ import re
 
 import numpy as np
 import pandas as pd
+import psutil
 import pytest
 
 from ssl3d.evaluate.columns import PER_CASE_COLUMNS
@@ -37,6 +38,15 @@ def test_per_case_table(micro_run):
     # a miss is scored, not dropped: with both_empty=nan no reference is empty, so no value is NaN
     assert not table["empty_reference"].any() and table["value"].notna().all()
     assert set(table["empty_policy"]) == {"both_empty=nan;one_empty_distance=max"}
+
+
+@pytest.mark.slow
+def test_the_jobs_ran_in_the_runs_job_server_which_ended_with_it(micro_run):
+    served = (micro_run / "logs" / "job_server.log").read_text()
+    assert len(re.findall(r"^job \d+: ssl3d --threads \d+ finetune ", served, re.MULTILINE)) == 12
+    assert len(re.findall(r"^job \d+: ssl3d --threads \d+ pretrain ", served, re.MULTILINE)) == 2
+    assert not [process for process in psutil.process_iter(["cmdline", "cwd"])
+                if "ssl3d.jobserver" in (process.info["cmdline"] or []) and process.info["cwd"] == str(micro_run)]
 
 
 @pytest.mark.slow

@@ -33,6 +33,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
 from pathlib import Path
 
@@ -84,8 +85,10 @@ def serve(path: str, parent: int) -> None:
     listener.bind(path)
     listener.listen(128)
     gc.set_threshold(50_000)  # as ssl3d.cli.run: imports make millions of long-lived objects
+    start = time.perf_counter()
     for name in PRELOAD:
         importlib.import_module(name)
+    print(f"serving {path}: imported {', '.join(PRELOAD)} in {time.perf_counter() - start:.1f} s", flush=True)
     gc.freeze()  # out of the collector's sight, so that no worker's collection copies their pages
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the monitors
     listener.settimeout(1.0)
@@ -130,11 +133,13 @@ def _monitor(connection: socket.socket) -> None:
     worker = _fork(connection, _work, request, fds)
     for fd in fds:
         os.close(fd)
+    print(f"job {worker}: ssl3d {' '.join(request['argv'][1:])}", flush=True)
     connection.sendall(STATUS.pack(worker))
     ended = os.pidfd_open(worker)
     if ended not in select.select([connection, ended], [], [])[0]:
         os.kill(worker, signal.SIGKILL)
     _, status = os.waitpid(worker, 0)
+    print(f"job {worker}: exit status {os.waitstatus_to_exitcode(status)}", flush=True)
     with contextlib.suppress(OSError):
         connection.sendall(STATUS.pack(status))
     os._exit(0)
