@@ -55,9 +55,10 @@ def test_commands_print_and_fail_as_in_their_own_process(job_server):
 
 def test_without_a_usable_server_the_command_runs_in_its_own_process(job_server, tmp_path):
     served = json.loads(os.environ[jobserver.VARIABLE])
-    for setting in ({**served, "socket": str(tmp_path / "gone")}, {**served, "identity": "another checkout"}):
+    gone, other = {**served, "socket": str(tmp_path / "gone")}, {**served, "identity": "another checkout"}
+    for setting in (json.dumps(gone), json.dumps(other), "0", ""):  # "0", "": set by a user, no server started
         result = subprocess.run([sys.executable, "-c", CLIENT, "methods"], capture_output=True, text=True,
-                                env={**os.environ, jobserver.VARIABLE: json.dumps(setting)})
+                                env={**os.environ, jobserver.VARIABLE: setting})
         assert result.returncode == 0 and "client imported torch: True" in result.stderr
 
 

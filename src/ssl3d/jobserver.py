@@ -134,7 +134,8 @@ def _monitor(connection: socket.socket) -> None:
     for fd in fds:
         os.close(fd)
     print(f"job {worker}: ssl3d {' '.join(request['argv'][1:])}", flush=True)
-    connection.sendall(STATUS.pack(worker))
+    with contextlib.suppress(OSError):  # a client gone already: the select below sees it
+        connection.sendall(STATUS.pack(worker))
     ended = os.pidfd_open(worker)
     if ended not in select.select([connection, ended], [], [])[0]:
         os.kill(worker, signal.SIGKILL)
@@ -181,11 +182,13 @@ def _work(request: dict, fds: list[int]) -> None:
 def run_in_server(argv: list[str]) -> int | None:
     """Run ``ssl3d <argv>`` in a worker of the server and return its exit code, or end this process as a signal
     ended the worker; None where no server serves this process (the caller then runs the command itself)."""
-    served = os.environ.get(VARIABLE, "off")
-    if served == "off" or any(arg.startswith("cuda") for arg in argv) or "LOCAL_RANK" in os.environ:
+    if any(arg.startswith("cuda") for arg in argv) or "LOCAL_RANK" in os.environ:
         return None
-    server = json.loads(served)
-    if server["identity"] != identity():
+    try:
+        server = json.loads(os.environ.get(VARIABLE, "off"))
+    except ValueError:  # unset, off, or a value that no server wrote
+        return None
+    if not isinstance(server, dict) or server.get("identity") != identity():
         return None
     connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
