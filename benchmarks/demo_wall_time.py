@@ -8,6 +8,9 @@ the target (5 minutes on 2 cores: the demo grid with every pre-training method b
 report included; config/config.yaml says why that one is left out).
 
     python benchmarks/demo_wall_time.py [--target-seconds 300] [--cores all]
+
+With ``SSL3D_JOB_SERVER=off`` in the environment every job starts its own Python (ssl3d.jobserver): the time the
+job server saves.
 """
 
 from __future__ import annotations
