@@ -82,3 +82,12 @@ def test_a_served_run_matches_its_own_process_through_signals_and_resumes(job_se
     pd.testing.assert_frame_equal(logs[0][trained], logs[1][trained])
     weights = [torch.load(out / "model.pt", weights_only=False)["weights"] for out in (alone, served)]
     assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+
+
+def test_a_server_that_cannot_start_leaves_the_jobs_to_run_alone(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv(jobserver.VARIABLE, raising=False)
+    monkeypatch.setattr(jobserver, "_server", None)  # this module's server, if started, is not this test's
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "missing"))  # no temporary folder for the socket
+    jobserver.start(tmp_path / "server.log")
+    assert jobserver._server is None and jobserver.VARIABLE not in os.environ
+    assert "no job server" in capsys.readouterr().err
