@@ -91,3 +91,13 @@ def test_a_server_that_cannot_start_leaves_the_jobs_to_run_alone(tmp_path, monke
     jobserver.start(tmp_path / "server.log")
     assert jobserver._server is None and jobserver.VARIABLE not in os.environ
     assert "no job server" in capsys.readouterr().err
+
+
+def test_a_worker_takes_the_threads_a_new_process_would_take_from_its_environment():
+    """The server's libraries loaded with its own thread counts (all cores); a job's worker runs with its job's."""
+    code = ("import os, threadpoolctl, torch; os.environ['OMP_NUM_THREADS'] = '1'; "
+            "from ssl3d.jobserver import threads_from_environment; threads_from_environment(); "
+            "print(torch.get_num_threads(), sorted({pool['num_threads'] for pool in threadpoolctl.threadpool_info()}))")
+    env = {key: value for key, value in os.environ.items() if not key.endswith("_NUM_THREADS")}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert result.stdout.split() == ["1", "[1]"]

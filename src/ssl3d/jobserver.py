@@ -171,6 +171,7 @@ def _work(request: dict, fds: list[int]) -> None:
     random.seed()  # a new process's generators: Python's and numpy's from the system's entropy, torch's at its
     numpy.random.seed()  # fixed default
     torch.manual_seed(torch.initial_seed())
+    threads_from_environment()
     from ssl3d.cli import main
 
     code = 1
@@ -184,6 +185,19 @@ def _work(request: dict, fds: list[int]) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+
+
+def threads_from_environment() -> None:
+    """The threads of OpenMP (torch's CPU kernels) and of the BLAS (numpy's) that a new process would take from
+    ``OMP_NUM_THREADS`` (Snakemake sets it per job): those libraries read it when they load, which in a worker
+    was in the server."""
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    if threads.isdigit() and int(threads) > 0:
+        import threadpoolctl
+        import torch
+
+        threadpoolctl.threadpool_limits(int(threads))
+        torch.set_num_threads(int(threads))
 
 
 def run_in_server(argv: list[str]) -> int | None:
