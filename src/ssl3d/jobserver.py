@@ -7,7 +7,7 @@ jobs. A local run of the workflow therefore starts one server (the Snakefile's `
 environment and standard streams, and the server forks a worker that runs the command as the process would have
 (its own random seeds, signals and exit status). The client exits as the worker did; a signal it receives (Snakemake
 stopping a job, Ctrl-C) goes on to the worker, and a client that dies, even by SIGKILL, takes its worker with it.
-A demo fine-tuning job takes 6.0 s instead of 13.5 (median), the demo 168 s instead of 314, with the same results
+A demo fine-tuning job takes 6.5 s instead of 11.8 (median), the demo 162 s instead of 273, with the same results
 (``benchmarks/demo_wall_time.py`` with and without ``SSL3D_JOB_SERVER=off``, 2 AVX-512 cores). Snakemake's
 ``benchmark:`` files time a served job whole but measure the memory and CPU of its client only (the step logs and
 manifests record the worker's own peak memory).
