@@ -84,10 +84,14 @@ def test_a_served_run_matches_its_own_process_through_signals_and_resumes(job_se
     assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
 
 
-def test_a_server_that_cannot_start_leaves_the_jobs_to_run_alone(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("lacking", ["a temporary folder", "pidfds"])
+def test_a_server_that_cannot_start_leaves_the_jobs_to_run_alone(lacking, tmp_path, monkeypatch, capsys):
     monkeypatch.delenv(jobserver.VARIABLE, raising=False)
     monkeypatch.setattr(jobserver, "_server", None)  # this module's server, if started, is not this test's
-    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "missing"))  # no temporary folder for the socket
+    if lacking == "pidfds":  # Linux before 5.3, other systems
+        monkeypatch.delattr("os.pidfd_open")
+    else:
+        monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "missing"))
     jobserver.start(tmp_path / "server.log")
     assert jobserver._server is None and jobserver.VARIABLE not in os.environ
     assert "no job server" in capsys.readouterr().err

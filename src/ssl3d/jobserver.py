@@ -13,8 +13,9 @@ A demo fine-tuning job takes 6.5 s instead of 11.8 (median), the demo 162 s inst
 manifests record the worker's own peak memory).
 
 Where no server serves the process (a command typed by hand, a cluster node, a ``--use-conda`` environment, another
-Python or checkout, a GPU job, torchrun's processes) the command runs in its own process as before: CUDA must not be
-initialised before a fork, and a GPU job's start-up is small beside its training. ``SSL3D_JOB_SERVER=off`` turns
+Python or checkout, a GPU job, torchrun's processes, a system without pidfds: Linux before 5.3, macOS) the command
+runs in its own process as before: CUDA must not be initialised before a fork, and a GPU job's start-up is small
+beside its training. ``SSL3D_JOB_SERVER=off`` turns
 the server off.
 
 Hand-written: multiprocessing's forkserver serves the pools of one parent program, not independent command lines.
@@ -57,18 +58,18 @@ def identity() -> str:
 
 def start(log: Path) -> None:
     """Start a server for this process's jobs (they inherit ``SSL3D_JOB_SERVER``); it preloads in the background
-    (jobs that connect meanwhile wait for it, no longer than they would import) and ends with this process. Linux
-    only (the monitors wait on pidfds)."""
+    (jobs that connect meanwhile wait for it, no longer than they would import) and ends with this process."""
     global _server
-    if os.environ.get(VARIABLE) == "off" or sys.platform != "linux":
+    if os.environ.get(VARIABLE) == "off":
         return
     try:
+        os.close(os.pidfd_open(os.getpid()))  # the monitors wait on pidfds (Linux 5.3 and later)
         path = os.path.join(tempfile.mkdtemp(prefix="ssl3d-jobs-"), "socket")  # short: at most 107 characters
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "ab") as stream:
             _server = subprocess.Popen([sys.executable, "-m", "ssl3d.jobserver", path, str(os.getpid())],
                                        stdin=subprocess.DEVNULL, stdout=stream, stderr=stream, start_new_session=True)
-    except OSError as err:  # no temporary folder, no log: the jobs run as they would without a server
+    except (AttributeError, OSError) as err:  # no pidfds, temporary folder or log: the jobs run on their own
         print(f"note: no job server ({err}); each job starts its own Python", file=sys.stderr)
         return
     os.environ[VARIABLE] = json.dumps({"socket": path, "identity": identity()})
