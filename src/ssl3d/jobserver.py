@@ -56,20 +56,32 @@ def identity() -> str:
     return json.dumps([sys.prefix, sys.version, str(Path(ssl3d.__file__).parent), os.environ.get("PYTHONPATH")])
 
 
+def available() -> bool:
+    """Whether a server can run here: its monitors wait for their workers on pidfds (Linux 5.3 and later)."""
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except (AttributeError, OSError):
+        return False
+    return True
+
+
 def start(log: Path) -> None:
     """Start a server for this process's jobs (they inherit ``SSL3D_JOB_SERVER``); it preloads in the background
     (jobs that connect meanwhile wait for it, no longer than they would import) and ends with this process."""
     global _server
     if os.environ.get(VARIABLE) == "off":
         return
+    if not available():
+        print("note: no job server (it needs pidfds: Linux 5.3 or later); each job starts its own Python",
+              file=sys.stderr)
+        return
     try:
-        os.close(os.pidfd_open(os.getpid()))  # the monitors wait on pidfds (Linux 5.3 and later)
         path = os.path.join(tempfile.mkdtemp(prefix="ssl3d-jobs-"), "socket")  # short: at most 107 characters
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "ab") as stream:
             _server = subprocess.Popen([sys.executable, "-m", "ssl3d.jobserver", path, str(os.getpid())],
                                        stdin=subprocess.DEVNULL, stdout=stream, stderr=stream, start_new_session=True)
-    except (AttributeError, OSError) as err:  # no pidfds, temporary folder or log: the jobs run on their own
+    except OSError as err:  # no temporary folder or log: the jobs run on their own
         print(f"note: no job server ({err}); each job starts its own Python", file=sys.stderr)
         return
     os.environ[VARIABLE] = json.dumps({"socket": path, "identity": identity()})
