@@ -17,7 +17,7 @@ import torch
 
 from ssl3d import jobserver
 
-from conftest import run_config
+from conftest import needs_job_server, run_config
 from test_resume import finetune_cli, kill_after_checkpoint
 
 # prints, at the client's exit, whether the client imported torch itself (it does not when a worker ran the command)
@@ -27,8 +27,6 @@ CLIENT = ("import atexit, sys; atexit.register(lambda: print('client imported to
 
 @pytest.fixture(scope="module")
 def job_server(tmp_path_factory):
-    if not jobserver.available():
-        pytest.skip("no pidfds here (Linux 5.3 or later): the job server does not start, jobs run on their own")
     jobserver.start(tmp_path_factory.mktemp("server") / "server.log")
     yield jobserver._server
     jobserver.stop()
@@ -47,6 +45,7 @@ def workers_end(server, timeout=20):
         time.sleep(0.05)
 
 
+@needs_job_server
 def test_commands_print_and_fail_as_in_their_own_process(job_server):
     served, alone = ssl3d("methods"), ssl3d("methods", served=False)
     assert "client imported torch: False" in served.stderr and "client imported torch: True" in alone.stderr
@@ -55,6 +54,7 @@ def test_commands_print_and_fail_as_in_their_own_process(job_server):
     assert served.returncode == alone.returncode == 2 and "invalid choice: 'no-such-command'" in served.stderr
 
 
+@needs_job_server
 def test_without_a_usable_server_the_command_runs_in_its_own_process(job_server, tmp_path):
     served = json.loads(os.environ[jobserver.VARIABLE])
     gone, other = {**served, "socket": str(tmp_path / "gone")}, {**served, "identity": "another checkout"}
@@ -64,6 +64,7 @@ def test_without_a_usable_server_the_command_runs_in_its_own_process(job_server,
         assert result.returncode == 0 and "client imported torch: True" in result.stderr
 
 
+@needs_job_server
 @pytest.mark.slow
 def test_a_served_run_matches_its_own_process_through_signals_and_resumes(job_server, tiny_index, tiny_splits,
                                                                           tmp_path):

@@ -10,10 +10,9 @@ import pandas as pd
 import psutil
 import pytest
 
-from ssl3d import jobserver
 from ssl3d.evaluate.columns import PER_CASE_COLUMNS
 
-from conftest import MICRO, snakemake
+from conftest import MICRO, needs_job_server, snakemake
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +41,7 @@ def test_per_case_table(micro_run):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not jobserver.available(), reason="no pidfds here (Linux 5.3 or later): no job server")
+@needs_job_server
 def test_the_jobs_ran_in_the_runs_job_server_which_ended_with_it(micro_run):
     served = (micro_run / "logs" / "job_server.log").read_text()
     assert len(re.findall(r"^job \d+: ssl3d --threads \d+ finetune ", served, re.MULTILINE)) == 12

@@ -352,9 +352,9 @@ def run() -> None:
     to import fine-tuning) and ends about 1 s sooner. Tests call ``main``, keeping Python's defaults. Under a local
     Snakemake run the command runs in a worker forked by the run's job server, which has imported all that already
     (ssl3d.jobserver)."""
-    from ssl3d.jobserver import run_in_server
+    from ssl3d.jobserver import GC_THRESHOLD, run_in_server
 
-    gc.set_threshold(50_000)
+    gc.set_threshold(GC_THRESHOLD)
     code = run_in_server(sys.argv[1:])
     if code is None:
         code = main()

@@ -15,8 +15,7 @@ manifests record the worker's own peak memory).
 Where no server serves the process (a command typed by hand, a cluster node, a ``--use-conda`` environment, another
 Python or checkout, a GPU job, torchrun's processes, a system without pidfds: Linux before 5.3, macOS) the command
 runs in its own process as before: CUDA must not be initialised before a fork, and a GPU job's start-up is small
-beside its training. ``SSL3D_JOB_SERVER=off`` turns
-the server off.
+beside its training. ``SSL3D_JOB_SERVER=off`` turns the server off.
 
 Hand-written: multiprocessing's forkserver serves the pools of one parent program, not independent command lines.
 """
@@ -46,6 +45,8 @@ VARIABLE = "SSL3D_JOB_SERVER"
 PRELOAD = ("torch", "torch._dynamo", "monai", "ssl3d.data.acquire", "ssl3d.data.cache", "ssl3d.finetune.train",
            "ssl3d.pretrain.loop", "ssl3d.evaluate.run", "ssl3d.analysis.aggregate", "ssl3d.report.build")
 STATUS = struct.Struct("!i")
+# imports make millions of long-lived objects: a collection every 50,000 new objects, not Python's 700 (ssl3d.cli.run)
+GC_THRESHOLD = 50_000
 _server: subprocess.Popen | None = None  # the server this process started
 
 
@@ -104,7 +105,7 @@ def serve(path: str, parent: int) -> None:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(128)
-    gc.set_threshold(50_000)  # as ssl3d.cli.run: imports make millions of long-lived objects
+    gc.set_threshold(GC_THRESHOLD)
     start = time.perf_counter()
     for name in PRELOAD:
         importlib.import_module(name)
@@ -136,12 +137,25 @@ def _fork(close: socket.socket, child, *args) -> int:
     return pid
 
 
+def _read(connection: socket.socket, size: int, data: bytes = b"") -> bytes:
+    """``size`` bytes from the connection, of which ``data`` were read already."""
+    while len(data) < size:
+        chunk = connection.recv(size - len(data))
+        if not chunk:
+            raise ConnectionResetError("the other end closed the connection")
+        data += chunk
+    return data
+
+
+def _read_int(connection: socket.socket) -> int:
+    return STATUS.unpack(_read(connection, STATUS.size))[0]
+
+
 def _receive(connection: socket.socket) -> tuple[dict, list[int]]:
+    """A client's request (length, then JSON) and the standard streams that came with it."""
     data, fds, _, _ = socket.recv_fds(connection, 1 << 20, 3)
-    size = STATUS.unpack(data[:STATUS.size])[0]
-    while len(data) < STATUS.size + size:
-        data += connection.recv(STATUS.size + size - len(data))
-    return json.loads(data[STATUS.size:]), fds
+    size = STATUS.unpack(_read(connection, STATUS.size, data)[:STATUS.size])[0]
+    return json.loads(_read(connection, STATUS.size + size, data)[STATUS.size:]), fds
 
 
 def _monitor(connection: socket.socket) -> None:
@@ -248,16 +262,6 @@ def run_in_server(argv: list[str]) -> int | None:
         signal.signal(-code, signal.SIG_DFL)
         os.kill(os.getpid(), -code)
     return code
-
-
-def _read_int(connection: socket.socket) -> int:
-    data = b""
-    while len(data) < STATUS.size:
-        chunk = connection.recv(STATUS.size - len(data))
-        if not chunk:
-            raise ConnectionResetError("closed")
-        data += chunk
-    return STATUS.unpack(data)[0]
 
 
 if __name__ == "__main__":
