@@ -72,6 +72,25 @@ def test_a_micro_dag_pretrains_pgl_and_fine_tunes_its_segmentation_network(tmp_p
 
 
 @pytest.mark.slow
+def test_a_micro_dag_pretrains_on_the_downstream_datasets_training_cases(tmp_path):
+    """Task-specific pre-training (``pool: downstream``): the run reads the split's training and validation cases,
+    labelled ones, not the unlabelled pool, and its dataset's fine-tuning starts from it."""
+    config = json.loads(json.dumps(MICRO))
+    config["pretrain"]["methods"] = {"models_genesis": {**MICRO["pretrain"]["methods"]["models_genesis"],
+                                                        "pool": "downstream"}}
+    config["splits"]["label_fractions"] = [1.0]
+    config["finetune"].update(inits=["scratch", "models_genesis"], seeds=[0])
+    result = snakemake(tmp_path, config, "results/micro/per_case.csv")
+    assert result.returncode == 0, result.stderr[-5000:]
+    (pretrained,) = (tmp_path / "results" / "micro" / "pretrain").glob("models_genesis_unet_phantom_seed0_*")
+    splits = json.loads((tmp_path / "results" / "micro" / "splits" / "phantom.json").read_text())
+    assert json.loads((pretrained / "manifest.json").read_text())["pool_cases"] == 3 == (
+        len(splits["train"]) + len(splits["validation"]))  # of 5 labelled cases (2 unlabelled: the shared pool)
+    (finetuned,) = (tmp_path / "results" / "micro" / "finetune").glob("phantom_models_genesis_unet_*")
+    assert json.loads((finetuned / "config.json").read_text())["pretrain_run"] == pretrained.name
+
+
+@pytest.mark.slow
 def test_a_micro_dag_runs_all_three_protocols_on_vox2vec_and_hdssl(tmp_path):
     """vox2vec and hierarchical dense SSL pre-train an FPN, which is fine-tuned whole, probed, and fine-tuned with the
     backbone frozen first (the HDSSL paper's protocols), end to end: each protocol its own runs, per-case rows and

@@ -108,7 +108,7 @@ STAGE_KEYS = {
     "preprocess": ("nonfinite", "undeclared_labels"),
 }
 # Keys that say where a copy lives or which runs to plan, not what the data are: left out of run identities
-PLANNING_KEYS = ("path", "missing", "folds", "label_fractions")
+PLANNING_KEYS = ("path", "missing", "folds", "label_fractions", "inits")
 
 
 def stage_keys(config: dict, dataset: str, stage: str) -> dict:
@@ -142,7 +142,8 @@ def pretrain_entries(config: dict) -> dict[str, dict]:
 
     An entry is named after its method, or names it with ``method:`` so that one method can appear with several
     settings (an ablation: ``hybridmim_rec_only: {method: hybridmim, loss_weights: {...}}``). ``backbone:`` in an
-    entry replaces ``pretrain.backbone`` for it; every other key overrides the method's config defaults.
+    entry replaces ``pretrain.backbone`` for it; ``pool:`` says what it pre-trains on (:func:`pretrain_runs`);
+    every other key overrides the method's config defaults.
     """
     pretrain = config.get("pretrain") or {}
     entries = {}
@@ -150,40 +151,80 @@ def pretrain_entries(config: dict) -> dict[str, dict]:
         overrides = dict(settings or {})
         method = overrides.pop("method", entry)
         backbone = overrides.pop("backbone", pretrain.get("backbone"))
+        pool = overrides.pop("pool", "shared")
         if backbone is None:
             raise ValueError(f"pretrain.methods.{entry}: no backbone; set pretrain.backbone or a backbone in the entry")
-        entries[entry] = {"method": method, "backbone": backbone, "overrides": overrides}
+        entries[entry] = {"method": method, "backbone": backbone, "pool": pool, "overrides": overrides}
     return entries
 
 
-def pretrain_runs(config: dict) -> dict[str, dict]:
-    """Run name -> resolved spec, for every (entry of pretrain.methods, seed) of the pre-training grid.
+def pretraining_pools(config: dict, entry: str) -> list[tuple[tuple[str, int | None] | None, dict]]:
+    """(downstream arm, what a run's identity holds of its pool) for each pool an entry of ``pretrain.methods``
+    pre-trains on, by its ``pool``:
 
-    The unlabelled cases of every dataset of ``pretrain.datasets`` form one pool (HybridMIM pre-trains on four
-    public CT collections); a skipped dataset leaves the pool, and the run's identity records what it holds.
+    * ``shared`` (default): one pool, the unlabelled cases of every dataset of ``pretrain.datasets`` less the
+      skipped ones (none when all are skipped), for every downstream arm.
+    * ``downstream`` (the task-specific pre-training of HybridMIM's starred rows), or a list of some of
+      ``finetune.datasets``: one pool per such dataset and fold, the images of the cases of its split that are not
+      test cases (training and validation: the paper's 80 % training set), for that dataset's and fold's arms
+      only; not for a skipped dataset, nor one whose ``inits`` leave the entry out.
+    """
+    skipped = skipped_datasets(config)
+    pool = pretrain_entries(config)[entry]["pool"]
+    if pool == "shared":
+        members = [_data_spec(config, dataset) for dataset in config["pretrain"]["datasets"] if dataset not in skipped]
+        return [(None, {"pool": members})] if members else []
+    datasets = config["finetune"]["datasets"] if pool == "downstream" else pool
+    return [((dataset, fold), {"pool": [_data_spec(config, dataset)],
+                               "pool_split": {"splits": config["splits"], **({} if fold is None else {"fold": fold})}})
+            for dataset in datasets if dataset not in skipped and entry in config["datasets"][dataset].get(
+                "inits", [entry])
+            for fold in dataset_folds(config, dataset)]
+
+
+def downstream_arm(spec: dict) -> tuple[str, int | None] | None:
+    """The (dataset, fold) a pre-training run's pool was drawn from (``pool: downstream``), else None."""
+    if "pool_split" not in spec:
+        return None
+    return spec["pool"][0]["dataset"], spec["pool_split"].get("fold")
+
+
+def arm_name(dataset: str, fold: int | None) -> str:
+    """A dataset and fold in run names: ``btcv``, ``brats2020_fold2``."""
+    return dataset if fold is None else f"{dataset}_fold{fold}"
+
+
+def pretrain_runs(config: dict) -> dict[str, dict]:
+    """Run name -> resolved spec, for every (entry of pretrain.methods, pool, seed) of the pre-training grid.
+
+    An entry pre-trains on one shared pool (HybridMIM pre-trains on four public CT collections) or once per
+    downstream dataset and fold on its training cases (:func:`pretraining_pools`); a skipped dataset leaves the
+    pools, and a run's identity records what its pool holds. A downstream pool's dataset and fold follow the
+    entry in the run's name: ``hybridmim_unet_task_hybridmim_unet_btcv_seed0_<id>``.
     """
     pretrain = config.get("pretrain")
     if not pretrain:
         return {}
-    pool = [dataset for dataset in pretrain["datasets"] if dataset not in skipped_datasets(config)]
-    if not pool:
-        return {}
-    pool_specs = [_data_spec(config, dataset) for dataset in pool]
     runs = {}
-    for (entry, settings), seed in itertools.product(pretrain_entries(config).items(), pretrain["seeds"]):
-        spec = {
-            "pool": pool_specs,
-            "variant": entry,
-            "method": settings["method"],
-            "method_config": settings["overrides"],
-            "backbone": settings["backbone"],
-            "seed": seed,
-            "steps": pretrain["steps"],
-            "checkpoint_every": pretrain["checkpoint_every"],
-            "code_version": __version__,
-        }
-        run_id = canonical_hash(spec)
-        runs[f"{entry}_{settings['backbone']['name']}_seed{seed}_{run_id}"] = {"run_id": run_id, "spec": spec}
+    entries = pretrain_entries(config)
+    pools = {entry: pretraining_pools(config, entry) for entry in entries}
+    for (entry, settings), seed in itertools.product(entries.items(), pretrain["seeds"]):
+        for arm, pool in pools[entry]:
+            spec = {
+                **pool,
+                "variant": entry,
+                "method": settings["method"],
+                "method_config": settings["overrides"],
+                "backbone": settings["backbone"],
+                "seed": seed,
+                "steps": pretrain["steps"],
+                "checkpoint_every": pretrain["checkpoint_every"],
+                "code_version": __version__,
+            }
+            run_id = canonical_hash(spec)
+            where = "" if arm is None else f"_{arm_name(*arm)}"
+            runs[f"{entry}_{settings['backbone']['name']}{where}_seed{seed}_{run_id}"] = {"run_id": run_id,
+                                                                                          "spec": spec}
     return runs
 
 
@@ -241,13 +282,13 @@ def arm_training(config: dict, init: str, backbone: dict, protocol: str) -> tupl
 
 def in_grid(config: dict, dataset: str, init: str, protocol: str, fraction: float) -> bool:
     """Whether a cell of the fine-tuning grid runs: each of the dataset's, the init's (``per_init``) and the
-    protocol's ``label_fractions``, and the protocol's ``inits``, keeps only those (absent: all). A paper's tables
-    read few of the grid's cells (HDSSL: probes of the pre-trained inits at full labels, scratch only as a baseline of
-    whole-network fine-tuning)."""
+    protocol's ``label_fractions``, and the dataset's and the protocol's ``inits``, keeps only those (absent: all).
+    A paper's tables read few of the grid's cells (HDSSL: probes of the pre-trained inits at full labels, scratch
+    only as a baseline of whole-network fine-tuning; HybridMIM: BraTS from scratch and task-specific inits)."""
     narrowing = (config["datasets"][dataset], config["finetune"].get("per_init", {}).get(init) or {},
                  protocols(config)[protocol] or {})
-    return (all(fraction in entry.get("label_fractions", [fraction]) for entry in narrowing)
-            and init in narrowing[2].get("inits", [init]))
+    return all(fraction in entry.get("label_fractions", [fraction]) and init in entry.get("inits", [init])
+               for entry in narrowing)
 
 
 def protocols(config: dict) -> dict[str, dict]:
@@ -266,14 +307,14 @@ def finetune_runs(config: dict) -> dict[str, dict]:
     or per-protocol override makes new runs for that arm only.
 
     An init other than ``scratch`` names an entry of ``pretrain.methods``, whose run's identity the spec then holds
-    (fine-tuning seed i uses pre-training seed i mod the number of pre-training seeds), so a new checkpoint makes
-    new fine-tuning runs; or a released checkpoint (``ssl3d.pretrain.released``), whose identity it holds.
+    (fine-tuning seed i uses pre-training seed i mod the number of pre-training seeds; an entry with a downstream
+    pool, its run of the same dataset and fold), so a new checkpoint makes new fine-tuning runs; or a released checkpoint (``ssl3d.pretrain.released``), whose identity it holds.
     Fraction 1 has a single subset (every draw of all training cases is the same set), so it is trained once per
     seed rather than once per draw. A dataset's, an init's or a protocol's ``label_fractions`` and a protocol's
     ``inits`` narrow the grid (:func:`in_grid`).
     """
     finetune = config["finetune"]
-    pretrained = {(run["spec"]["variant"], run["spec"]["seed"]): (name, run["run_id"])
+    pretrained = {(run["spec"]["variant"], run["spec"]["seed"], downstream_arm(run["spec"])): (name, run["run_id"])
                   for name, run in pretrain_runs(config).items()}
     pretrain_seeds = config.get("pretrain", {}).get("seeds", [])
     entries = pretrain_entries(config)
@@ -284,7 +325,10 @@ def finetune_runs(config: dict) -> dict[str, dict]:
     for (dataset, fold), (init, backbone), protocol, fraction, subset, (i, seed) in itertools.product(
             grid, init_backbones(config), protocols(config), config["splits"]["label_fractions"],
             range(config["splits"]["subsets"]), enumerate(finetune["seeds"])):
-        if fraction == 1 and subset > 0 or init in entries and not pretrained:  # no pool: skipped
+        if init in entries:  # the run of its seed and, for a downstream pool, of this dataset and fold
+            pretrain_run = (init, pretrain_seeds[i % len(pretrain_seeds)],
+                            None if entries[init]["pool"] == "shared" else (dataset, fold))
+        if fraction == 1 and subset > 0 or init in entries and pretrain_run not in pretrained:  # no pool: skipped
             continue
         if not in_grid(config, dataset, init, protocol, fraction):
             continue
@@ -310,9 +354,9 @@ def finetune_runs(config: dict) -> dict[str, dict]:
         if init in released_checkpoints():
             spec["released"], entry["released"] = released_checkpoints()[init].identity(), init
         elif init != "scratch":
-            entry["pretrain_run"], spec["pretrained"] = pretrained[(init, pretrain_seeds[i % len(pretrain_seeds)])]
+            entry["pretrain_run"], spec["pretrained"] = pretrained[pretrain_run]
         run_id = canonical_hash(spec)
-        where = dataset if fold is None else f"{dataset}_fold{fold}"
+        where = arm_name(dataset, fold)
         arm = init if protocol == "finetune" else f"{init}_{protocol}"
         name = f"{where}_{arm}_{backbone['name']}_frac{fraction_key(fraction)}_sub{subset}_seed{seed}_{run_id}"
         runs[name] = {"run_id": run_id, "spec": spec, **entry}
@@ -331,7 +375,10 @@ def run_files(entry: dict, stage: str, results: str | Path, data: str | Path) ->
     verified released weights."""
     spec = entry["spec"]
     if stage == "pretrain":
-        return {"caches": [cache_folder(data, member) for member in spec["pool"]]}
+        files = {"caches": [cache_folder(data, member) for member in spec["pool"]]}
+        if "pool_split" in spec:  # a downstream pool: its dataset's training cases
+            files["splits"] = f"{results}/splits/{spec['pool'][0]['dataset']}.json"
+        return files
     files = {"cache": cache_folder(data, spec), "splits": f"{results}/splits/{spec['dataset']}.json"}
     if "pretrain_run" in entry:
         files["pretrained"] = f"{results}/pretrain/{entry['pretrain_run']}/pretrained.pt"

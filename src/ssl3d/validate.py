@@ -179,9 +179,20 @@ def config_problems(config: dict) -> list[str]:
     channels = {dataset_channels(name, datasets[name]) for name in pretrain.get("datasets", [])}
     if len(channels) > 1:
         problems.append(f"pretrain.datasets: one pool cannot mix channel counts ({sorted(channels)})")
-    for entry, settings in entries.items():
-        problems += method_problems(entry, settings, max(channels, default=1), pretrain["steps"])
     finetune = config["finetune"]
+    for entry, settings in entries.items():
+        pool = finetune["datasets"] if settings["pool"] == "downstream" else settings["pool"]
+        if pool == "shared":
+            counts = {max(channels, default=1)}
+        elif unknown := [name for name in pool if name not in finetune["datasets"]]:
+            problems.append(f"pretrain.methods.{entry}.pool: {unknown} not in finetune.datasets "
+                            f"({', '.join(finetune['datasets'])})")
+            continue
+        else:  # a pool per downstream dataset: the entry must build for each of their channel counts
+            counts = {dataset_channels(name, datasets[name]) for name in pool}
+        for pool_channels in sorted(counts):
+            problems += [problem for problem in method_problems(entry, settings, pool_channels, pretrain["steps"])
+                         if problem not in problems]
     for i, backbone in enumerate(finetune["backbones"]):
         problems += backbone_problems(backbone, f"finetune.backbones[{i}]")
     for init in finetune["inits"]:

@@ -46,9 +46,10 @@ from monai.utils import set_determinism
 from ssl3d.checkpoint import save_checkpoint
 from ssl3d.data.cache import mapped_image, read_index
 from ssl3d.data.sampling import SeededSamples
+from ssl3d.data.splits import run_split
 from ssl3d.distributed import data_parallel, is_main
 from ssl3d.engine import Engine
-from ssl3d.io import atomic_path, write_json
+from ssl3d.io import atomic_path, read_json, write_json
 from ssl3d.manifest import run_manifest
 from ssl3d.nets import build_network
 from ssl3d.plan import read_run
@@ -108,17 +109,24 @@ class Pool(Sequence):
         return np.load(prepared, mmap_mode="c")
 
 
-def pretraining_pool(caches: list[str], cases: list[str]) -> tuple[list[Path], int]:
+def pretraining_pool(caches: list[str], cases: list[str | list[str]]) -> tuple[list[Path], int]:
     """The cached case files of every dataset of the pool, in the order given, and their channel count C: each
     dataset's unlabelled cases, or all of them where its ``pretrain_cases`` is ``all`` (PGL pre-trains on every
-    image of the MSD tasks, labelled ones too). One pool has one channel count (BraTS's four modalities pre-train
-    HybridMIM's task-specific rows)."""
+    image of the MSD tasks, labelled ones too), or the listed case ids (a downstream pool: the training cases of
+    its split). One pool has one channel count (BraTS's four modalities pre-train HybridMIM's task-specific
+    rows)."""
     files, channels = [], {}
     for path, which in zip(caches, cases, strict=True):
         index = read_index(path)
         channels[path] = index.get("channels", 1)
-        files += [index["dir"] / case["file"] for case in index["cases"].values()
-                  if which == "all" or not case["labelled"]]
+        if isinstance(which, list):
+            if not set(which) <= set(index["cases"]):
+                raise ValueError(f"{path}: the split's cases {sorted(set(which) - set(index['cases']))[:5]} are not "
+                                 "in the preprocessed dataset; its split file was made from another copy")
+            kept = set(which)
+        else:
+            kept = {case_id for case_id, case in index["cases"].items() if which == "all" or not case["labelled"]}
+        files += [index["dir"] / case["file"] for case_id, case in index["cases"].items() if case_id in kept]
     if len(set(channels.values())) > 1:
         raise ValueError(f"one pre-training pool mixes channel counts: {channels}; pre-train on datasets with the "
                          "same channels")
@@ -126,6 +134,15 @@ def pretraining_pool(caches: list[str], cases: list[str]) -> tuple[list[Path], i
         raise ValueError(f"{', '.join(caches)}: no cases to pre-train on (only labelled ones, and "
                          "pretrain_cases is not 'all')")
     return files, next(iter(channels.values()))
+
+
+def pool_cases(spec: dict, inputs: dict) -> list[str | list[str]]:
+    """What :func:`pretraining_pool` takes of each dataset of a run's pool: its ``pretrain_cases``, or for a
+    downstream pool (``pool_split``) the case ids of its split (the run's fold) that are not test cases."""
+    if "pool_split" not in spec:
+        return [member["data"].get("pretrain_cases", "unlabelled") for member in spec["pool"]]
+    split = run_split(read_json(inputs["splits"]), spec["pool_split"].get("fold"), inputs["splits"])
+    return [sorted(split["train"] + split["validation"])]
 
 
 class MethodLoss(torch.nn.Module):
@@ -164,8 +181,7 @@ def pretrain(run_config: str | Path | dict, out_dir: str | Path, device: str = "
     device = torch.device(device)
     set_determinism(seed=spec["seed"])
 
-    files, channels = pretraining_pool(inputs["caches"], [member["data"].get("pretrain_cases", "unlabelled")
-                                                         for member in spec["pool"]])
+    files, channels = pretraining_pool(inputs["caches"], pool_cases(spec, inputs))
     method = build_method(spec, channels).to(device)
     transfer_report = check_transfer(method)
 

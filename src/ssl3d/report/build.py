@@ -259,7 +259,8 @@ def experiment_settings(results: ExperimentResults) -> tuple[pd.DataFrame, pd.Da
         settings = manifest.get("method_config") or config.get("method_config") or {}  # resolved, else overrides
         entries.setdefault(config.get("variant", config["method"]), []).append({
             "method": config["method"], "backbone": _backbone(config["backbone"]),
-            "datasets": "; ".join(_data_source(member) for member in config.get("pool", [])),
+            "datasets": "; ".join(_data_source(member) for member in config.get("pool", []))
+            + (" (task-specific: its split's training cases)" if "pool_split" in config else ""),
             "seeds": config.get("seed"), "steps": config.get("steps"), "batch size": settings.get("batch_size"),
             "patch size": settings.get("patch_size")})
     return (pd.DataFrame(list(grid.items()), columns=["setting", "value"]),
