@@ -105,7 +105,12 @@ def test_config_plans_with_no_data_present(name, tmp_path_factory):
         assert "skipping dataset btcv" in result.stderr
     assert fetched(result.stdout) == set(config["datasets"]) - set(manual(config))
     counts = job_counts(result.stdout)
-    assert counts["pretrain"] == len(pretrain_entries(config)) * len(config["pretrain"]["seeds"])
+    # one run per entry and seed, and a task-specific entry's per downstream dataset that is present, and fold
+    pools = [[None] if entry["pool"] == "shared" else
+             [fold for dataset in (config["finetune"]["datasets"] if entry["pool"] == "downstream" else entry["pool"])
+              if dataset not in manual(config) for fold in dataset_folds(config, dataset)]
+             for entry in pretrain_entries(config).values()]
+    assert counts["pretrain"] == sum(map(len, pools)) * len(config["pretrain"]["seeds"])
     assert counts["finetune"] > 0 and "evaluate" not in counts  # evaluation runs in the fine-tuning job
     print(f"\n{name}: {counts['total']} jobs with no data present ({counts})")
 
