@@ -6,19 +6,23 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 import ssl3d.finetune.protocols as protocols
 import ssl3d.finetune.train as train
 from ssl3d.evaluate.metrics import EmptyPolicy
 from ssl3d.evaluate.run import evaluate_run, load_model
-from ssl3d.finetune.augment import PRESETS, augmentation
+from ssl3d.finetune.augment import PRESETS, ROTATING, augmentation
 from ssl3d.finetune.protocols import backbone_factor, build_downstream, build_optimization
 from ssl3d.finetune.train import PatchSamples, finetune
 from ssl3d.io import read_json
 from ssl3d.nets import build_network
 from ssl3d.nets.probe import LinearProbe
+from ssl3d.validate import config_problems
 
-from conftest import run_config
+from conftest import REPO, run_config
+
+DEMO = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
 
 BASICUNET = {"name": "basicunet", "features": [4, 4, 8, 8, 16, 4]}
 SMALL = {"backbone": BASICUNET, "patch_size": [32, 32, 32], "steps": 4, "val_every": 2, "checkpoint_every": 2,
@@ -188,17 +192,21 @@ def patches(preset: str, seed: int = 0):
 
 
 FLIPS = [(), (1,), (2,), (3,), (1, 2), (1, 3), (2, 3), (1, 2, 3)]
+# flips, then k quarter turns in the first two axes; a move that is a flip alone is found as one (k = 0)
+MOVES = [(axes, k) for k in range(4) for axes in FLIPS]
+INTENSITY = ("pgl", "hybridmim")  # presets that change intensities too
 
 
-def flipped(array: np.ndarray, axes: tuple) -> np.ndarray:
-    return np.flip(array, axes) if axes else array
+def moved(array: np.ndarray, move: tuple) -> np.ndarray:
+    axes, k = move
+    return np.rot90(np.flip(array, axes) if axes else array, k, axes=(1, 2))
 
 
-def flips_of(label: np.ndarray, augmented: np.ndarray):
-    for axes in FLIPS:
-        if np.array_equal(flipped(label, axes), augmented):
-            return axes
-    raise AssertionError("the label is not a flip of the original")
+def moves_of(label: np.ndarray, augmented: np.ndarray):
+    for move in MOVES:
+        if np.array_equal(moved(label, move), augmented):
+            return move
+    raise AssertionError("the label is not a flip or rotation of the original")
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -208,19 +216,30 @@ def test_augmentation_presets_keep_image_and_label_aligned_and_are_reproducible(
     for i in range(len(samples)):
         image, target = samples[i]
         assert type(image) is torch.Tensor and image.shape == (1, 32, 32, 32) and target.dtype == torch.long
-        axes = flips_of(label, target.numpy())
-        seen.add(axes)
-        if preset == "pgl":  # intensities change; the image matches the label's flip best
-            correlations = [np.corrcoef(image.numpy().ravel(), flipped(label, other).ravel())[0, 1] for other in FLIPS]
-            assert FLIPS[int(np.argmax(correlations))] == axes
+        move = moves_of(label, target.numpy())
+        seen.add(move)
+        if preset in INTENSITY:  # intensities change; the image matches the label's move best
+            correlations = [np.corrcoef(image.numpy().ravel(), moved(label, other).ravel())[0, 1] for other in MOVES]
+            assert np.array_equal(moved(label, MOVES[int(np.argmax(correlations))]), moved(label, move))
         else:
-            assert np.array_equal(image.numpy(), flipped(label, axes))
+            assert np.array_equal(image.numpy(), moved(label, move))
         again = patches(preset)[0][i]
         assert torch.equal(image, again[0]) and torch.equal(target, again[1])  # the same sample for a seed
     assert (len(seen) > 2) == (preset != "none")  # each sample draws its own flips
-    if preset == "pgl":
+    assert any(k for _, k in seen) == (preset in ROTATING)
+    if preset in INTENSITY:
         images = [samples[i][0] for i in range(len(samples))]
-        assert sum(not torch.equal(image, image.round()) for image in images) > 4  # intensities were changed
+        changed = sum(not torch.equal(image, image.round()) for image in images)
+        assert changed > {"pgl": 4, "hybridmim": 0}[preset]  # intensities were changed
+
+
+def test_a_rotating_preset_needs_a_patch_square_in_its_first_two_axes():
+    config = copy.deepcopy(DEMO)
+    config["finetune"].update(augmentation="hybridmim", patch_size=[32, 32, 16])
+    assert config_problems(config) == []
+    config["finetune"]["patch_size"] = [32, 16, 32]
+    assert config_problems(config) == ["finetune.augmentation: hybridmim rotates in the first two axes, which "
+                                       "patch_size [32, 16, 32] does not have equal; make them equal"]
 
 
 def test_an_unknown_preset_is_named():

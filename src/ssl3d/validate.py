@@ -24,6 +24,7 @@ from ssl3d.data.dataset import open_nifti
 from ssl3d.data.files import data_root, folder_cases, manual_copy
 from ssl3d.data.recipes import builtin_recipes
 from ssl3d.data.registry import get_entry, source_dir
+from ssl3d.finetune.augment import ROTATING
 from ssl3d.finetune.protocols import DEFAULT_SCHEDULER
 from ssl3d.nets import BACKBONES
 from ssl3d.nets.backbone import Backbone
@@ -138,6 +139,9 @@ def finetuning_problems(config: dict) -> list[str]:
         training, own = arm_training(config, init, backbone, protocol)
         problems = optimization_problems(training["optimizer"], training.get("scheduler", DEFAULT_SCHEDULER),
                                          training["steps"])
+        if training.get("augmentation") in ROTATING and training["patch_size"][0] != training["patch_size"][1]:
+            problems.append(f"augmentation: {training['augmentation']} rotates in the first two axes, which "
+                            f"patch_size {training['patch_size']} does not have equal; make them equal")
         if protocol == "frozen_then_finetune" and own["frozen_steps"] >= training["steps"]:
             problems.append(f"protocols.frozen_then_finetune.frozen_steps: {own['frozen_steps']} leaves none of the "
                             f"{training['steps']} steps to fine-tune the backbone")

@@ -1,4 +1,5 @@
-"""Augmentation of fine-tuning patches: a run spec's ``augmentation`` preset, ``none`` (default), ``flips`` or ``pgl``.
+"""Augmentation of fine-tuning patches: a run spec's ``augmentation`` preset, ``none`` (default), ``flips``, ``pgl`` or
+``hybridmim``.
 
 Why presets rather than a transform list in the config: a preset is part of a run's identity by name, and its
 parameters are pinned here, next to the paper they follow. Each preset is MONAI dictionary transforms applied to
@@ -11,6 +12,12 @@ stays reproducible and resumable with any number of workers.
   augmentation techniques used for training the PGL model"), in the paper's order: flips as above; Gaussian noise,
   p 0.1; Gaussian blur, σ ∈ [0.5, 1], p 0.2; brightness/contrast: voxels × U(0.75, 1.25) clipped to the original
   range, p 0.5; gamma, γ ∈ [0.7, 1.5], p 0.5.
+* ``hybridmim``: HybridMIM's fine-tuning (§4.3: "random flip, rotation, intensity scaling and shifts with
+  probabilities of 0.2, 0.2, 0.1, and 0.1"), which are the defaults of the SwinUNETR / UNETR BTCV recipe of
+  MONAI's research-contributions that its supervised rows come from (HybridMIM released no fine-tuning code):
+  a flip along each axis, p 0.2 each; a rotation by k × 90° in the first two axes, k ∈ {1, 2, 3}, p 0.2
+  (``RandRotate90d``, ``max_k=3``: the patch's first two sizes must be equal); voxels × (1 + f), f ∈ U(-0.1, 0.1),
+  p 0.1 (``RandScaleIntensityd``); voxels + o, o ∈ U(-0.1, 0.1), p 0.1 (``RandShiftIntensityd``).
 
 Deviations of ``pgl`` from the paper's parameterisation (MONAI's transforms, not a re-implementation):
 
@@ -37,15 +44,19 @@ from monai.transforms import (
     RandFlipd,
     RandGaussianNoised,
     RandGaussianSmoothd,
+    RandRotate90d,
+    RandScaleIntensityd,
     RandScaleIntensityFixedMeand,
+    RandShiftIntensityd,
 )
 
-PRESETS = ("none", "flips", "pgl")
+PRESETS = ("none", "flips", "pgl", "hybridmim")
+ROTATING = ("hybridmim",)  # presets that rotate in the first two axes: the patch must be square in them
 KEYS = ("image", "label")
 
 
-def _flips() -> list:
-    return [RandFlipd(KEYS, prob=0.5, spatial_axis=axis) for axis in range(3)]
+def _flips(prob: float = 0.5) -> list:
+    return [RandFlipd(KEYS, prob=prob, spatial_axis=axis) for axis in range(3)]
 
 
 def _pgl() -> list:
@@ -60,10 +71,19 @@ def _pgl() -> list:
     ]
 
 
+def _hybridmim() -> list:
+    return [
+        *_flips(prob=0.2),
+        RandRotate90d(KEYS, prob=0.2, max_k=3),
+        RandScaleIntensityd("image", factors=0.1, prob=0.1),
+        RandShiftIntensityd("image", offsets=0.1, prob=0.1),
+    ]
+
+
 def augmentation(preset: str = "none") -> Compose | None:
     """The preset's transforms on a ``{"image", "label"}`` patch, or None for ``none``."""
     if preset not in PRESETS:
         raise ValueError(f"augmentation: unknown preset {preset!r} (allowed: {', '.join(PRESETS)})")
     if preset == "none":
         return None
-    return Compose(_flips() if preset == "flips" else _pgl())
+    return Compose({"flips": _flips, "pgl": _pgl, "hybridmim": _hybridmim}[preset]())
