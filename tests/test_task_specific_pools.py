@@ -109,3 +109,17 @@ def test_a_listed_pool_pre_trains_on_those_datasets_only_and_a_datasets_inits_le
     assert {(run["spec"]["dataset"], run["spec"]["init"]) for run in finetune_runs(config).values()
             if run["spec"]["dataset"] == "other"} == {("other", "scratch"), ("other", "byol")}
     assert pretrain_runs(config).keys() < runs.keys()  # the dataset's inits do not change the identities
+
+
+def test_without_a_shared_pool_pretrain_datasets_is_needed_only_by_shared_entries():
+    config = copy.deepcopy(DEMO)
+    del config["pretrain"]["datasets"]
+    config["pretrain"]["methods"] = {"byol": {**DEMO["pretrain"]["methods"]["byol"], "pool": "downstream"},
+                                     "models_genesis": DEMO["pretrain"]["methods"]["models_genesis"]}
+    config["finetune"]["inits"] = ["scratch", "byol", "models_genesis"]
+    assert config_problems(config) == ["pretrain.datasets: missing, and the entries models_genesis pre-train on its "
+                                       "pool (pool: shared, the default); list its datasets, or give those entries "
+                                       "pool: downstream"]
+    config["pretrain"]["methods"]["models_genesis"]["pool"] = "downstream"
+    assert config_problems(config) == []
+    assert sorted(run["spec"]["variant"] for run in pretrain_runs(config).values()) == ["byol", "models_genesis"]

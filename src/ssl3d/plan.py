@@ -172,7 +172,8 @@ def pretraining_pools(config: dict, entry: str) -> list[tuple[tuple[str, int | N
     skipped = skipped_datasets(config)
     pool = pretrain_entries(config)[entry]["pool"]
     if pool == "shared":
-        members = [_data_spec(config, dataset) for dataset in config["pretrain"]["datasets"] if dataset not in skipped]
+        members = [_data_spec(config, dataset) for dataset in config["pretrain"].get("datasets", [])
+                   if dataset not in skipped]
         return [(None, {"pool": members})] if members else []
     datasets = config["finetune"]["datasets"] if pool == "downstream" else pool
     return [((dataset, fold), {"pool": [_data_spec(config, dataset)],

@@ -183,6 +183,10 @@ def config_problems(config: dict) -> list[str]:
     channels = {dataset_channels(name, datasets[name]) for name in pretrain.get("datasets", [])}
     if len(channels) > 1:
         problems.append(f"pretrain.datasets: one pool cannot mix channel counts ({sorted(channels)})")
+    shared = [entry for entry, settings in entries.items() if settings["pool"] == "shared"]
+    if shared and not pretrain.get("datasets"):
+        problems.append(f"pretrain.datasets: missing, and the entries {', '.join(shared)} pre-train on its pool "
+                        "(pool: shared, the default); list its datasets, or give those entries pool: downstream")
     finetune = config["finetune"]
     for entry, settings in entries.items():
         pool = finetune["datasets"] if settings["pool"] == "downstream" else settings["pool"]

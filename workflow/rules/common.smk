@@ -89,6 +89,11 @@ print(f"experiment {config['experiment']}: {len(PRETRAIN_RUNS)} pre-training and
       "run with `--quiet rules` prints only this and the job counts", file=sys.stderr)
 for name, reason in SKIPPED.items():
     print(f"skipping dataset {name}: {reason}", file=sys.stderr)
+if not RUNS:  # e.g. every downstream dataset skipped: nothing to fine-tune, evaluate or report
+    raise WorkflowError(f"experiment {config['experiment']}: no fine-tuning runs to make"
+                        + "".join(f"; dataset {name} is skipped: {SKIPPED[name]}, `ssl3d datasets --show "
+                                  f"{config['datasets'][name].get('entry', name)}` says how to get it"
+                                  for name in config["finetune"]["datasets"] if name in SKIPPED))
 
 
 wildcard_constraints:
