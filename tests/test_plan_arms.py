@@ -68,6 +68,20 @@ def test_per_init_settings_apply_after_per_backbone_settings():
     assert specs[("scratch", "hybridmim_unet")]["steps"] == DEMO["finetune"]["steps"]
 
 
+def test_per_dataset_settings_make_new_runs_on_that_dataset_only_and_apply_first():
+    config = with_finetune(per_dataset={"other": {"steps": 400, "val_every": 40}}, per_init={"byol": {"steps": 50}})
+    config["datasets"]["other"] = dict(DEMO["datasets"]["phantom"], seed=5)
+    config["finetune"]["datasets"] = ["phantom", "other"]
+    runs = finetune_runs(config)
+    unchanged = finetune_runs(with_finetune(per_init={"byol": {"steps": 50}}))
+    assert {name: run for name, run in runs.items() if run["spec"]["dataset"] == "phantom"} == unchanged
+    other = {run["spec"]["init"]: run["spec"] for run in runs.values() if run["spec"]["dataset"] == "other"}
+    assert other["scratch"]["steps"] == 400 and other["byol"]["steps"] == 50  # per_init overrides per_dataset
+    assert other["byol"]["val_every"] == 40
+    config["finetune"]["per_dataset"]["btcv"] = {"steps": 10}
+    assert config_problems(config) == ["finetune.per_dataset.btcv: not one of finetune.datasets (phantom, other)"]
+
+
 def test_a_dataset_fine_tunes_on_its_own_label_fractions():
     config = copy.deepcopy(DEMO)
     config["datasets"]["phantom"]["label_fractions"] = [1.0]

@@ -250,7 +250,7 @@ def init_backbones(config: dict) -> list[tuple[str, dict]]:
 
 
 # keys of `finetune` that span the grid or override settings per arm; every other key is a training setting
-GRID_KEYS = ("datasets", "inits", "seeds", "backbones", "protocols", "per_backbone", "per_init")
+GRID_KEYS = ("datasets", "inits", "seeds", "backbones", "protocols", "per_dataset", "per_backbone", "per_init")
 # each protocol's own settings (the rest of a protocol's entry overrides training settings for it)
 PROTOCOL_SETTINGS = {"finetune": (), "probe": ("features",),
                      "frozen_then_finetune": ("frozen_steps", "ramp_steps", "start_fraction")}
@@ -268,14 +268,16 @@ def merged(settings: dict, overrides: dict) -> dict:
     return out
 
 
-def arm_training(config: dict, init: str, backbone: dict, protocol: str) -> tuple[dict, dict]:
+def arm_training(config: dict, dataset: str, init: str, backbone: dict, protocol: str) -> tuple[dict, dict]:
     """The training settings of one arm and its protocol settings: ``finetune``'s settings, then the arm's
-    backbone's (``per_backbone``), its init's (``per_init``) and its protocol's overrides, in that order."""
+    dataset's (``per_dataset``), backbone's (``per_backbone``), init's (``per_init``) and protocol's overrides, in
+    that order."""
     finetune = config["finetune"]
     training = {key: value for key, value in finetune.items() if key not in GRID_KEYS}
     entry = dict(protocols(config)[protocol] or {})
     own = {key: entry.pop(key) for key in PROTOCOL_SETTINGS[protocol] if key in entry}
-    for overrides in (finetune.get("per_backbone", {}).get(backbone["name"], {}),
+    for overrides in (finetune.get("per_dataset", {}).get(dataset, {}),
+                      finetune.get("per_backbone", {}).get(backbone["name"], {}),
                       finetune.get("per_init", {}).get(init, {}), entry):
         training = merged(training, {key: value for key, value in overrides.items() if key not in GRID_FILTERS})
     return training, own
@@ -304,12 +306,13 @@ def finetune_runs(config: dict) -> dict[str, dict]:
     other than ``finetune`` follows the init: ``phantom_byol_probe_unet_...``.
 
     The protocol is part of the identity (``protocol``, and ``protocol_settings`` for probe and
-    frozen_then_finetune), and so are the arm's training settings (:func:`arm_training`): a per-backbone, per-init
-    or per-protocol override makes new runs for that arm only.
+    frozen_then_finetune), and so are the arm's training settings (:func:`arm_training`): a per-dataset,
+    per-backbone, per-init or per-protocol override makes new runs for that arm only.
 
     An init other than ``scratch`` names an entry of ``pretrain.methods``, whose run's identity the spec then holds
     (fine-tuning seed i uses pre-training seed i mod the number of pre-training seeds; an entry with a downstream
-    pool, its run of the same dataset and fold), so a new checkpoint makes new fine-tuning runs; or a released checkpoint (``ssl3d.pretrain.released``), whose identity it holds.
+    pool, its run of the same dataset and fold), so a new checkpoint makes new fine-tuning runs; or a released
+    checkpoint (``ssl3d.pretrain.released``), whose identity it holds.
     Fraction 1 has a single subset (every draw of all training cases is the same set), so it is trained once per
     seed rather than once per draw. A dataset's, an init's or a protocol's ``label_fractions`` and a protocol's
     ``inits`` narrow the grid (:func:`in_grid`).
@@ -333,7 +336,7 @@ def finetune_runs(config: dict) -> dict[str, dict]:
             continue
         if not in_grid(config, dataset, init, protocol, fraction):
             continue
-        training, protocol_settings = arm_training(config, init, backbone, protocol)
+        training, protocol_settings = arm_training(config, dataset, init, backbone, protocol)
         spec = {
             **data_specs[dataset],
             "splits": config["splits"],

@@ -130,13 +130,13 @@ def dataset_problems(config: dict, root: Path | None = None) -> list[str]:
 
 
 def finetuning_problems(config: dict) -> list[str]:
-    """The optimizer, schedule and frozen steps of each fine-tuning arm (``finetune`` with its per-backbone,
-    per-init and protocol overrides: an arm's own ``steps`` can leave its backbone frozen throughout), each problem
-    once, naming the arms it is in."""
-    arms = list(itertools.product(init_backbones(config), protocols(config)))
+    """The optimizer, schedule, augmentation and frozen steps of each fine-tuning arm (``finetune`` with its
+    per-dataset, per-backbone, per-init and protocol overrides: an arm's own ``steps`` can leave its backbone frozen
+    throughout), each problem once, naming the arms it is in."""
+    arms = list(itertools.product(config["finetune"]["datasets"], init_backbones(config), protocols(config)))
     found: dict[str, list[str]] = {}
-    for (init, backbone), protocol in arms:
-        training, own = arm_training(config, init, backbone, protocol)
+    for dataset, (init, backbone), protocol in arms:
+        training, own = arm_training(config, dataset, init, backbone, protocol)
         problems = optimization_problems(training["optimizer"], training.get("scheduler", DEFAULT_SCHEDULER),
                                          training["steps"])
         if training.get("augmentation") in ROTATING and training["patch_size"][0] != training["patch_size"][1]:
@@ -146,7 +146,8 @@ def finetuning_problems(config: dict) -> list[str]:
             problems.append(f"protocols.frozen_then_finetune.frozen_steps: {own['frozen_steps']} leaves none of the "
                             f"{training['steps']} steps to fine-tune the backbone")
         for problem in problems:
-            found.setdefault(problem, []).append(f"{init} on {backbone['name']} ({protocol})")
+            on = f" for {dataset}" if len(config["finetune"]["datasets"]) > 1 else ""
+            found.setdefault(problem, []).append(f"{init} on {backbone['name']}{on} ({protocol})")
     return [f"finetune.{problem}" + ("" if len(where) == len(arms) else f" (arms: {', '.join(where)})")
             for problem, where in found.items()]
 
@@ -216,6 +217,8 @@ def config_problems(config: dict) -> list[str]:
             copy = released.copy(data_root())
             if released.access == "manual" and not copy.is_file():
                 problems.append(f"finetune.inits: {init}: no copy at {copy}; {released.instructions.strip()}")
+    problems += [f"finetune.per_dataset.{name}: not one of finetune.datasets ({', '.join(finetune['datasets'])})"
+                 for name in finetune.get("per_dataset", {}) if name not in finetune["datasets"]]
     problems += [f"finetune.per_backbone.{name}: unknown backbone; known: {', '.join(sorted(BACKBONES))}"
                  for name in finetune.get("per_backbone", {}) if name not in BACKBONES]
     problems += [f"finetune.per_init.{init}: not one of finetune.inits ({', '.join(finetune['inits'])})"
