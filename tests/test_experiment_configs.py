@@ -17,7 +17,7 @@ from ssl3d.data.paper_splits import load_paper_split
 from ssl3d.data.recipes import get_recipe
 from ssl3d.data.registry import get_entry
 from ssl3d.nets import build_network
-from ssl3d.plan import dataset_folds, dataset_recipe, pretrain_entries
+from ssl3d.plan import dataset_folds, dataset_recipe, finetune_runs, pretrain_entries
 
 from conftest import REPO
 
@@ -78,7 +78,7 @@ def test_config_names_its_datasets_as_the_registry_expects(name):
         get_recipe(dataset_recipe(config, dataset))
         if "split" in settings:
             split = load_paper_split(settings["split"])
-            folds = settings.get("folds", range(len(split.get("folds", [None]))))  # every fold, unless it says
+            folds = settings.get("folds", range(len(split.get("folds", [None]))))  # every fold, unless it says which
             assert len(dataset_folds(config, dataset)) == len(folds), dataset
     # every pre-trained entry is fine-tuned (none pre-trained for nothing)
     assert set(pretrain_entries(config)) <= set(config["finetune"]["inits"])
@@ -95,7 +95,7 @@ def test_every_scratch_backbone_builds(name):
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_config_plans_with_no_data_present(name, tmp_path_factory):
+def test_config_plans_with_no_data_present(name, tmp_path_factory, monkeypatch):
     config = load(name)
     result = plan(name, tmp_path_factory, placed=False)
     for dataset, settings in manual(config).items():
@@ -109,13 +109,11 @@ def test_config_plans_with_no_data_present(name, tmp_path_factory):
         assert "skipping dataset btcv" in result.stderr
     assert fetched(result.stdout) == set(config["datasets"]) - set(manual(config))
     counts = job_counts(result.stdout)
-    # one run per entry and seed, and a task-specific entry's per downstream dataset that is present, and fold
-    pools = [[None] if entry["pool"] == "shared" else
-             [fold for dataset in (config["finetune"]["datasets"] if entry["pool"] == "downstream" else entry["pool"])
-              if dataset not in manual(config) for fold in dataset_folds(config, dataset)]
-             for entry in pretrain_entries(config).values()]
-    assert counts["pretrain"] == sum(map(len, pools)) * len(config["pretrain"]["seeds"])
-    assert counts["finetune"] > 0 and "evaluate" not in counts  # evaluation runs in the fine-tuning job
+    monkeypatch.setenv("SSL3D_DATA", str(tmp_path_factory.mktemp("no_data")))  # the plan's view: no copies
+    runs = finetune_runs(config)
+    # every pre-training that a fine-tuning run starts from, and no other (an entry's pool per dataset and fold)
+    assert counts["pretrain"] == len({run["pretrain_run"] for run in runs.values() if "pretrain_run" in run})
+    assert counts["finetune"] == len(runs) > 0 and "evaluate" not in counts  # evaluated in the fine-tuning job
     print(f"\n{name}: {counts['total']} jobs with no data present ({counts})")
 
 

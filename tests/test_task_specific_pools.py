@@ -117,9 +117,29 @@ def test_without_a_shared_pool_pretrain_datasets_is_needed_only_by_shared_entrie
     config["pretrain"]["methods"] = {"byol": {**DEMO["pretrain"]["methods"]["byol"], "pool": "downstream"},
                                      "models_genesis": DEMO["pretrain"]["methods"]["models_genesis"]}
     config["finetune"]["inits"] = ["scratch", "byol", "models_genesis"]
-    assert config_problems(config) == ["pretrain.datasets: missing, and the entries models_genesis pre-train on its "
-                                       "pool (pool: shared, the default); list its datasets, or give those entries "
-                                       "pool: downstream"]
+    assert config_problems(config) == ["pretrain.datasets: missing, and the entry models_genesis pre-trains on its "
+                                       "pool (pool: shared, the default); list the pool's datasets, or give the "
+                                       "entry pool: downstream"]
     config["pretrain"]["methods"]["models_genesis"]["pool"] = "downstream"
     assert config_problems(config) == []
     assert sorted(run["spec"]["variant"] for run in pretrain_runs(config).values()) == ["byol", "models_genesis"]
+
+
+def test_an_entry_with_its_own_datasets_pre_trains_on_their_pool_and_the_others_keep_their_identities():
+    """HDSSL's MRI model beside its CT one: an entry's own shared pool."""
+    config = copy.deepcopy(DEMO)
+    config["datasets"]["mri"] = dict(DEMO["datasets"]["phantom"], seed=7)
+    config["pretrain"]["methods"]["byol_mri"] = {**DEMO["pretrain"]["methods"]["byol"], "method": "byol",
+                                                 "datasets": ["mri"]}
+    runs = pretrain_runs(config)
+    shared = pretrain_runs(DEMO)
+    assert {name: run for name, run in runs.items() if name in shared} == shared
+    (mri,) = [run["spec"] for run in runs.values() if run["spec"]["variant"] == "byol_mri"]
+    assert [member["dataset"] for member in mri["pool"]] == ["mri"] and "pool_split" not in mri
+    config["finetune"]["inits"].append("byol_mri")
+    assert config_problems(config) == []
+    config["pretrain"]["methods"]["byol_mri"]["datasets"] = ["mri", "brats2020"]
+    config["datasets"]["brats2020"] = {"source": "registry", "missing": "skip"}
+    assert config_problems(config) == ["pretrain.methods.byol_mri.datasets: one pool cannot mix channel counts ([1, 4])"]
+    config["pretrain"]["methods"]["byol_mri"]["datasets"] = ["mr"]
+    assert config_problems(config)[0].startswith("pretrain.methods.byol_mri.datasets: unknown dataset 'mr'")

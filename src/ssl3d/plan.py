@@ -142,8 +142,8 @@ def pretrain_entries(config: dict) -> dict[str, dict]:
 
     An entry is named after its method, or names it with ``method:`` so that one method can appear with several
     settings (an ablation: ``hybridmim_rec_only: {method: hybridmim, loss_weights: {...}}``). ``backbone:`` in an
-    entry replaces ``pretrain.backbone`` for it; ``pool:`` says what it pre-trains on (:func:`pretrain_runs`);
-    every other key overrides the method's config defaults.
+    entry replaces ``pretrain.backbone`` for it, and ``datasets:`` ``pretrain.datasets``; ``pool:`` says what it
+    pre-trains on (:func:`pretraining_pools`); every other key overrides the method's config defaults.
     """
     pretrain = config.get("pretrain") or {}
     entries = {}
@@ -152,9 +152,11 @@ def pretrain_entries(config: dict) -> dict[str, dict]:
         method = overrides.pop("method", entry)
         backbone = overrides.pop("backbone", pretrain.get("backbone"))
         pool = overrides.pop("pool", "shared")
+        datasets = overrides.pop("datasets", pretrain.get("datasets", []))
         if backbone is None:
             raise ValueError(f"pretrain.methods.{entry}: no backbone; set pretrain.backbone or a backbone in the entry")
-        entries[entry] = {"method": method, "backbone": backbone, "pool": pool, "overrides": overrides}
+        entries[entry] = {"method": method, "backbone": backbone, "pool": pool, "datasets": datasets,
+                          "overrides": overrides}
     return entries
 
 
@@ -162,18 +164,18 @@ def pretraining_pools(config: dict, entry: str) -> list[tuple[tuple[str, int | N
     """(downstream arm, what a run's identity holds of its pool) for each pool an entry of ``pretrain.methods``
     pre-trains on, by its ``pool``:
 
-    * ``shared`` (default): one pool, the unlabelled cases of every dataset of ``pretrain.datasets`` less the
-      skipped ones (none when all are skipped), for every downstream arm.
+    * ``shared`` (default): one pool, the unlabelled cases of every dataset of the entry's ``datasets`` (default
+      ``pretrain.datasets``) less the skipped ones (none when all are skipped), for every downstream arm.
     * ``downstream`` (the task-specific pre-training of HybridMIM's starred rows), or a list of some of
       ``finetune.datasets``: one pool per such dataset and fold, the images of the cases of its split that are not
       test cases (training and validation: the paper's 80 % training set), for that dataset's and fold's arms
       only; not for a skipped dataset, nor one whose ``inits`` leave the entry out.
     """
     skipped = skipped_datasets(config)
-    pool = pretrain_entries(config)[entry]["pool"]
+    settings = pretrain_entries(config)[entry]
+    pool = settings["pool"]
     if pool == "shared":
-        members = [_data_spec(config, dataset) for dataset in config["pretrain"].get("datasets", [])
-                   if dataset not in skipped]
+        members = [_data_spec(config, dataset) for dataset in settings["datasets"] if dataset not in skipped]
         return [(None, {"pool": members})] if members else []
     datasets = config["finetune"]["datasets"] if pool == "downstream" else pool
     return [((dataset, fold), {"pool": [_data_spec(config, dataset)],

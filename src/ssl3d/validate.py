@@ -165,6 +165,27 @@ def grid_filter_problems(config: dict) -> list[str]:
                for where, entry in filters if (extra := set(entry.get("inits", ())) - set(finetune["inits"]))])
 
 
+def pool_channels(config: dict, entry: str, settings: dict) -> tuple[list[str], set[int]]:
+    """The problems of a pre-training entry's pools (``ssl3d.plan.pretraining_pools``), else the channel counts of
+    its pools: its method must build for each."""
+    datasets, finetune = config["datasets"], config["finetune"]
+    if settings["pool"] == "shared":
+        own = "datasets" in (config["pretrain"]["methods"][entry] or {})
+        where = f"pretrain.methods.{entry}.datasets" if own else "pretrain.datasets"
+        if not settings["datasets"]:
+            return [f"{where}: missing, and the entry {entry} pre-trains on its pool (pool: shared, the default); "
+                    "list the pool's datasets, or give the entry pool: downstream"], set()
+        counts = {dataset_channels(name, datasets[name]) for name in settings["datasets"]}
+        if len(counts) > 1:
+            return [f"{where}: one pool cannot mix channel counts ({sorted(counts)})"], set()
+        return [], counts
+    pool = finetune["datasets"] if settings["pool"] == "downstream" else settings["pool"]
+    if unknown := [name for name in pool if name not in finetune["datasets"]]:
+        return [f"pretrain.methods.{entry}.pool: {unknown} not in finetune.datasets "
+                f"({', '.join(finetune['datasets'])})"], set()
+    return [], {dataset_channels(name, datasets[name]) for name in pool}
+
+
 def config_problems(config: dict) -> list[str]:
     """What the schema cannot know; assumes the config passed the schema."""
     problems = []
@@ -172,6 +193,8 @@ def config_problems(config: dict) -> list[str]:
     pretrain = config.get("pretrain") or {}
     problems += [f"{where}: unknown dataset {name!r}; the config's datasets are {', '.join(datasets)}"
                  for where, names in (("pretrain.datasets", pretrain.get("datasets", [])),
+                                      *((f"pretrain.methods.{entry}.datasets", (settings or {}).get("datasets", []))
+                                        for entry, settings in pretrain.get("methods", {}).items()),
                                       ("finetune.datasets", config["finetune"]["datasets"]))
                  for name in names if name not in datasets]
     problems += dataset_problems(config)  # before dataset_channels, which reads each registry entry
@@ -181,27 +204,13 @@ def config_problems(config: dict) -> list[str]:
         entries = pretrain_entries(config)
     except ValueError as err:
         return [str(err)]
-    channels = {dataset_channels(name, datasets[name]) for name in pretrain.get("datasets", [])}
-    if len(channels) > 1:
-        problems.append(f"pretrain.datasets: one pool cannot mix channel counts ({sorted(channels)})")
-    shared = [entry for entry, settings in entries.items() if settings["pool"] == "shared"]
-    if shared and not pretrain.get("datasets"):
-        problems.append(f"pretrain.datasets: missing, and the entries {', '.join(shared)} pre-train on its pool "
-                        "(pool: shared, the default); list its datasets, or give those entries pool: downstream")
     finetune = config["finetune"]
     for entry, settings in entries.items():
-        pool = finetune["datasets"] if settings["pool"] == "downstream" else settings["pool"]
-        if pool == "shared":
-            counts = {max(channels, default=1)}
-        elif unknown := [name for name in pool if name not in finetune["datasets"]]:
-            problems.append(f"pretrain.methods.{entry}.pool: {unknown} not in finetune.datasets "
-                            f"({', '.join(finetune['datasets'])})")
-            continue
-        else:  # a pool per downstream dataset: the entry must build for each of their channel counts
-            counts = {dataset_channels(name, datasets[name]) for name in pool}
-        for pool_channels in sorted(counts):
-            problems += [problem for problem in method_problems(entry, settings, pool_channels, pretrain["steps"])
-                         if problem not in problems]
+        found, counts = pool_channels(config, entry, settings)
+        for problem in found + [problem for channels in sorted(counts)
+                                for problem in method_problems(entry, settings, channels, pretrain["steps"])]:
+            if problem not in problems:  # an entry per channel count, a shared pool per entry: each problem once
+                problems.append(problem)
     for i, backbone in enumerate(finetune["backbones"]):
         problems += backbone_problems(backbone, f"finetune.backbones[{i}]")
     for init in finetune["inits"]:
