@@ -331,10 +331,10 @@ def finetune_runs(config: dict) -> dict[str, dict]:
     for (dataset, fold), (init, backbone), protocol, fraction, subset, (i, seed) in itertools.product(
             grid, init_backbones(config), protocols(config), config["splits"]["label_fractions"],
             range(config["splits"]["subsets"]), enumerate(finetune["seeds"])):
-        if init in entries:  # the run of its seed and, for a downstream pool, of this dataset and fold
-            pretrain_run = (init, pretrain_seeds[i % len(pretrain_seeds)],
-                            None if entries[init]["pool"] == "shared" else (dataset, fold))
-        if fraction == 1 and subset > 0 or init in entries and pretrain_run not in pretrained:  # no pool: skipped
+        # a pre-trained init's run: of its seed and, for a downstream pool, of this dataset and fold
+        pretrain_run = (init, pretrain_seeds[i % len(pretrain_seeds)],
+                        None if entries[init]["pool"] == "shared" else (dataset, fold)) if init in entries else None
+        if fraction == 1 and subset > 0 or pretrain_run and pretrain_run not in pretrained:  # no pool: skipped
             continue
         if not in_grid(config, dataset, init, protocol, fraction):
             continue
