@@ -114,6 +114,7 @@ def test_config_plans_with_no_data_present(name, tmp_path_factory, monkeypatch):
     # every pre-training that a fine-tuning run starts from, and no other (an entry's pool per dataset and fold)
     assert counts["pretrain"] == len({run["pretrain_run"] for run in runs.values() if "pretrain_run" in run})
     assert counts["finetune"] == len(runs) > 0 and "evaluate" not in counts  # evaluated in the fine-tuning job
+    assert f"experiment {name}: {counts['pretrain']} pre-training and {len(runs)} fine-tuning runs" in result.stderr
     print(f"\n{name}: {counts['total']} jobs with no data present ({counts})")
 
 

@@ -231,6 +231,15 @@ def pretrain_runs(config: dict) -> dict[str, dict]:
     return runs
 
 
+def used_pretrain_runs(config: dict, runs: dict | None = None) -> dict[str, dict]:
+    """The pre-training runs that some fine-tuning run (``runs``, default :func:`finetune_runs`) starts from: an
+    entry whose every downstream arm is skipped (HDSSL's CT model without BTCV) pre-trains for nothing, and the
+    workflow does not run it."""
+    runs = finetune_runs(config) if runs is None else runs
+    used = {run["pretrain_run"] for run in runs.values() if "pretrain_run" in run}
+    return {name: run for name, run in pretrain_runs(config).items() if name in used}
+
+
 def init_backbones(config: dict) -> list[tuple[str, dict]]:
     """(init, backbone) pairs: ``scratch`` on each of ``finetune.backbones`` (the supervised rows), each
     pre-trained init on the backbone it was pre-trained on and each released checkpoint on the backbone of its

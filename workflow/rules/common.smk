@@ -23,7 +23,7 @@ sys.path.insert(0, str(SRC))
 from ssl3d import jobserver
 from ssl3d.data.files import data_root, folder_cases, folder_fingerprint
 from ssl3d.plan import (dataset_recipe, finetune_runs, pretrain_runs, run_config, run_files, schema_problems,
-                        skipped_datasets, stage_keys, stage_settings)
+                        skipped_datasets, stage_keys, stage_settings, used_pretrain_runs)
 from ssl3d.pretrain.released import released_checkpoints
 
 CONFIG_LOG = Path("logs/config_problems.log")
@@ -84,9 +84,9 @@ RUNS = finetune_runs(config)
 PRETRAIN_RUNS = pretrain_runs(config)
 SKIPPED = skipped_datasets(config)
 # A summary of the plan, first in the console (a paper config's job list is thousands of lines)
-print(f"experiment {config['experiment']}: {len(PRETRAIN_RUNS)} pre-training and {len(RUNS)} fine-tuning runs; "
-      f"follow one with `tail -f {RESULTS}/<stage>/<run>/<stage>.log`, all with `ssl3d status {RESULTS}`; a dry "
-      "run with `--quiet rules` prints only this and the job counts", file=sys.stderr)
+print(f"experiment {config['experiment']}: {len(used_pretrain_runs(config, RUNS))} pre-training and {len(RUNS)} "
+      f"fine-tuning runs; follow one with `tail -f {RESULTS}/<stage>/<run>/<stage>.log`, all with `ssl3d status "
+      f"{RESULTS}`; a dry run with `--quiet rules` prints only this and the job counts", file=sys.stderr)
 for name, reason in SKIPPED.items():
     print(f"skipping dataset {name}: {reason}", file=sys.stderr)
 if not RUNS:  # e.g. every downstream dataset skipped: nothing to fine-tune, evaluate or report
