@@ -25,8 +25,8 @@ Entry schema (``registry.yaml``, keyed by the dataset's name; every field is req
 * ``title``: str, the dataset's full name.
 * ``used_by``: list of ``{paper, role}``: ``paper`` is ``hybridmim``, ``pgl`` or ``hdssl``; ``role`` is
   ``pretrain`` (part of the paper's pre-training corpus) or ``downstream`` (fine-tuned and evaluated on).
-  HybridMIM's task-specific mode also pre-trains on its downstream training sets; that is a property of the
-  method, not listed here.
+  HybridMIM's task-specific mode also pre-trains on its downstream training sets; that is a pre-training entry's
+  ``pool: downstream`` in the experiment config, not listed here.
 * ``modality``: ``CT`` or ``MRI``, or a list of channel names in the converted image's channel order (BraTS).
 * ``access``: ``automatic`` (the suite downloads it), ``manual`` (the user registers and places a copy) or
   ``unavailable`` (cannot be obtained).
