@@ -82,7 +82,8 @@ def test_a_downstream_pool_holds_the_images_of_the_splits_training_and_validatio
 def test_a_downstream_entry_is_checked_against_each_downstream_datasets_channels():
     config = with_downstream_byol()
     assert config_problems(config) == []
-    config["datasets"]["brats2020"] = {"source": "registry", "split": "brats2020_5fold", "missing": "skip"}
+    config["datasets"]["brats2020"] = {"source": "registry", "split": "brats2020_5fold", "missing": "skip",
+                                       "inits": ["scratch", "models_genesis", "byol_task"]}  # four-channel inits
     config["finetune"]["datasets"].append("brats2020")
     config["pretrain"]["methods"]["models_genesis"]["pool"] = "downstream"
     problems = config_problems(config)
@@ -115,7 +116,7 @@ def test_without_a_shared_pool_pretrain_datasets_is_needed_only_by_shared_entrie
     config = copy.deepcopy(DEMO)
     del config["pretrain"]["datasets"]
     config["pretrain"]["methods"] = {"byol": {**DEMO["pretrain"]["methods"]["byol"], "pool": "downstream"},
-                                     "models_genesis": DEMO["pretrain"]["methods"]["models_genesis"]}
+                                     "models_genesis": dict(DEMO["pretrain"]["methods"]["models_genesis"])}
     config["finetune"]["inits"] = ["scratch", "byol", "models_genesis"]
     assert config_problems(config) == ["pretrain.datasets: missing, and the entry models_genesis pre-trains on its "
                                        "pool (pool: shared, the default); list the pool's datasets, or give the "
@@ -143,3 +144,13 @@ def test_an_entry_with_its_own_datasets_pre_trains_on_their_pool_and_the_others_
     assert config_problems(config) == ["pretrain.methods.byol_mri.datasets: one pool cannot mix channel counts ([1, 4])"]
     config["pretrain"]["methods"]["byol_mri"]["datasets"] = ["mr"]
     assert config_problems(config)[0].startswith("pretrain.methods.byol_mri.datasets: unknown dataset 'mr'")
+
+
+def test_an_init_pre_trained_on_other_channels_than_a_datasets_is_a_problem_until_the_dataset_leaves_it_out():
+    config = with_downstream_byol(brats2020={"source": "registry", "split": "brats2020_5fold", "missing": "skip"})
+    problems = config_problems(config)
+    assert len(problems) == 7 and problems[0] == (
+        "finetune.inits: models_genesis pre-trains on 1-channel volumes and cannot initialise the 4-channel networks "
+        "of brats2020; leave it out there with datasets.brats2020.inits")
+    config["datasets"]["brats2020"]["inits"] = ["scratch", "byol_task"]  # BYOL on BraTS's own four channels
+    assert config_problems(config) == []

@@ -28,7 +28,8 @@ from ssl3d.finetune.augment import ROTATING
 from ssl3d.finetune.protocols import DEFAULT_SCHEDULER
 from ssl3d.nets import BACKBONES
 from ssl3d.nets.backbone import Backbone
-from ssl3d.plan import arm_training, dataset_recipe, init_backbones, pretrain_entries, protocols, skipped_datasets
+from ssl3d.plan import (arm_training, dataset_recipe, in_grid, init_backbones, pretrain_entries, protocols,
+                        skipped_datasets)
 from ssl3d.pretrain.method import make_config
 from ssl3d.pretrain.optim import optimization_problems
 from ssl3d.pretrain.released import released_checkpoints
@@ -186,6 +187,27 @@ def pool_channels(config: dict, entry: str, settings: dict) -> tuple[list[str], 
     return [], {dataset_channels(name, datasets[name]) for name in pool}
 
 
+def init_channel_problems(config: dict, entries: dict) -> list[str]:
+    """An init pre-trained on a shared pool of C channels, in the grid of a dataset of another channel count (a CT
+    model on BraTS's four modalities): its first layer cannot load, which the transfer would find only when the
+    fine-tuning job starts, after the data stages and the pre-training."""
+    datasets, finetune = config["datasets"], config["finetune"]
+    problems = []
+    for dataset, init in itertools.product(finetune["datasets"], finetune["inits"]):
+        settings = entries.get(init)
+        if settings is None or settings["pool"] != "shared" or not any(
+                in_grid(config, dataset, init, protocol, fraction)
+                for protocol in protocols(config) for fraction in config["splits"]["label_fractions"]):
+            continue
+        pool = {dataset_channels(name, datasets[name]) for name in settings["datasets"]}
+        channels = dataset_channels(dataset, datasets[dataset])
+        if pool and channels not in pool:
+            problems.append(f"finetune.inits: {init} pre-trains on {max(pool)}-channel volumes and cannot initialise "
+                            f"the {channels}-channel networks of {dataset}; leave it out there with "
+                            f"datasets.{dataset}.inits")
+    return problems
+
+
 def config_problems(config: dict) -> list[str]:
     """What the schema cannot know; assumes the config passed the schema."""
     problems = []
@@ -211,6 +233,8 @@ def config_problems(config: dict) -> list[str]:
                                 for problem in method_problems(entry, settings, channels, pretrain["steps"])]:
             if problem not in problems:  # an entry per channel count, a shared pool per entry: each problem once
                 problems.append(problem)
+    if not problems:
+        problems += init_channel_problems(config, entries)
     for i, backbone in enumerate(finetune["backbones"]):
         problems += backbone_problems(backbone, f"finetune.backbones[{i}]")
     for init in finetune["inits"]:
