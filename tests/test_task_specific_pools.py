@@ -154,3 +154,9 @@ def test_an_init_pre_trained_on_other_channels_than_a_datasets_is_a_problem_unti
         "of brats2020; leave it out there with datasets.brats2020.inits")
     config["datasets"]["brats2020"]["inits"] = ["scratch", "byol_task"]  # BYOL on BraTS's own four channels
     assert config_problems(config) == []
+    config["finetune"]["inits"].append("vox2vec_official")  # released CT weights
+    assert config_problems(config) == []  # not in BraTS's inits
+    config["datasets"]["brats2020"]["inits"].append("vox2vec_official")
+    assert config_problems(config) == ["finetune.inits: vox2vec_official pre-trains on 1-channel volumes and cannot "
+                                       "initialise the 4-channel networks of brats2020; leave it out there with "
+                                       "datasets.brats2020.inits"]

@@ -188,18 +188,21 @@ def pool_channels(config: dict, entry: str, settings: dict) -> tuple[list[str], 
 
 
 def init_channel_problems(config: dict, entries: dict) -> list[str]:
-    """An init pre-trained on a shared pool of C channels, in the grid of a dataset of another channel count (a CT
-    model on BraTS's four modalities): its first layer cannot load, which the transfer would find only when the
-    fine-tuning job starts, after the data stages and the pre-training."""
+    """An init pre-trained on a shared pool of C channels, or released for C channels, in the grid of a dataset of
+    another channel count (a CT model on BraTS's four modalities): its first layer cannot load, which the transfer
+    would find only when the fine-tuning job starts, after the data stages and the pre-training."""
     datasets, finetune = config["datasets"], config["finetune"]
     problems = []
     for dataset, init in itertools.product(finetune["datasets"], finetune["inits"]):
-        settings = entries.get(init)
-        if settings is None or settings["pool"] != "shared" or not any(
-                in_grid(config, dataset, init, protocol, fraction)
-                for protocol in protocols(config) for fraction in config["splits"]["label_fractions"]):
+        if init in entries and entries[init]["pool"] == "shared":
+            pool = {dataset_channels(name, datasets[name]) for name in entries[init]["datasets"]}
+        elif init in released_checkpoints():
+            pool = {released_checkpoints()[init].in_channels}
+        else:  # scratch, or pre-trained on the dataset itself
             continue
-        pool = {dataset_channels(name, datasets[name]) for name in settings["datasets"]}
+        if not any(in_grid(config, dataset, init, protocol, fraction)
+                   for protocol in protocols(config) for fraction in config["splits"]["label_fractions"]):
+            continue
         channels = dataset_channels(dataset, datasets[dataset])
         if pool and channels not in pool:
             problems.append(f"finetune.inits: {init} pre-trains on {max(pool)}-channel volumes and cannot initialise "

@@ -31,6 +31,8 @@ Entry fields (every one required unless marked optional):
   ``prefixes`` (official prefix -> suite prefix, tried in order; the first is the canonical one for the way back)
   and optional ``renames`` (official infix -> suite infix). A key under none of the prefixes is an error.
 * ``coverage``: the smallest fraction of the backbone's ``encoder`` / ``decoder`` parameters the file must fill.
+* ``in_channels`` (optional, default 1): the image channels the weights take (every released model is CT); the
+  plan refuses them for a dataset with other channels.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ SCHEMA = {
                 "renames": {"type": "object", "additionalProperties": {"type": "string"}}}},
             "coverage": {"type": "object", "additionalProperties": False, "required": ["encoder", "decoder"],
                          "properties": {"encoder": _FRACTION, "decoder": _FRACTION}},
+            "in_channels": {"type": "integer", "minimum": 1},
         },
         "if": {"properties": {"access": {"const": "automatic"}}},
         "then": {"required": ["urls"]},
@@ -90,6 +93,7 @@ class ReleasedCheckpoint:
     coverage: dict
     urls: tuple[str, ...] = ()
     instructions: str | None = None
+    in_channels: int = 1
 
     @property
     def renames(self) -> dict:
