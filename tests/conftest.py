@@ -31,14 +31,16 @@ SHARED_CT = REPO / "tests" / "data" / "totalsegmentator-example"
 # them run where they are (../shared/papers beside the checkout, as in CI, or $SSL3D_PAPERS) and skip elsewhere.
 SHARED_PAPERS = Path(os.environ.get("SSL3D_PAPERS", REPO.parent / "shared" / "papers"))
 MICRO = yaml.safe_load((REPO / "config" / "experiments" / "micro.yaml").read_text())
+DEMO = yaml.safe_load((REPO / "config" / "config.yaml").read_text())  # shared: copy it before editing
 TINY_SHAPE = (64, 64, 32)
 TINY_RECIPE = {"name": "tiny_ct", "spacing": [4.0, 4.0, 4.0], "crop_foreground_above": -500, "window": [-175, 250]}
 
 
 # The job server needs pidfds (Linux 5.3 and later): elsewhere the workflow runs every job in its own process, which
 # the rest of the suite covers, and there is no served job to check.
-needs_job_server = pytest.mark.skipif(not jobserver.available(), reason="no pidfds on this system (Linux 5.3 or "
-                                      "later): the job server does not start here; jobs run in their own processes")
+needs_job_server = pytest.mark.skipif(not jobserver.available(), reason="the job server needs pidfds (Linux 5.3 or "
+                                      "later), which this system lacks: it does not start here and every job runs in "
+                                      "its own process, as the other workflow tests check")
 
 
 # Modules whose tests are independent and long, with no module-scoped fixture: spread test by test (below).

@@ -13,15 +13,13 @@ import tempfile
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from ssl3d import cli
 from ssl3d.checkpoint import save_checkpoint
 from ssl3d.validate import config_problems
 
-from conftest import REPO
+from conftest import DEMO
 
-DEMO = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
 TORCH_FULL_DISK = RuntimeError("[enforce fail at inline_container.cc:595] . unexpected pos 123 vs 456")
 
 

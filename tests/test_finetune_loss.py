@@ -16,9 +16,8 @@ from ssl3d.finetune.train import TRAIN_LOG_COLUMNS, finetune
 from ssl3d.plan import finetune_runs
 from ssl3d.validate import config_problems
 
-from conftest import REPO, run_config
+from conftest import DEMO, REPO, run_config
 
-DEMO = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
 SCHEMA = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
 
 

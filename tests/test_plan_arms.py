@@ -4,14 +4,11 @@ alone (the identities of arms they do not touch)."""
 import copy
 
 import pytest
-import yaml
 
 from ssl3d.plan import finetune_runs
 from ssl3d.validate import config_problems
 
-from conftest import REPO
-
-DEMO = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+from conftest import DEMO
 
 
 def with_finetune(**settings) -> dict:

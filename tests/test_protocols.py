@@ -6,7 +6,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import yaml
 
 import ssl3d.finetune.protocols as protocols
 import ssl3d.finetune.train as train
@@ -20,9 +19,8 @@ from ssl3d.nets import build_network
 from ssl3d.nets.probe import LinearProbe
 from ssl3d.validate import config_problems
 
-from conftest import REPO, run_config
+from conftest import DEMO, run_config
 
-DEMO = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
 
 BASICUNET = {"name": "basicunet", "features": [4, 4, 8, 8, 16, 4]}
 SMALL = {"backbone": BASICUNET, "patch_size": [32, 32, 32], "steps": 4, "val_every": 2, "checkpoint_every": 2,

@@ -4,7 +4,6 @@ dataset and fold on the images of its split's training cases, fine-tuned on that
 import copy
 
 import numpy as np
-import yaml
 
 from ssl3d.data.cache import write_case
 from ssl3d.data.splits import make_splits
@@ -13,9 +12,7 @@ from ssl3d.plan import finetune_runs, pretrain_runs, run_files
 from ssl3d.pretrain.loop import pool_cases, pretraining_pool
 from ssl3d.validate import config_problems
 
-from conftest import REPO
-
-DEMO = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+from conftest import DEMO
 
 
 def with_downstream_byol(**datasets) -> dict:

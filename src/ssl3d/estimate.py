@@ -52,7 +52,7 @@ from ssl3d.data.registry import get_entry
 from ssl3d.finetune.losses import segmentation_loss
 from ssl3d.nets import build_network
 from ssl3d.nets.probe import LinearProbe
-from ssl3d.plan import finetune_runs, skipped_datasets, used_pretrain_runs
+from ssl3d.plan import finetune_runs, pretrain_runs, skipped_datasets, used_pretrain_runs
 from ssl3d.pretrain.method import make_config
 from ssl3d.pretrain.optim import build_optimizer
 from ssl3d.pretrain.registry import get_method
@@ -343,9 +343,9 @@ def estimate(config: dict, device: str) -> list[Row]:
     """One :class:`Row` per pre-training entry and per fine-tuning (backbone, protocol) of the config's plan."""
     device_class(device)  # an unknown class fails before any arm is counted
     rows: dict[tuple[str, str], Row] = {}
-    plans = (("pretrain", used_pretrain_runs(config), lambda spec: spec["variant"]),
-             ("finetune", finetune_runs(config), lambda spec: f"{spec['backbone']['name']} "
-                                                              f"{spec.get('protocol', 'finetune')}"))
+    finetune = finetune_runs(config)
+    plans = (("pretrain", used_pretrain_runs(pretrain_runs(config), finetune), lambda spec: spec["variant"]),
+             ("finetune", finetune, lambda spec: f"{spec['backbone']['name']} {spec.get('protocol', 'finetune')}"))
     for stage, runs, label in plans:
         for run in runs.values():
             spec = run["spec"]

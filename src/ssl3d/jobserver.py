@@ -154,7 +154,8 @@ def _read_int(connection: socket.socket) -> int:
 def _receive(connection: socket.socket) -> tuple[dict, list[int]]:
     """A client's request (length, then JSON) and the standard streams that came with it."""
     data, fds, _, _ = socket.recv_fds(connection, 1 << 20, 3)
-    size = STATUS.unpack(_read(connection, STATUS.size, data)[:STATUS.size])[0]
+    data = _read(connection, STATUS.size, data)
+    size = STATUS.unpack(data[:STATUS.size])[0]
     return json.loads(_read(connection, STATUS.size + size, data)[STATUS.size:]), fds
 
 

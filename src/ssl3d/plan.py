@@ -11,9 +11,11 @@ run beside the old one instead of overwriting it, and re-running the same identi
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from ssl3d import __version__
@@ -160,25 +162,26 @@ def pretrain_entries(config: dict) -> dict[str, dict]:
     return entries
 
 
-def pretraining_pools(config: dict, entry: str) -> list[tuple[tuple[str, int | None] | None, dict]]:
+def pretraining_pools(config: dict, entry: str, settings: dict, data_spec: Callable[[str], dict],
+                      skipped: dict) -> list[tuple[tuple[str, int | None] | None, dict]]:
     """(downstream arm, what a run's identity holds of its pool) for each pool an entry of ``pretrain.methods``
-    pre-trains on, by its ``pool``:
+    (``settings``: its :func:`pretrain_entries` record) pre-trains on, by its ``pool``:
 
     * ``shared`` (default): one pool, the unlabelled cases of every dataset of the entry's ``datasets`` (default
-      ``pretrain.datasets``) less the skipped ones (none when all are skipped), for every downstream arm.
+      ``pretrain.datasets``) less the ``skipped`` ones (none when all are skipped), for every downstream arm.
     * ``downstream`` (the task-specific pre-training of HybridMIM's starred rows), or a list of some of
       ``finetune.datasets``: one pool per such dataset and fold, the images of the cases of its split that are not
       test cases (training and validation: the paper's 80 % training set), for that dataset's and fold's arms
       only; not for a skipped dataset, nor one whose ``inits`` leave the entry out.
+
+    ``data_spec``: dataset -> what an identity holds of it (:func:`_data_spec`, computed once per plan).
     """
-    skipped = skipped_datasets(config)
-    settings = pretrain_entries(config)[entry]
     pool = settings["pool"]
     if pool == "shared":
-        members = [_data_spec(config, dataset) for dataset in settings["datasets"] if dataset not in skipped]
+        members = [data_spec(dataset) for dataset in settings["datasets"] if dataset not in skipped]
         return [(None, {"pool": members})] if members else []
     datasets = config["finetune"]["datasets"] if pool == "downstream" else pool
-    return [((dataset, fold), {"pool": [_data_spec(config, dataset)],
+    return [((dataset, fold), {"pool": [data_spec(dataset)],
                                "pool_split": {"splits": config["splits"], **({} if fold is None else {"fold": fold})}})
             for dataset in datasets if dataset not in skipped and entry in config["datasets"][dataset].get(
                 "inits", [entry])
@@ -209,8 +212,10 @@ def pretrain_runs(config: dict) -> dict[str, dict]:
     if not pretrain:
         return {}
     runs = {}
-    entries = pretrain_entries(config)
-    pools = {entry: pretraining_pools(config, entry) for entry in entries}
+    entries, skipped = pretrain_entries(config), skipped_datasets(config)
+    data_spec = functools.cache(lambda dataset: _data_spec(config, dataset))  # a folder's files are listed once
+    pools = {entry: pretraining_pools(config, entry, settings, data_spec, skipped)
+             for entry, settings in entries.items()}
     for (entry, settings), seed in itertools.product(entries.items(), pretrain["seeds"]):
         for arm, pool in pools[entry]:
             spec = {
@@ -231,13 +236,12 @@ def pretrain_runs(config: dict) -> dict[str, dict]:
     return runs
 
 
-def used_pretrain_runs(config: dict, runs: dict | None = None) -> dict[str, dict]:
-    """The pre-training runs that some fine-tuning run (``runs``, default :func:`finetune_runs`) starts from: an
-    entry whose every downstream arm is skipped (HDSSL's CT model without BTCV) pre-trains for nothing, and the
-    workflow does not run it."""
-    runs = finetune_runs(config) if runs is None else runs
-    used = {run["pretrain_run"] for run in runs.values() if "pretrain_run" in run}
-    return {name: run for name, run in pretrain_runs(config).items() if name in used}
+def used_pretrain_runs(pretrain: dict[str, dict], finetune: dict[str, dict]) -> dict[str, dict]:
+    """The runs of ``pretrain`` (:func:`pretrain_runs`) that a run of ``finetune`` (:func:`finetune_runs`) starts
+    from: an entry whose every downstream arm is skipped (HDSSL's CT model without BTCV) pre-trains for nothing,
+    and the workflow does not run it."""
+    used = {run["pretrain_run"] for run in finetune.values() if "pretrain_run" in run}
+    return {name: run for name, run in pretrain.items() if name in used}
 
 
 def init_backbones(config: dict) -> list[tuple[str, dict]]:

@@ -84,7 +84,7 @@ RUNS = finetune_runs(config)
 PRETRAIN_RUNS = pretrain_runs(config)
 SKIPPED = skipped_datasets(config)
 # A summary of the plan, first in the console (a paper config's job list is thousands of lines)
-print(f"experiment {config['experiment']}: {len(used_pretrain_runs(config, RUNS))} pre-training and {len(RUNS)} "
+print(f"experiment {config['experiment']}: {len(used_pretrain_runs(PRETRAIN_RUNS, RUNS))} pre-training and {len(RUNS)} "
       f"fine-tuning runs; follow one with `tail -f {RESULTS}/<stage>/<run>/<stage>.log`, all with `ssl3d status "
       f"{RESULTS}`; a dry run with `--quiet rules` prints only this and the job counts", file=sys.stderr)
 for name, reason in SKIPPED.items():
@@ -173,7 +173,7 @@ OFFICIAL_SPEED = sorted(os.path.relpath(path) for path in
 
 def report_inputs(wildcards):
     """The report's inputs by role: the tables, every run's files it reads, and its preprocessed datasets."""
-    pretrain_runs = sorted({entry["pretrain_run"] for entry in RUNS.values() if "pretrain_run" in entry})
+    pretrain_runs = sorted(used_pretrain_runs(PRETRAIN_RUNS, RUNS))
     return {
         "per_case": f"{RESULTS}/per_case.csv",
         "skipped": f"{RESULTS}/skipped.json",
