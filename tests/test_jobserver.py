@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -108,3 +109,19 @@ def test_a_worker_takes_the_threads_a_new_process_would_take_from_its_environmen
     env = {key: value for key, value in os.environ.items() if not key.endswith("_NUM_THREADS")}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert result.stdout.split() == ["1", "[1]"]
+
+
+def test_a_request_split_anywhere_by_the_socket_is_read_whole():
+    """A request whose first read holds only part of its length (the streams' descriptors end a read)."""
+    request = {"argv": ["methods"], "cwd": "/"}
+    body = json.dumps(request).encode()
+    message = jobserver.STATUS.pack(len(body)) + body
+    client, server = socket.socketpair()
+    server.settimeout(10)  # a reader that lost bytes waits for them: fail, not hang
+    with client, server:
+        socket.send_fds(client, [message[:2]], [0, 1, 2])
+        client.sendall(message[2:])
+        received, fds = jobserver._receive(server)
+        for fd in fds:
+            os.close(fd)
+    assert received == request and len(fds) == 3
